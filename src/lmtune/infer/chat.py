@@ -1,0 +1,164 @@
+"""Terminal chat with a base model, an adapter, or what a training run left in output_dir.
+
+Prompts are built by the same ChatEncoder as training, so the ids the model sees in chat are
+token-for-token those it was trained on; generation stops at the end-of-turn token.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase, TextStreamer
+
+from lmtune.config import RunConfig
+from lmtune.data.encode import ChatEncoder
+from lmtune.data.formats import Message, fill_placeholders, Conversation
+from lmtune.errors import DataError
+from lmtune.models.load import load_model, load_tokenizer, resolve_model, stop_token_ids
+from lmtune.models.methods import load_adapters
+
+
+def trained_output(cfg: RunConfig) -> tuple[str | None, list[str]]:
+    """What a finished run in cfg.output_dir offers: (full model folder or None, adapter folders)."""
+    if not cfg.output_dir:
+        return None, []
+    out = Path(cfg.output_dir)
+    if (out / "adapter_config.json").is_file():
+        return None, [str(out)]
+    if (out / "config.json").is_file():
+        return str(out), []
+    return None, []
+
+
+@dataclass
+class ChatSession:
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    encoder: ChatEncoder
+    cfg: RunConfig
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, use_trained: bool = True) -> "ChatSession":
+        model_name, adapters = cfg.model_name_or_path, cfg.adapter_paths
+        if use_trained and not adapters:
+            full, trained_adapters = trained_output(cfg)
+            model_name, adapters = full or model_name, trained_adapters
+        model_path = resolve_model(model_name)
+        # A trained folder carries the tokenizer and template it was trained with.
+        tokenizer_path = adapters[-1] if adapters and (Path(adapters[-1]) / "tokenizer_config.json").is_file() \
+            else model_path
+        tokenizer = load_tokenizer(tokenizer_path, cfg.trust_remote_code)
+        model = load_model(model_path, cfg.trust_remote_code)
+        if adapters:
+            model = load_adapters(model, adapters, trainable_last=False)
+        model.eval()
+        source = f"{model_name}" + (f" + adapter {', '.join(adapters)}" if adapters else "")
+        print(f"model: {source}")
+        encoder = ChatEncoder(tokenizer, stop_token_ids(tokenizer, model), cfg.cutoff_len)
+        return cls(model, tokenizer, encoder, cfg)
+
+    def _generation_kwargs(self, sample: bool) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"max_new_tokens": self.cfg.max_new_tokens, "do_sample": sample,
+                                  "eos_token_id": sorted(self.encoder.stop_ids),
+                                  "pad_token_id": self.tokenizer.pad_token_id,
+                                  "repetition_penalty": self.cfg.repetition_penalty}
+        if sample:
+            kwargs |= {"temperature": self.cfg.temperature, "top_p": self.cfg.top_p, "top_k": self.cfg.top_k}
+        else:  # the model's generation_config may carry sampling defaults; greedy ignores them
+            kwargs |= {"temperature": None, "top_p": None, "top_k": None}
+        return kwargs
+
+    @torch.no_grad()
+    def reply(self, messages: list[Message], sample: bool, stream: bool = True) -> str:
+        ids = torch.tensor([self.encoder.prompt_ids(messages)])
+        streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+        out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+                                  **self._generation_kwargs(sample))
+        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+    @torch.no_grad()
+    def reply_batch(self, prompts: list[str], sample: bool = False) -> list[str]:
+        """One user message each, generated together with left padding."""
+        encoded = [self.encoder.prompt_ids([{"role": "user", "content": p}]) for p in prompts]
+        width = max(len(e) for e in encoded)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
+        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+        out = self.model.generate(input_ids=ids, attention_mask=mask, **self._generation_kwargs(sample))
+        return [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+
+    def answer_once(self, prompt: str, sample: bool = False) -> str:
+        return self.reply([{"role": "user", "content": prompt}], sample=sample)
+
+
+def interactive(session: ChatSession) -> None:
+    print("Type a message. 'clear' forgets the conversation, 'exit' quits.")
+    history: list[Message] = []
+    while True:
+        try:
+            text = input("\nyou> ").strip()
+        except EOFError:
+            break
+        if text in ("exit", "quit"):
+            break
+        if text == "clear":
+            history = []
+            print("(conversation cleared)")
+            continue
+        if not text:
+            continue
+        history.append({"role": "user", "content": text})
+        print("assistant> ", end="", flush=True)
+        answer = session.reply(history, sample=session.cfg.do_sample)
+        history.append({"role": "assistant", "content": answer})
+
+
+def read_prompts(path: str, data_vars: dict[str, str]) -> list[dict[str, Any]]:
+    """A JSON list of {prompt | instruction, expect?, kind?}; {{key}} filled from data_vars."""
+    try:
+        items = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"cannot read prompts: {exc}", "give a JSON list of objects with a 'prompt'.",
+                        file=path) from None
+    prompts = []
+    for index, item in enumerate(items if isinstance(items, list) else [None]):
+        text = item.get("prompt", item.get("instruction")) if isinstance(item, dict) else None
+        if not isinstance(text, str) or not text:
+            raise DataError("needs a 'prompt' text", "write {\"prompt\": \"...\"}.", file=path, record=index)
+        conv = Conversation([{"role": "user", "content": text},
+                             {"role": "assistant", "content": item.get("expect") or ""}])
+        fill_placeholders(conv, data_vars)
+        prompts.append({"prompt": conv.messages[0]["content"], "expect": conv.messages[1]["content"],
+                        "kind": item.get("kind", "")})
+    return prompts
+
+
+def answer_file(session: ChatSession, path: str, data_vars: dict[str, str], save: str | None = None,
+                sample: bool = False, batch_size: int = 8) -> list[dict[str, Any]]:
+    """Answer every prompt of a file; print each answer and, where `expect` is given, the hit count."""
+    items = read_prompts(path, data_vars)
+    for start in range(0, len(items), batch_size):
+        chunk = items[start: start + batch_size]
+        for item, answer in zip(chunk, session.reply_batch([i["prompt"] for i in chunk], sample)):
+            item["answer"] = answer
+            item["hit"] = bool(item["expect"]) and item["expect"].lower() in answer.lower()
+            mark = ("[ok] " if item["hit"] else "[miss] ") if item["expect"] else ""
+            print(f"\nQ: {item['prompt']}\nA: {mark}{answer}")
+    tallies: dict[str, list[int]] = {}
+    for item in items:
+        if item["expect"]:
+            tally = tallies.setdefault(item["kind"] or "all", [0, 0])
+            tally[0] += item["hit"]
+            tally[1] += 1
+    for kind, (hits, total) in tallies.items():
+        print(f"{kind}: {hits}/{total} answers contain the expected text")
+    if save:
+        records = [{"instruction": i["prompt"], "input": "", "output": i["answer"]}
+                   | ({"expect": i["expect"], "hit": i["hit"]} if i["expect"] else {}) for i in items]
+        Path(save).write_text(json.dumps(records, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        print(f"answers saved to {save}")
+    return items

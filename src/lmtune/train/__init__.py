@@ -1,0 +1,11 @@
+"""Training stages; each maps a validated RunConfig to a finished run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from lmtune.config import RunConfig
+from lmtune.train import sft
+
+STAGES: dict[str, Callable[[RunConfig], dict[str, Any]]] = {"sft": sft.run}

@@ -1,0 +1,160 @@
+"""Checkpoints that are either complete or ignored, and the output folder's safety rules.
+
+A checkpoint is written into a hidden staging folder, flushed to disk, renamed to checkpoint-N and
+only then marked complete. Resume reads only marked checkpoints, so a run killed mid-write leaves
+nothing that could be picked up by mistake.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from peft import PeftModel, set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from lmtune.errors import ConfigError, TrainingError
+
+COMPLETE_MARKER = "checkpoint_complete.json"
+TRAINER_STATE = "trainer_state.json"
+RUN_CONFIG = "run_config.yaml"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# Files only lmtune writes into an output folder; their presence makes a folder safe to overwrite.
+_OUTPUT_SIGNS = (RUN_CONFIG, "trainer_log.jsonl", "all_results.json")
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(output_dir: Path, step: int, save_weights, optimizer, scheduler,
+                    trainer_state: dict[str, Any], run_config: dict[str, Any]) -> Path:
+    """Write checkpoint-`step` atomically. `save_weights(folder)` writes the model in HF/PEFT format."""
+    final = output_dir / f"checkpoint-{step}"
+    staging = output_dir / f".checkpoint-{step}.staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        save_weights(staging)
+        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+        torch.save(rng_state(), staging / "rng_state.pt")
+        (staging / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
+        (staging / RUN_CONFIG).write_text(yaml.safe_dump(run_config, sort_keys=False))
+        _fsync_tree(staging)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        (final / COMPLETE_MARKER).write_text(json.dumps({"step": step}))
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise TrainingError(f"could not write checkpoint-{step} in {output_dir}: {exc}",
+                            "free disk space or fix permissions; the previous checkpoint is intact.") from exc
+    return final
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    found = []
+    for path in output_dir.iterdir() if output_dir.is_dir() else []:
+        match = _CHECKPOINT.match(path.name)
+        if match and (path / COMPLETE_MARKER).is_file():
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
+    """resume_from_checkpoint: None, 'auto' (newest complete checkpoint) or a path."""
+    if not resume:
+        return None
+    if resume == "auto":
+        checkpoints = complete_checkpoints(output_dir)
+        if not checkpoints:
+            raise ConfigError(f"resume_from_checkpoint: auto, but {output_dir} holds no complete "
+                              "checkpoint.", "remove resume_from_checkpoint to start a new run.")
+        return checkpoints[-1]
+    path = Path(resume)
+    if not (path / COMPLETE_MARKER).is_file():
+        raise ConfigError(f"resume_from_checkpoint: {resume} is not a complete lmtune checkpoint.",
+                          "use 'auto' or a checkpoint-N folder written by lmtune train.")
+    return path
+
+
+def prepare_output_dir(output_dir: Path, overwrite: bool, resuming: bool) -> None:
+    """Refuse to mix a new run into old results; clear only folders lmtune itself wrote."""
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not resuming:
+        if not overwrite:
+            raise ConfigError(f"output_dir {output_dir} is not empty.",
+                              "set resume_from_checkpoint: auto to continue that run, or "
+                              "overwrite_output_dir: true to start over (its contents are deleted).")
+        if not any((output_dir / sign).exists() for sign in _OUTPUT_SIGNS) and \
+                not any(_CHECKPOINT.match(p.name) for p in output_dir.iterdir()):
+            raise ConfigError(f"output_dir {output_dir} holds files lmtune did not write; "
+                              "overwrite_output_dir will not delete them.",
+                              "choose a new or empty output_dir.")
+        shutil.rmtree(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+
+def prepare_run(output_dir: Path, resume: str | None, overwrite: bool) -> Path | None:
+    """Check the output folder before anything heavy loads; -> the checkpoint to resume, if any."""
+    resume_dir = resolve_resume(output_dir, resume)
+    prepare_output_dir(output_dir, overwrite, resuming=resume_dir is not None)
+    return resume_dir
+
+
+def load_weights(model: torch.nn.Module, folder: Path) -> None:
+    """Load the trainable weights a checkpoint holds back into `model` (adapter or full model)."""
+    if isinstance(model, PeftModel):
+        set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
+        return
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(shard))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {name for name, param in model.named_parameters(remove_duplicate=False)} - \
+        {name for name, _ in model.named_parameters()}
+    if unexpected or set(missing) - tied:
+        raise TrainingError(f"checkpoint {folder} does not match the model "
+                            f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]}).",
+                            "resume with the model and method the checkpoint was written with.")
+
+
+def load_training_state(folder: Path, optimizer, scheduler) -> dict[str, Any]:
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    restore_rng_state(torch.load(folder / "rng_state.pt", weights_only=True))
+    return json.loads((folder / TRAINER_STATE).read_text())
+
+
+def saved_run_config(folder: Path) -> dict[str, Any]:
+    return yaml.safe_load((folder / RUN_CONFIG).read_text())

@@ -1,0 +1,213 @@
+"""The one training loop every stage shares.
+
+A stage hands `fit` its model (with the method applied), encoded rows and an `Objective`: the summed
+loss of a micro-batch and how many loss units (target tokens, pairs, ...) it holds. The loop does the
+rest, in the order it reads here: optimizer and schedule, resume, then for each optimizer step one
+accumulation window of micro-batches whose loss is normalised by the units in the WHOLE window (so
+batch 8 x accumulation 1 and 1 x 8 give the same gradients on rows of different lengths), clipping,
+the step, logs, eval and checkpoints; at the end the model, results and loss plot.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase, get_scheduler
+
+from lmtune.config import RunConfig
+from lmtune.data.batching import collate, micro_batches, steps_per_epoch
+from lmtune.data.encode import EncodedRow
+from lmtune.errors import ConfigError, TrainingError
+from lmtune.models.methods import count_parameters
+from lmtune.train import checkpoint as ckpt
+from lmtune.train.logs import PLOT_FILE, TrainerLog, plot_loss
+from lmtune.train.results import write_results
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class Objective:
+    """What a stage plugs into the loop."""
+
+    loss: Callable[[torch.nn.Module, Batch], torch.Tensor]  # summed over the batch's loss units
+    units: Callable[[Batch], int]  # loss units in the batch: the normaliser
+
+
+def _windows(n_rows: int, cfg: RunConfig) -> Iterator[tuple[int, list[list[int]]]]:
+    """(epoch, micro-batches of row indices) for every optimizer step, epoch after epoch."""
+    epoch = 0
+    while True:
+        batches = micro_batches(n_rows, cfg.per_device_train_batch_size, cfg.seed, epoch)
+        for i in range(0, len(batches), cfg.gradient_accumulation_steps):
+            yield epoch, batches[i: i + cfg.gradient_accumulation_steps]
+        epoch += 1
+
+
+def _optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            # Biases and norm weights are not decayed: shrinking them toward 0 only hurts.
+            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate,
+                             betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+
+
+def evaluate(model, rows: list[EncodedRow], objective: Objective, cfg: RunConfig, pad_id: int,
+             accelerator: Accelerator) -> float:
+    """Mean loss per unit over `rows`."""
+    model.eval()
+    total, units = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(rows), cfg.per_device_eval_batch_size):
+            batch = _to(collate(rows[i: i + cfg.per_device_eval_batch_size], pad_id), accelerator)
+            with accelerator.autocast():
+                total += objective.loss(model, batch).item()
+            units += objective.units(batch)
+    model.train()
+    return total / max(units, 1)
+
+
+def _to(batch: Batch, accelerator: Accelerator) -> Batch:
+    return {k: v.to(accelerator.device) for k, v in batch.items()}
+
+
+def _check_finite_weights(model: torch.nn.Module, step: int) -> None:
+    for name, param in model.named_parameters():
+        if param.requires_grad and not torch.isfinite(param).all():
+            raise TrainingError(f"step {step}: parameter {name} holds NaN/inf; nothing was saved.",
+                                "lower learning_rate, or use bf16 instead of fp16.")
+
+
+def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: list[EncodedRow],
+        eval_rows: list[EncodedRow], objective: Objective, output_dir: Path, resume_dir: Path | None,
+        extra_results: dict[str, Any]) -> dict[str, Any]:
+    """Train `model` on `train_rows`; write logs, checkpoints and the result into `output_dir`
+    (already prepared by `checkpoint.prepare_run`), continuing from `resume_dir` if given."""
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    if cfg.fp16 and accelerator.device.type == "cpu":
+        raise ConfigError("fp16 needs a GPU; this run is on the CPU.", "use bf16: true (or neither).")
+    if accelerator.num_processes > 1:
+        raise ConfigError("this version of lmtune trains in one process.",
+                          "launch `lmtune train` directly, without torchrun/accelerate launch.")
+    pad_id = tokenizer.pad_token_id
+
+    # --- optimizer, schedule, length of the run ---------------------------------------------------
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise TrainingError("no parameter is trainable.", "check finetuning_type and its keys.")
+    optimizer = _optimizer(model, cfg)
+    per_epoch = steps_per_epoch(len(train_rows), cfg.per_device_train_batch_size,
+                                cfg.gradient_accumulation_steps)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * per_epoch)
+    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer,
+                              num_warmup_steps=cfg.warmup_for(total_steps), num_training_steps=total_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if cfg.gradient_checkpointing:
+        accelerator.unwrap_model(model).gradient_checkpointing_enable()
+        accelerator.unwrap_model(model).enable_input_require_grads()
+
+    # --- resume -----------------------------------------------------------------------------------
+    state = {"global_step": 0, "tokens_seen": 0, "units_seen": 0, "loss_sum": 0.0}
+    if resume_dir is not None:
+        ckpt.load_weights(accelerator.unwrap_model(model), resume_dir)
+        state = ckpt.load_training_state(resume_dir, optimizer, scheduler)
+        print(f"resuming from {resume_dir} at step {state['global_step']}")
+    log = TrainerLog(output_dir, resume_step=state["global_step"])
+    windows = _windows(len(train_rows), cfg)
+    for _ in range(state["global_step"]):  # replay the data order up to the resumed step
+        next(windows)
+
+    def save_weights(folder: Path) -> None:
+        unwrapped = accelerator.unwrap_model(model)
+        _check_finite_weights(unwrapped, state["global_step"])
+        unwrapped.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+
+    # --- the loop ---------------------------------------------------------------------------------
+    model.train()
+    progress = tqdm(total=total_steps, initial=state["global_step"], desc="train", unit="step",
+                    mininterval=1.0)
+    interval = {"loss": 0.0, "units": 0, "tokens": 0, "start": time.perf_counter()}
+    run_start = time.perf_counter()
+    for step in range(state["global_step"] + 1, total_steps + 1):
+        epoch, window = next(windows)
+        batches = [_to(collate([train_rows[i] for i in rows], pad_id), accelerator) for rows in window]
+        window_units = sum(objective.units(b) for b in batches)
+        step_loss, step_tokens = 0.0, 0
+        for batch in batches:
+            with accelerator.autocast():
+                loss = objective.loss(model, batch)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"step {step}: the loss is {loss.item()}; training stopped. "
+                                    f"The newest checkpoint in {output_dir} is the last good state.",
+                                    "lower learning_rate, use bf16 rather than fp16, or check the data.")
+            accelerator.backward(loss / window_units)
+            step_loss += loss.item()
+            step_tokens += int(batch["attention_mask"].sum())
+        grad_norm = float(accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf")))
+        if not math.isfinite(grad_norm):
+            raise TrainingError(f"step {step}: the gradient norm is {grad_norm}; training stopped.",
+                                "lower learning_rate, use bf16 rather than fp16, or check the data.")
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        for totals, loss_key, units_key, tokens_key in ((interval, "loss", "units", "tokens"),
+                                                        (state, "loss_sum", "units_seen", "tokens_seen")):
+            totals[loss_key] += step_loss
+            totals[units_key] += window_units
+            totals[tokens_key] += step_tokens
+        state["global_step"] = step
+        progress.update(1)
+
+        record: dict[str, Any] = {}
+        if step % cfg.logging_steps == 0 or step == total_steps:
+            elapsed = time.perf_counter() - interval["start"]
+            record |= {"loss": round(interval["loss"] / interval["units"], 6), "lr": lr,
+                       "grad_norm": round(grad_norm, 6),
+                       "tokens_per_second": round(interval["tokens"] / elapsed, 2)}
+            progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+            interval = {"loss": 0.0, "units": 0, "tokens": 0, "start": time.perf_counter()}
+        end_of_epoch = step % per_epoch == 0
+        if eval_rows and ((cfg.eval_strategy == "steps" and step % cfg.effective_eval_steps == 0)
+                          or (cfg.eval_strategy == "epoch" and end_of_epoch)):
+            record["eval_loss"] = round(evaluate(model, eval_rows, objective, cfg, pad_id, accelerator), 6)
+        if record:
+            log.write({"step": step, "epoch": round(step / per_epoch, 4)} | record)
+        if step % cfg.save_steps == 0 and step < total_steps:
+            ckpt.save_checkpoint(output_dir, step, save_weights, optimizer, scheduler,
+                                 state,
+                                 cfg.to_yaml_dict())
+    progress.close()
+    runtime = time.perf_counter() - run_start
+
+    # --- the result -------------------------------------------------------------------------------
+    save_weights(output_dir)
+    results = {
+        "train_loss": state["loss_sum"] / max(state["units_seen"], 1),
+        "train_runtime": round(runtime, 2),
+        "train_tokens": state["tokens_seen"],
+        "train_tokens_per_second": round(state["tokens_seen"] / max(runtime, 1e-9), 2),
+        "global_step": state["global_step"], "epoch": round(state["global_step"] / per_epoch, 4),
+    }
+    if eval_rows:
+        results["eval_loss"] = evaluate(model, eval_rows, objective, cfg, pad_id, accelerator)
+    trainable_count, total_count = count_parameters(accelerator.unwrap_model(model))
+    results |= {"trainable_params": trainable_count, "total_params": total_count} | extra_results
+    write_results(output_dir, results, cfg.to_yaml_dict())
+    if cfg.plot_loss and plot_loss(log.records, output_dir / PLOT_FILE, f"{cfg.stage} / {cfg.finetuning_type}"):
+        print(f"loss plot: {output_dir / PLOT_FILE}")
+    return results
