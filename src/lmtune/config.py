@@ -44,7 +44,8 @@ ACCEPTED_NOT_APPLIED: dict[str, str] = {
 class RunConfig(BaseModel):
     """Every key a YAML file may set. Each field's description is its one-line documentation."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # coerce_numbers_to_str: `output_dir=2024` on the command line arrives as an int.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
     # --- model -------------------------------------------------------------------------------
     model_name_or_path: str = Field(
@@ -286,15 +287,14 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"override '{pair}' is not key=value.", "write e.g. learning_rate=1e-4.")
-        try:
-            value = yaml.safe_load(raw) if raw else None
-        except yaml.YAMLError:
-            value = raw
-        if "." in key:
+        if "." in key:  # a data var is text: kept verbatim (007 stays 007)
             parent, child = key.split(".", 1)
-            values.setdefault(parent, {})[child] = "" if value is None else str(value)
-        else:
-            values[key] = value
+            values.setdefault(parent, {})[child] = raw
+            continue
+        try:
+            values[key] = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError:
+            values[key] = raw
     return values
 
 

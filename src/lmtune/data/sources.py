@@ -93,7 +93,10 @@ def load_dataset_records(attr: DatasetAttr, cfg: RunConfig, counts: DatasetCount
     if cfg.max_samples is not None and len(records) > cfg.max_samples:
         counts.dropped_by_max_samples = len(records) - cfg.max_samples
         records = records[: cfg.max_samples]  # the first N, as LLaMA-Factory users expect
-    if not attr.formatting and records:
+    if not records:
+        raise DataError("the file holds no records", "add records, or remove the dataset from "
+                        "dataset:.", file=str(path))
+    if not attr.formatting:
         try:
             attr.formatting = guess_formatting(records[0])
         except RecordError as exc:

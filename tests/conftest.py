@@ -1,0 +1,81 @@
+"""Shared fixtures: the default model's real tokenizer and a tiny random model built on it.
+
+The tiny model (2 layers, hidden 64) has the default model's architecture and vocabulary, so every
+test runs the real tokenizer, chat template and forward/backward in seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from lmtune.models.load import load_tokenizer, resolve_model
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> str:
+    return resolve_model("default")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(default_model_dir):
+    return load_tokenizer(default_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(default_model_dir, tokenizer, tmp_path_factory) -> str:
+    config = AutoConfig.from_pretrained(default_model_dir)
+    config.update({"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    folder = tmp_path_factory.mktemp("tiny-model")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
+    return str(folder)
+
+
+def write_json(path: Path, data) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1))
+    return path
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+ALPACA = [
+    {"instruction": "Say hi.", "input": "", "output": "Hi!"},
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "2 + 3 = 5."},
+    {"instruction": "Name a colour.", "input": "", "output": "Blue is a colour I like.",
+     "system": "You answer briefly."},
+    {"instruction": "And another?", "input": "", "output": "Green.",
+     "history": [["Name a colour.", "Red."]]},
+    {"instruction": "Count to five.", "input": "", "output": "One, two, three, four, five."},
+    {"instruction": "What is the opposite of up?", "input": "", "output": "Down."},
+    {"instruction": "Spell cat backwards.", "input": "", "output": "t-a-c"},
+    {"instruction": "Give a fruit.", "input": "", "output": "An apple, crisp and red, is a fruit."},
+]
+
+
+@pytest.fixture
+def alpaca_file(tmp_path) -> Path:
+    return write_json(tmp_path / "data" / "tiny.json", ALPACA)
+
+
+@pytest.fixture
+def train_config(tmp_path, tiny_model_dir, alpaca_file) -> dict:
+    """A complete config for a short SFT run on the tiny model; tests override what they study."""
+    return {"model_name_or_path": tiny_model_dir, "dataset": str(alpaca_file),
+            "output_dir": str(tmp_path / "out"), "finetuning_type": "lora", "lora_rank": 4,
+            "per_device_train_batch_size": 2, "learning_rate": 1e-3, "max_steps": 4,
+            "logging_steps": 1, "save_steps": 100, "seed": 0}
