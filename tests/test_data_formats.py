@@ -310,7 +310,7 @@ def test_empty_registered_file_is_a_data_error(tmp_path):
     (tmp_path / "e.json").write_text("[]")
     with pytest.raises(DataError) as info:
         load(tmp_path, "e", {"e": {"file_name": "e.json"}})
-    assert "hold no records" in info.value.message
+    assert info.value.message.endswith("e.json: the file holds no records")
 
 
 # --- mixing and max_samples ---------------------------------------------------------------------

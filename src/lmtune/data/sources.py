@@ -132,8 +132,6 @@ def load_conversations(cfg: RunConfig) -> tuple[list[Conversation], DataReport]:
         counts = DatasetCounts(name=name, file=attr.file_name)
         report.datasets.append(counts)
         conversations += load_dataset_records(attr, cfg, counts)
-    if not conversations:
-        raise DataError(f"the datasets {cfg.dataset} hold no records.", "check the files.")
     return conversations, report
 
 
