@@ -112,3 +112,13 @@ def test_export_refuses_a_foreign_non_empty_folder(lora_run, tmp_path, capsys):
     assert main(["export", str(lora_run["yaml"]), f"export_dir={target}"]) == 2
     assert "not empty" in capsys.readouterr().err
     assert (target / "keep.txt").exists()
+
+
+def test_interactive_chat_streams_clears_and_exits(overfit_run, capsys, monkeypatch):
+    typed = iter(["Greet me.", "clear", "Greet me.", "exit", "never read"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(typed))
+    assert main(["chat", str(overfit_run["yaml"]), "do_sample=false"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("Hello from the tiny model.") == 2
+    assert "(conversation cleared)" in out
+    assert next(typed) == "never read"  # 'exit' ended the loop

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 
 from lmtune.config import RunConfig, check_training_inputs, describe_keys, load_config
 from lmtune.errors import LmtuneError
@@ -19,6 +20,8 @@ from lmtune.errors import LmtuneError
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# peft calls a transformers API that transformers 5 deprecated; the message means nothing to users.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def _config(args: argparse.Namespace, **fixed) -> RunConfig:

@@ -38,6 +38,8 @@ ACCEPTED_NOT_APPLIED: dict[str, str] = {
     "remove_unused_columns": "records are encoded by lmtune, never by column name",
     "hf_hub_token": "lmtune runs offline",
     "model_revision": "lmtune runs offline on local or cached models",
+    "overwrite_cache": "encoded data is not cached yet: every run encodes afresh",
+    "preprocessing_num_workers": "encoding runs in the training process",
 }
 
 
@@ -92,9 +94,6 @@ class RunConfig(BaseModel):
         "dropped).")
     val_size: float = Field(
         0.0, ge=0.0, description="Validation split: a fraction in (0, 1) or a row count >= 1.")
-    overwrite_cache: bool = Field(False, description="Re-encode the data even if a cache exists.")
-    preprocessing_num_workers: int | None = Field(
-        None, ge=1, description="Processes used to encode the data.")
 
     # --- output ------------------------------------------------------------------------------
     output_dir: str | None = Field(None, description="Where the run writes its model, logs and checkpoints.")
