@@ -148,3 +148,46 @@ def test_every_row_over_long_is_a_clear_error(tmp_path, train_config, capsys):
     assert train(tmp_path, train_config | {"cutoff_len": 8}) == 2
     err = capsys.readouterr().err
     assert "cutoff_len=8" in err and "raise cutoff_len" in err
+
+
+def test_runs_with_different_precision_in_one_process(tmp_path, train_config):
+    assert train(tmp_path, train_config | {"bf16": True, "output_dir": str(tmp_path / "a")}) == 0
+    assert train(tmp_path, train_config | {"output_dir": str(tmp_path / "b")}) == 0
+
+
+def test_save_total_limit_keeps_the_newest_complete_checkpoints(tmp_path, train_config):
+    out = Path(train_config["output_dir"])
+    config = train_config | {"max_steps": 7, "save_steps": 2, "save_total_limit": 2}
+    assert train(tmp_path, config) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+
+
+def test_resume_with_a_changed_meaning_is_refused(tmp_path, train_config, capsys):
+    config = train_config | {"max_steps": 4, "save_steps": 2}
+    assert train(tmp_path, config) == 0
+    changed = config | {"resume_from_checkpoint": "auto", "learning_rate": 5e-4,
+                        "per_device_train_batch_size": 4, "logging_steps": 3}
+    assert train(tmp_path, changed) == 2
+    err = capsys.readouterr().err
+    assert "learning_rate: 0.001 -> 0.0005" in err and "per_device_train_batch_size: 2 -> 4" in err
+    assert "logging_steps" not in err  # cadence may change freely
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, train_config, monkeypatch, capsys):
+    import lmtune.train.checkpoint as ckpt
+
+    config = train_config | {"max_steps": 6, "save_steps": 2}
+    real_save = torch.save
+
+    def failing_save(obj, path, *args, **kwargs):
+        if "checkpoint-4" in str(path):
+            raise OSError(28, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.torch, "save", failing_save)
+    assert train(tmp_path, config) == 2
+    err = capsys.readouterr().err
+    assert "could not write checkpoint-4" in err and "No space left" in err
+    out = Path(config["output_dir"])
+    assert (out / "checkpoint-2" / COMPLETE_MARKER).is_file()
+    assert not list(out.glob("*checkpoint-4*"))  # no half-written folder left behind

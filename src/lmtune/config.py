@@ -47,7 +47,10 @@ class RunConfig(BaseModel):
     """Every key a YAML file may set. Each field's description is its one-line documentation."""
 
     # coerce_numbers_to_str: `output_dir=2024` on the command line arrives as an int.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+    # allow_inf_nan=False: YAML reads `.inf`/`.nan` (and 1.0e+999) as floats; no key means anything
+    # by them, and an infinite warmup_steps or val_size would crash int() in check_combinations.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True,
+                              allow_inf_nan=False)
 
     # --- model -------------------------------------------------------------------------------
     model_name_or_path: str = Field(
@@ -101,6 +104,8 @@ class RunConfig(BaseModel):
         False, description="Delete a non-empty output_dir before training.")
     logging_steps: int = Field(10, ge=1, description="Write a trainer_log.jsonl line every n steps.")
     save_steps: int = Field(500, ge=1, description="Write checkpoint-N every n optimizer steps.")
+    save_total_limit: int | None = Field(
+        None, ge=1, description="Keep only the newest n complete checkpoints (none = keep all).")
     plot_loss: bool = Field(True, description="Write training_loss.png at the end.")
     report_to: Literal["none"] | list[Literal["none"]] = Field(
         "none", description="Experiment trackers; lmtune logs to trainer_log.jsonl, so only 'none'.")
@@ -248,8 +253,9 @@ def _describe_type_error(err: dict[str, Any]) -> str:
     return f"{key}: {err['msg'].lower()} (got {value!r})"
 
 
-def _closest(key: str, choices: list[str]) -> str | None:
-    match = difflib.get_close_matches(key, choices, n=1, cutoff=0.6)
+def _closest(key: Any, choices: list[str]) -> str | None:
+    # str(): YAML keys may be numbers, booleans or null (`1: x`, `~: x`), which difflib cannot compare.
+    match = difflib.get_close_matches(str(key), choices, n=1, cutoff=0.6)
     return match[0] if match else None
 
 
@@ -279,6 +285,12 @@ def build_config(values: dict[str, Any], source: str = "config") -> RunConfig:
     return cfg
 
 
+# PyYAML raises more than YAMLError on text it parses but cannot build a value from: ValueError for
+# `2001-13-45`, `!!float abc` or an integer over Python's 4300-digit limit, AttributeError for
+# `!!timestamp abc`, RecursionError for `[[[[...` nested deeper than the interpreter's stack.
+_YAML_VALUE_ERRORS = (ValueError, AttributeError, RecursionError)
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """`key=value` strings -> typed values (YAML scalars). `data_vars.name=X` sets one data var."""
     values: dict[str, Any] = {}
@@ -288,26 +300,43 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             raise ConfigError(f"override '{pair}' is not key=value.", "write e.g. learning_rate=1e-4.")
         if "." in key:  # a data var is text: kept verbatim (007 stays 007)
             parent, child = key.split(".", 1)
-            values.setdefault(parent, {})[child] = raw
+            if not isinstance(values.get(parent), dict):  # after `data_vars=5`: the later override wins
+                values[parent] = {}
+            values[parent][child] = raw
             continue
         try:
             values[key] = yaml.safe_load(raw) if raw else None
-        except yaml.YAMLError:
+        except (yaml.YAMLError, *_YAML_VALUE_ERRORS):
             values[key] = raw
     return values
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}", "check the path.")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}", "check the path.")
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x}).",
+                          "save the file as UTF-8.") from None
+    except OSError as exc:  # is_file() itself raises for e.g. a name longer than the OS allows
+        raise ConfigError(f"cannot read config file {p}: {exc.strerror or exc}", "check the path.") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         raise ConfigError(f"{p}: not valid YAML{where}: {getattr(exc, 'problem', exc)}",
                           "fix the YAML syntax; keys are flat, e.g. `learning_rate: 1.0e-4`.") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: values are nested too deeply to read.",
+                          "keys are flat, e.g. `learning_rate: 1.0e-4`; values are scalars, short "
+                          "lists or (data_vars) one mapping.") from None
+    except _YAML_VALUE_ERRORS as exc:
+        reason = str(exc).split(";")[0] if isinstance(exc, ValueError) else "it does not fit its !!tag"
+        raise ConfigError(f"{p}: a value YAML cannot read ({reason}).",
+                          "quote a value meant as text, e.g. `output_dir: '2001-13-45'`.") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -41,3 +41,9 @@ class ModelError(LmtuneError):
 
 class TrainingError(LmtuneError):
     """A run that has to stop: non-finite loss, nothing to train on, a broken checkpoint."""
+
+
+class RunInterrupted(LmtuneError):
+    """Ctrl-C or SIGTERM: the run saved a checkpoint and stopped. Exits 130 like an interrupted tool."""
+
+    exit_code = 130

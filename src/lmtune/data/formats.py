@@ -114,7 +114,7 @@ def parse_sharegpt(record: dict[str, Any], attr: DatasetAttr) -> Conversation:
         if not isinstance(turn, dict):
             raise RecordError(f"message {i} must be an object with '{role_tag}' and '{content_tag}'")
         tag = turn.get(role_tag)
-        if tag not in roles:
+        if not isinstance(tag, str) or tag not in roles:  # a list or object here is unhashable
             raise RecordError(f"message {i} has {role_tag}={tag!r}; expected one of {sorted(roles)}")
         content = turn.get(content_tag)
         if not isinstance(content, str):

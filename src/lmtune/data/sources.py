@@ -16,15 +16,48 @@ from lmtune.errors import DataError
 READABLE = (".json", ".jsonl")
 
 
+def _is_file(path: Path) -> bool:
+    # Path.is_file() raises, rather than answering False, for a name longer than the OS allows.
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x})",
+                        "save the file as UTF-8.", file=str(path)) from None
+    except OSError as exc:
+        raise DataError(f"cannot be read: {exc.strerror or exc}", "check the file and its permissions.",
+                        file=str(path)) from None
+
+
+# Valid JSON that Python's json module still refuses, with ValueError or RecursionError rather than
+# JSONDecodeError: an integer over the 4300-digit limit, or arrays/objects nested past the stack.
+_JSON_LIMITS = (ValueError, RecursionError)
+
+
+def _json_limit(exc: Exception) -> tuple[str, str]:
+    """(what went wrong, fix) for an error in _JSON_LIMITS that is not a JSONDecodeError."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply to read", "flatten the nesting."
+    return str(exc).split(";")[0], "write very long numbers as strings."
+
+
 def read_dataset_info(dataset_dir: Path) -> dict[str, Any]:
     path = dataset_dir / "dataset_info.json"
-    if not path.is_file():
+    if not _is_file(path):
         return {}
     try:
-        info = json.loads(path.read_text(encoding="utf-8"))
+        info = json.loads(_read_text(path))
     except json.JSONDecodeError as exc:
         raise DataError(f"not valid JSON (line {exc.lineno}): {exc.msg}", "fix the JSON syntax.",
                         file=str(path)) from None
+    except _JSON_LIMITS as exc:
+        raise DataError(*_json_limit(exc), file=str(path)) from None
     if not isinstance(info, dict):
         raise DataError("must map dataset names to entries", file=str(path))
     return info
@@ -42,18 +75,30 @@ def resolve_dataset(name: str, dataset_dir: Path, info: dict[str, Any]) -> Datas
             raise DataError(f"entry '{name}' has no file_name"
                             + (f" ({remote[0]} needs the network; lmtune runs offline)" if remote else ""),
                             "download the data and set file_name to the local file.", file=where)
+        if not isinstance(entry["file_name"], str):
+            raise DataError(f"entry '{name}' has file_name {entry['file_name']!r}, which is not a "
+                            "file name.", "set file_name to the data file, e.g. \"my_data.json\".",
+                            file=where)
         formatting = entry.get("formatting", "alpaca")
-        if formatting not in PARSERS:
+        if not isinstance(formatting, str) or formatting not in PARSERS:
             raise DataError(f"entry '{name}' has formatting '{formatting}'",
                             f"use one of: {', '.join(PARSERS)}.", file=where)
         if entry.get("ranking"):
             raise DataError(f"entry '{name}' is preference data (ranking: true), which stage sft "
                             "cannot train on.", "use an SFT dataset.", file=where)
+        # columns and tags are looked up and compared by name: anything but text->text would fail
+        # later, record by record, with an error that no longer points at this entry.
+        for group, example in (("columns", '{"prompt": "question", "response": "answer"}'),
+                               ("tags", '{"role_tag": "from", "user_tag": "human"}')):
+            value = entry.get(group) or {}
+            if not (isinstance(value, dict) and all(isinstance(v, str) for v in value.values())):
+                raise DataError(f"entry '{name}' has {group} {value!r}; it must map names to text.",
+                                f"write e.g. \"{group}\": {example}.", file=where)
         path = dataset_dir / entry["file_name"]
         return DatasetAttr(name=name, file_name=str(path), formatting=formatting,
                            columns=entry.get("columns") or {}, tags=entry.get("tags") or {})
     for candidate in (Path(name), dataset_dir / name):
-        if candidate.is_file():
+        if _is_file(candidate):
             return DatasetAttr(name=name, file_name=str(candidate), formatting="")
     known = ", ".join(sorted(info)) or "none"
     raise DataError(f"dataset '{name}' is neither an entry of {dataset_dir / 'dataset_info.json'} nor "
@@ -61,18 +106,20 @@ def resolve_dataset(name: str, dataset_dir: Path, info: dict[str, Any]) -> Datas
 
 
 def read_records(path: Path) -> list[Any]:
-    if not path.is_file():
+    if not _is_file(path):
         raise DataError("file not found", "check file_name in dataset_info.json or the path in "
                         "dataset:.", file=str(path))
     if path.suffix not in READABLE:
         raise DataError(f"unsupported file type '{path.suffix}'", "use .json or .jsonl.", file=str(path))
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
             records = json.loads(text)
         except json.JSONDecodeError as exc:
             raise DataError(f"not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}",
                             "fix the JSON syntax.", file=str(path)) from None
+        except _JSON_LIMITS as exc:
+            raise DataError(*_json_limit(exc), file=str(path)) from None
         return records
     records = []
     for number, line in enumerate(text.splitlines(), start=1):
@@ -83,6 +130,9 @@ def read_records(path: Path) -> list[Any]:
                 raise DataError(f"line {number} is not valid JSON: {exc.msg}",
                                 "write one JSON object per line (JSON Lines) or one JSON list.",
                                 file=str(path)) from None
+            except _JSON_LIMITS as exc:
+                problem, fix = _json_limit(exc)
+                raise DataError(f"line {number}: {problem}", fix, file=str(path)) from None
     return records
 
 

@@ -125,11 +125,47 @@ def prepare_output_dir(output_dir: Path, overwrite: bool, resuming: bool) -> Non
     output_dir.mkdir(parents=True, exist_ok=True)
 
 
-def prepare_run(output_dir: Path, resume: str | None, overwrite: bool) -> Path | None:
+# Keys that change what a run computes. Resuming with any of them changed would silently make a
+# different run than the checkpoint belongs to; logging, saving and eval cadence may change freely.
+RESUME_MUST_MATCH = (
+    "model_name_or_path", "adapter_name_or_path", "template", "stage", "finetuning_type",
+    "lora_target", "lora_rank", "lora_alpha", "lora_dropout", "freeze_trainable_layers",
+    "freeze_trainable_modules", "dataset", "dataset_dir", "data_vars", "cutoff_len", "max_samples",
+    "val_size", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
+    "num_train_epochs", "max_steps", "lr_scheduler_type", "warmup_ratio", "warmup_steps",
+    "weight_decay", "max_grad_norm", "adam_beta1", "adam_beta2", "adam_epsilon", "bf16", "fp16",
+    "seed",
+)
+
+
+def check_resume_config(resume_dir: Path, run_config: dict[str, Any]) -> None:
+    saved = saved_run_config(resume_dir)
+    changed = [k for k in RESUME_MUST_MATCH if saved.get(k) != run_config.get(k)]
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {run_config.get(k)!r}" for k in changed)
+        raise ConfigError(f"cannot resume from {resume_dir}: the config changed what the run "
+                          f"means ({details}).",
+                          "restore those keys to resume, or start a new run in another output_dir.")
+
+
+def prepare_run(output_dir: Path, resume: str | None, overwrite: bool,
+                run_config: dict[str, Any]) -> Path | None:
     """Check the output folder before anything heavy loads; -> the checkpoint to resume, if any."""
     resume_dir = resolve_resume(output_dir, resume)
+    if resume_dir is not None:
+        check_resume_config(resume_dir, run_config)
     prepare_output_dir(output_dir, overwrite, resuming=resume_dir is not None)
     return resume_dir
+
+
+def rotate_checkpoints(output_dir: Path, keep: int | None) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints of this output_dir; -> those deleted."""
+    if keep is None:
+        return []
+    doomed = complete_checkpoints(output_dir)[:-keep]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
 
 
 def load_weights(model: torch.nn.Module, folder: Path) -> None:

@@ -11,21 +11,25 @@ the step, logs, eval and checkpoints; at the end the model, results and loss plo
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from lmtune.config import RunConfig
 from lmtune.data.batching import collate, micro_batches, steps_per_epoch
 from lmtune.data.encode import EncodedRow
-from lmtune.errors import ConfigError, TrainingError
+from lmtune.errors import ConfigError, RunInterrupted, TrainingError
 from lmtune.models.methods import count_parameters
 from lmtune.train import checkpoint as ckpt
 from lmtune.train.logs import PLOT_FILE, TrainerLog, plot_loss
@@ -42,13 +46,13 @@ class Objective:
     units: Callable[[Batch], int]  # loss units in the batch: the normaliser
 
 
-def _windows(n_rows: int, cfg: RunConfig) -> Iterator[tuple[int, list[list[int]]]]:
-    """(epoch, micro-batches of row indices) for every optimizer step, epoch after epoch."""
+def _windows(n_rows: int, cfg: RunConfig) -> Iterator[list[list[int]]]:
+    """The micro-batches (lists of row indices) of every optimizer step, epoch after epoch."""
     epoch = 0
     while True:
         batches = micro_batches(n_rows, cfg.per_device_train_batch_size, cfg.seed, epoch)
         for i in range(0, len(batches), cfg.gradient_accumulation_steps):
-            yield epoch, batches[i: i + cfg.gradient_accumulation_steps]
+            yield batches[i: i + cfg.gradient_accumulation_steps]
         epoch += 1
 
 
@@ -90,11 +94,34 @@ def _check_finite_weights(model: torch.nn.Module, step: int) -> None:
                                 "lower learning_rate, or use bf16 instead of fp16.")
 
 
+@contextmanager
+def _stop_requests() -> Iterator[list[int]]:
+    """Turn Ctrl-C / SIGTERM into a request that the loop honours after the current step."""
+    requested: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def handler(signum, frame):
+        requested.append(signum)
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint")
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: list[EncodedRow],
         eval_rows: list[EncodedRow], objective: Objective, output_dir: Path, resume_dir: Path | None,
         extra_results: dict[str, Any]) -> dict[str, Any]:
     """Train `model` on `train_rows`; write logs, checkpoints and the result into `output_dir`
     (already prepared by `checkpoint.prepare_run`), continuing from `resume_dir` if given."""
+    # accelerate keeps its precision settings in a process-wide singleton; a second run in the same
+    # process (tests, comparisons) may ask for another precision, so start from a clean state.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     if cfg.fp16 and accelerator.device.type == "cpu":
         raise ConfigError("fp16 needs a GPU; this run is on the CPU.", "use bf16: true (or neither).")
@@ -139,58 +166,74 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
     model.train()
     progress = tqdm(total=total_steps, initial=state["global_step"], desc="train", unit="step",
                     mininterval=1.0)
-    interval = {"loss": 0.0, "units": 0, "tokens": 0, "start": time.perf_counter()}
-    run_start = time.perf_counter()
-    for step in range(state["global_step"] + 1, total_steps + 1):
-        epoch, window = next(windows)
-        batches = [_to(collate([train_rows[i] for i in rows], pad_id), accelerator) for rows in window]
-        window_units = sum(objective.units(b) for b in batches)
-        step_loss, step_tokens = 0.0, 0
-        for batch in batches:
-            with accelerator.autocast():
-                loss = objective.loss(model, batch)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"step {step}: the loss is {loss.item()}; training stopped. "
-                                    f"The newest checkpoint in {output_dir} is the last good state.",
-                                    "lower learning_rate, use bf16 rather than fp16, or check the data.")
-            accelerator.backward(loss / window_units)
-            step_loss += loss.item()
-            step_tokens += int(batch["attention_mask"].sum())
-        grad_norm = float(accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf")))
-        if not math.isfinite(grad_norm):
-            raise TrainingError(f"step {step}: the gradient norm is {grad_norm}; training stopped.",
-                                "lower learning_rate, use bf16 rather than fp16, or check the data.")
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+    # Sums since the last log line; checkpointed so a resumed run logs exactly the same numbers.
+    interval = state.pop("log_interval", {"loss": 0.0, "units": 0, "tokens": 0})
+    interval_start = time.perf_counter()
+    run_start, tokens_before = time.perf_counter(), state["tokens_seen"]
+    with _stop_requests() as stop_requested:
+        for step in range(state["global_step"] + 1, total_steps + 1):
+            window = next(windows)
+            batches = [_to(collate([train_rows[i] for i in rows], pad_id), accelerator)
+                       for rows in window]
+            window_units = sum(objective.units(b) for b in batches)
+            step_loss, step_tokens = 0.0, 0
+            for batch in batches:
+                with accelerator.autocast():
+                    loss = objective.loss(model, batch)
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"step {step}: the loss is {loss.item()}; training stopped. The newest "
+                        f"checkpoint in {output_dir} is the last good state.",
+                        "lower learning_rate, use bf16 rather than fp16, or check the data.")
+                accelerator.backward(loss / window_units)
+                step_loss += loss.item()
+                step_tokens += int(batch["attention_mask"].sum())
+            grad_norm = float(accelerator.clip_grad_norm_(trainable,
+                                                          cfg.max_grad_norm or float("inf")))
+            if not math.isfinite(grad_norm):
+                raise TrainingError(
+                    f"step {step}: the gradient norm is {grad_norm}; training stopped.",
+                    "lower learning_rate, use bf16 rather than fp16, or check the data.")
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
 
-        for totals, loss_key, units_key, tokens_key in ((interval, "loss", "units", "tokens"),
-                                                        (state, "loss_sum", "units_seen", "tokens_seen")):
-            totals[loss_key] += step_loss
-            totals[units_key] += window_units
-            totals[tokens_key] += step_tokens
-        state["global_step"] = step
-        progress.update(1)
+            for totals, loss_key, units_key, tokens_key in (
+                    (interval, "loss", "units", "tokens"),
+                    (state, "loss_sum", "units_seen", "tokens_seen")):
+                totals[loss_key] += step_loss
+                totals[units_key] += window_units
+                totals[tokens_key] += step_tokens
+            state["global_step"] = step
+            progress.update(1)
 
-        record: dict[str, Any] = {}
-        if step % cfg.logging_steps == 0 or step == total_steps:
-            elapsed = time.perf_counter() - interval["start"]
-            record |= {"loss": round(interval["loss"] / interval["units"], 6), "lr": lr,
-                       "grad_norm": round(grad_norm, 6),
-                       "tokens_per_second": round(interval["tokens"] / elapsed, 2)}
-            progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
-            interval = {"loss": 0.0, "units": 0, "tokens": 0, "start": time.perf_counter()}
-        end_of_epoch = step % per_epoch == 0
-        if eval_rows and ((cfg.eval_strategy == "steps" and step % cfg.effective_eval_steps == 0)
-                          or (cfg.eval_strategy == "epoch" and end_of_epoch)):
-            record["eval_loss"] = round(evaluate(model, eval_rows, objective, cfg, pad_id, accelerator), 6)
-        if record:
-            log.write({"step": step, "epoch": round(step / per_epoch, 4)} | record)
-        if step % cfg.save_steps == 0 and step < total_steps:
-            ckpt.save_checkpoint(output_dir, step, save_weights, optimizer, scheduler,
-                                 state,
-                                 cfg.to_yaml_dict())
+            record: dict[str, Any] = {}
+            if step % cfg.logging_steps == 0 or step == total_steps:
+                elapsed = time.perf_counter() - interval_start
+                record |= {"loss": round(interval["loss"] / interval["units"], 6), "lr": lr,
+                           "grad_norm": round(grad_norm, 6),
+                           "tokens_per_second": round(interval["tokens"] / elapsed, 2)}
+                progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+                interval = {"loss": 0.0, "units": 0, "tokens": 0}
+                interval_start = time.perf_counter()
+            end_of_epoch = step % per_epoch == 0
+            if eval_rows and ((cfg.eval_strategy == "steps" and step % cfg.effective_eval_steps == 0)
+                              or (cfg.eval_strategy == "epoch" and end_of_epoch)):
+                eval_loss = evaluate(model, eval_rows, objective, cfg, pad_id, accelerator)
+                record["eval_loss"] = round(eval_loss, 6)
+            if record:
+                log.write({"step": step, "epoch": round(step / per_epoch, 4)} | record)
+            interrupted = bool(stop_requested) and step < total_steps
+            if interrupted or (step % cfg.save_steps == 0 and step < total_steps):
+                ckpt.save_checkpoint(output_dir, step, save_weights, optimizer, scheduler,
+                                     state | {"log_interval": interval}, cfg.to_yaml_dict())
+                ckpt.rotate_checkpoints(output_dir, cfg.save_total_limit)
+            if interrupted:
+                progress.close()
+                raise RunInterrupted(
+                    f"stopped at step {step} of {total_steps}; checkpoint-{step} saved in {output_dir}.",
+                    "run the same command with resume_from_checkpoint=auto to continue.")
     progress.close()
     runtime = time.perf_counter() - run_start
 
@@ -200,7 +243,8 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
         "train_loss": state["loss_sum"] / max(state["units_seen"], 1),
         "train_runtime": round(runtime, 2),
         "train_tokens": state["tokens_seen"],
-        "train_tokens_per_second": round(state["tokens_seen"] / max(runtime, 1e-9), 2),
+        "train_tokens_per_second": round((state["tokens_seen"] - tokens_before) / max(runtime, 1e-9),
+                                         2),
         "global_step": state["global_step"], "epoch": round(state["global_step"] / per_epoch, 4),
     }
     if eval_rows:

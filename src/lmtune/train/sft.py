@@ -55,7 +55,8 @@ SFT_OBJECTIVE = Objective(loss=token_loss_sum, units=count_targets)
 
 def run(cfg: RunConfig) -> dict[str, Any]:
     output_dir = Path(cfg.output_dir)
-    resume_dir = prepare_run(output_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir)
+    resume_dir = prepare_run(output_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir,
+                             cfg.to_yaml_dict())
     set_seed(cfg.seed)
 
     conversations, report = load_conversations(cfg)

@@ -1,0 +1,109 @@
+"""Interrupted runs: Ctrl-C/SIGTERM save and stop; SIGKILL loses nothing; resume is bit-exact."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmtune.cli import main
+from lmtune.train.checkpoint import complete_checkpoints
+from lmtune.train.logs import read_log
+from tests.conftest import write_yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _config(train_config: dict, output_dir: Path) -> dict:
+    return train_config | {"output_dir": str(output_dir), "max_steps": 300, "save_steps": 7,
+                           "gradient_accumulation_steps": 2, "lora_dropout": 0.1,
+                           "logging_steps": 1, "plot_loss": False}
+
+
+def _start(config_path: Path) -> subprocess.Popen:
+    env = os.environ | {"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.Popen([sys.executable, "-m", "lmtune.cli", "train", str(config_path)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _wait_for_step(output_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    log = output_dir / "trainer_log.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        if log.is_file() and len(log.read_text().splitlines()) >= step:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the run did not reach step {step}")
+
+
+def _trajectory(output_dir: Path) -> list[tuple]:
+    records = read_log(output_dir / "trainer_log.jsonl")
+    return [(r["step"], r["loss"], r["lr"], r["grad_norm"]) for r in records]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, train_config_module):
+    root = tmp_path_factory.mktemp("uninterrupted")
+    config = _config(train_config_module, root / "out")
+    assert main(["train", str(write_yaml(root / "run.yaml", config))]) == 0
+    return root / "out"
+
+
+@pytest.fixture(scope="module")
+def train_config_module(tmp_path_factory, tiny_model_dir):
+    from tests.conftest import ALPACA, write_json
+
+    data = write_json(tmp_path_factory.mktemp("data") / "tiny.json", ALPACA)
+    return {"model_name_or_path": tiny_model_dir, "dataset": str(data), "finetuning_type": "lora",
+            "lora_rank": 4, "per_device_train_batch_size": 2, "learning_rate": 1e-3, "seed": 0}
+
+
+def _assert_same_run(resumed: Path, uninterrupted: Path) -> None:
+    assert _trajectory(resumed) == _trajectory(uninterrupted)
+    a = load_file(uninterrupted / "adapter_model.safetensors")
+    b = load_file(resumed / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_a_checkpoint_and_says_how_to_resume(tmp_path, train_config_module, uninterrupted,
+                                                          sig):
+    out = tmp_path / "out"
+    config_path = write_yaml(tmp_path / "run.yaml", _config(train_config_module, out))
+    proc = _start(config_path)
+    _wait_for_step(out, 10, proc)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "resume_from_checkpoint=auto" in stderr and "Traceback" not in stderr
+    stopped_at = int(complete_checkpoints(out)[-1].name.split("-")[1])
+    assert 10 <= stopped_at < 300 and f"stopped at step {stopped_at} of 300" in stderr
+
+    resumed = _config(train_config_module, out) | {"resume_from_checkpoint": "auto"}
+    assert main(["train", str(write_yaml(tmp_path / "resume.yaml", resumed))]) == 0
+    _assert_same_run(out, uninterrupted)
+
+
+@pytest.mark.parametrize("kill_at_step", [3, 16, 40])
+def test_sigkill_then_resume_is_bit_exact(tmp_path, train_config_module, uninterrupted, kill_at_step):
+    out = tmp_path / "out"
+    config_path = write_yaml(tmp_path / "run.yaml", _config(train_config_module, out))
+    proc = _start(config_path)
+    _wait_for_step(out, kill_at_step, proc)
+    proc.kill()  # SIGKILL: no handler runs, whatever the run was doing (a step, a write) stops
+    proc.communicate(timeout=60)
+
+    resumed = _config(train_config_module, out) | {"resume_from_checkpoint": "auto"}
+    if not complete_checkpoints(out):  # killed before the first checkpoint: start over
+        resumed = _config(train_config_module, out) | {"overwrite_output_dir": True}
+    assert main(["train", str(write_yaml(tmp_path / "resume.yaml", resumed))]) == 0
+    _assert_same_run(out, uninterrupted)
