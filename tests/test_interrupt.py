@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _config(train_config: dict, output_dir: Path) -> dict:
-    return train_config | {"output_dir": str(output_dir), "max_steps": 300, "save_steps": 7,
+    return train_config | {"output_dir": str(output_dir), "max_steps": 80, "save_steps": 7,
                            "gradient_accumulation_steps": 2, "lora_dropout": 0.1,
                            "logging_steps": 1, "plot_loss": False}
 
@@ -86,7 +86,7 @@ def test_signal_saves_a_checkpoint_and_says_how_to_resume(tmp_path, train_config
     assert proc.returncode == 130, stderr
     assert "resume_from_checkpoint=auto" in stderr and "Traceback" not in stderr
     stopped_at = int(complete_checkpoints(out)[-1].name.split("-")[1])
-    assert 10 <= stopped_at < 300 and f"stopped at step {stopped_at} of 300" in stderr
+    assert 10 <= stopped_at < 80 and f"stopped at step {stopped_at} of 80" in stderr
 
     resumed = _config(train_config_module, out) | {"resume_from_checkpoint": "auto"}
     assert main(["train", str(write_yaml(tmp_path / "resume.yaml", resumed))]) == 0
@@ -105,5 +105,41 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path, train_config_module, uninter
     resumed = _config(train_config_module, out) | {"resume_from_checkpoint": "auto"}
     if not complete_checkpoints(out):  # killed before the first checkpoint: start over
         resumed = _config(train_config_module, out) | {"overwrite_output_dir": True}
+    assert main(["train", str(write_yaml(tmp_path / "resume.yaml", resumed))]) == 0
+    _assert_same_run(out, uninterrupted)
+
+
+# Kill the process at a precise point of a checkpoint write: the files staged but not yet renamed
+# into place, or renamed but not yet marked complete.
+_KILL_DURING_WRITE = """
+import os, sys
+import lmtune.train.checkpoint as c
+target = sys.argv[2]
+def die(*args, **kwargs):
+    os.kill(os.getpid(), 9)
+if target == "before-rename":
+    original = c.os.replace
+    c.os.replace = lambda src, dst: die() if "checkpoint-14" in str(dst) else original(src, dst)
+else:
+    original = c.json.dumps
+    c.json.dumps = lambda obj, **kw: die() if obj == {"step": 14} else original(obj, **kw)
+from lmtune.cli import main
+main(["train", sys.argv[1]])
+"""
+
+
+@pytest.mark.parametrize("point", ["before-rename", "before-marker"])
+def test_kill_during_checkpoint_write_then_resume(tmp_path, train_config_module, uninterrupted, point):
+    out = tmp_path / "out"
+    config_path = write_yaml(tmp_path / "run.yaml", _config(train_config_module, out))
+    env = os.environ | {"PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run([sys.executable, "-c", _KILL_DURING_WRITE, str(config_path), point],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr
+    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-7"]
+    leftovers = {p.name for p in out.iterdir()} & {".checkpoint-14.staging", "checkpoint-14"}
+    assert leftovers  # the half-written checkpoint is there, and must be ignored
+
+    resumed = _config(train_config_module, out) | {"resume_from_checkpoint": "auto"}
     assert main(["train", str(write_yaml(tmp_path / "resume.yaml", resumed))]) == 0
     _assert_same_run(out, uninterrupted)

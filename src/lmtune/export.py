@@ -14,7 +14,7 @@ import torch
 from lmtune.config import RunConfig
 from lmtune.errors import ConfigError, TrainingError
 from lmtune.infer.chat import trained_output
-from lmtune.models.load import load_model, load_tokenizer, resolve_model
+from lmtune.models.load import load_model, load_tokenizer, resolve_model, tokenizer_source
 from lmtune.models.methods import load_adapters
 
 EXPORT_MARKER = "lmtune_export.json"
@@ -41,7 +41,7 @@ def export(cfg: RunConfig) -> Path:
         raise ConfigError("nothing to export: no adapter_name_or_path, and output_dir holds no "
                           "trained model.", "set adapter_name_or_path, or output_dir of a finished run.")
     model_path = resolve_model(model_name)
-    tokenizer = load_tokenizer(adapters[-1] if adapters else model_path, cfg.trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_source(model_path, adapters), cfg.trust_remote_code)
     # Merge in fp32: merging in bf16 rounds W + BA and drifts from base + adapter.
     model = load_model(model_path, cfg.trust_remote_code, dtype=torch.float32)
     if adapters:

@@ -44,7 +44,7 @@ def _json_limit(exc: Exception) -> tuple[str, str]:
     """(what went wrong, fix) for an error in _JSON_LIMITS that is not a JSONDecodeError."""
     if isinstance(exc, RecursionError):
         return "nested too deeply to read", "flatten the nesting."
-    return str(exc).split(";")[0], "write very long numbers as strings."
+    return f"cannot be read: {str(exc).split(';')[0]}", "write very long numbers as strings."
 
 
 def read_dataset_info(dataset_dir: Path) -> dict[str, Any]:
@@ -59,7 +59,8 @@ def read_dataset_info(dataset_dir: Path) -> dict[str, Any]:
     except _JSON_LIMITS as exc:
         raise DataError(*_json_limit(exc), file=str(path)) from None
     if not isinstance(info, dict):
-        raise DataError("must map dataset names to entries", file=str(path))
+        raise DataError("must map dataset names to entries",
+                        'write e.g. {"my_data": {"file_name": "my_data.json"}}.', file=str(path))
     return info
 
 
@@ -69,7 +70,8 @@ def resolve_dataset(name: str, dataset_dir: Path, info: dict[str, Any]) -> Datas
         entry = info[name]
         where = str(dataset_dir / "dataset_info.json")
         if not isinstance(entry, dict):
-            raise DataError(f"entry '{name}' must be an object", file=where)
+            raise DataError(f"entry '{name}' must be an object",
+                            f'write e.g. "{name}": {{"file_name": "{name}.json"}}.', file=where)
         if "file_name" not in entry:
             remote = [k for k in ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url") if k in entry]
             raise DataError(f"entry '{name}' has no file_name"

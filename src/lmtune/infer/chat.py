@@ -18,7 +18,8 @@ from lmtune.config import RunConfig
 from lmtune.data.encode import ChatEncoder
 from lmtune.data.formats import Message, fill_placeholders, Conversation
 from lmtune.errors import DataError
-from lmtune.models.load import load_model, load_tokenizer, resolve_model, stop_token_ids
+from lmtune.models.load import (load_model, load_tokenizer, resolve_model, stop_token_ids,
+                                tokenizer_source)
 from lmtune.models.methods import load_adapters
 
 
@@ -48,10 +49,7 @@ class ChatSession:
             full, trained_adapters = trained_output(cfg)
             model_name, adapters = full or model_name, trained_adapters
         model_path = resolve_model(model_name)
-        # A trained folder carries the tokenizer and template it was trained with.
-        tokenizer_path = adapters[-1] if adapters and (Path(adapters[-1]) / "tokenizer_config.json").is_file() \
-            else model_path
-        tokenizer = load_tokenizer(tokenizer_path, cfg.trust_remote_code)
+        tokenizer = load_tokenizer(tokenizer_source(model_path, adapters), cfg.trust_remote_code)
         model = load_model(model_path, cfg.trust_remote_code)
         if adapters:
             model = load_adapters(model, adapters, trainable_last=False)

@@ -117,6 +117,14 @@ def _from_pretrained(loader, name: str, what: str, **kwargs):
                          "whose code you trust.") from None
 
 
+def tokenizer_source(model_path: str, adapters: list[str]) -> str:
+    """A trained adapter folder carries the tokenizer and template it was trained with; an adapter
+    from elsewhere may hold only weights, and then the base model's tokenizer applies."""
+    if adapters and (Path(adapters[-1]) / "tokenizer_config.json").is_file():
+        return adapters[-1]
+    return model_path
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     tokenizer = _from_pretrained(AutoTokenizer, name, "tokenizer", trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
@@ -128,9 +136,15 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
 
 def load_model(name: str, trust_remote_code: bool = False,
                dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    folder = Path(name)
+    if folder.is_dir() and not list(folder.glob("*.safetensors")) and list(folder.glob("*.bin")):
+        # .bin weights are pickles: loading one can run arbitrary code.
+        raise ModelError(f"{name} holds only pickle weights (*.bin); lmtune reads safetensors only.",
+                         "convert it once where you trust the file: load it with transformers and "
+                         "save_pretrained(folder, safe_serialization=True).")
     config = _from_pretrained(AutoConfig, name, "config", trust_remote_code=trust_remote_code)
     return _from_pretrained(AutoModelForCausalLM, name, "weights", config=config, dtype=dtype,
-                            trust_remote_code=trust_remote_code)
+                            trust_remote_code=trust_remote_code, use_safetensors=True)
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None) -> list[int]:

@@ -80,6 +80,10 @@ def load_adapters(model: PreTrainedModel, paths: list[str], trainable_last: bool
         if not (Path(path) / "adapter_config.json").is_file():
             raise ModelError(f"adapter_name_or_path: {path} holds no adapter_config.json.",
                              "point to a folder written by lmtune train (finetuning_type: lora) or peft.")
+        if not (Path(path) / "adapter_model.safetensors").is_file():
+            raise ModelError(f"adapter_name_or_path: {path} has no adapter_model.safetensors; "
+                             "lmtune reads adapter weights only as safetensors, never as pickles.",
+                             "save the adapter with peft's save_pretrained(safe_serialization=True).")
         last = i == len(paths) - 1
         try:
             model = PeftModel.from_pretrained(model, path, is_trainable=last and trainable_last)

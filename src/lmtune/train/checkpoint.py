@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -121,6 +122,11 @@ def prepare_output_dir(output_dir: Path, overwrite: bool, resuming: bool) -> Non
             raise ConfigError(f"output_dir {output_dir} holds files lmtune did not write; "
                               "overwrite_output_dir will not delete them.",
                               "choose a new or empty output_dir.")
+        resolved, cwd = output_dir.resolve(), Path.cwd().resolve()
+        if resolved == cwd or resolved in cwd.parents or resolved == Path.home().resolve():
+            raise ConfigError(f"output_dir {output_dir} is the working folder, one of its parents, "
+                              "or the home folder; overwrite_output_dir will not delete it.",
+                              "use a dedicated folder such as saves/my-run.")
         shutil.rmtree(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -162,7 +168,9 @@ def rotate_checkpoints(output_dir: Path, keep: int | None) -> list[Path]:
     """Delete all but the newest `keep` complete checkpoints of this output_dir; -> those deleted."""
     if keep is None:
         return []
-    doomed = complete_checkpoints(output_dir)[:-keep]
+    root = output_dir.resolve()
+    # A checkpoint-N that is a link to somewhere else is never followed out of output_dir.
+    doomed = [p for p in complete_checkpoints(output_dir)[:-keep] if p.resolve().parent == root]
     for path in doomed:
         shutil.rmtree(path)
     return doomed
@@ -185,10 +193,20 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
                             "resume with the model and method the checkpoint was written with.")
 
 
+def _load_tensors(path: Path) -> Any:
+    """torch.load restricted to tensors and plain containers: a checkpoint cannot run code."""
+    try:
+        return torch.load(path, weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
+        raise TrainingError(f"cannot read {path}: {str(exc).splitlines()[0]}",
+                            "resume from another checkpoint; lmtune loads only files it wrote "
+                            "(tensors and plain values, never arbitrary objects).") from None
+
+
 def load_training_state(folder: Path, optimizer, scheduler) -> dict[str, Any]:
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-    restore_rng_state(torch.load(folder / "rng_state.pt", weights_only=True))
+    optimizer.load_state_dict(_load_tensors(folder / "optimizer.pt"))
+    scheduler.load_state_dict(_load_tensors(folder / "scheduler.pt"))
+    restore_rng_state(_load_tensors(folder / "rng_state.pt"))
     return json.loads((folder / TRAINER_STATE).read_text())
 
 
