@@ -69,12 +69,16 @@ class RunConfig(BaseModel):
     # --- method ------------------------------------------------------------------------------
     stage: Literal["sft"] = Field("sft", description="Training objective: sft (supervised fine-tuning).")
     do_train: bool = Field(True, description="Train (true) or only load and check (false).")
-    finetuning_type: Literal["full", "freeze", "lora"] = Field(
-        "lora", description="full: every weight; freeze: last layers or named modules; lora: adapters.")
+    finetuning_type: Literal["full", "freeze", "lora", "adalora", "ia3", "prefix", "prompt",
+                             "ptuning"] = Field(
+        "lora", description="full: every weight; freeze: last layers or named modules; lora: "
+        "low-rank adapters (DoRA, rsLoRA, PiSSA, LoRA+ by key); adalora: LoRA whose ranks shrink to "
+        "a budget; ia3: learned scaling vectors; prefix: trained key/value prefixes in every layer; "
+        "prompt: trained virtual input tokens; ptuning: virtual tokens made by a prompt encoder.")
     lora_target: str = Field(
-        "all", description="'all' (every linear layer except the output head) or a comma list of "
-        "module names, e.g. q_proj,v_proj.")
-    lora_rank: int = Field(8, ge=1, description="LoRA rank r.")
+        "all", description="lora, adalora: 'all' (every linear layer except the output head) or a "
+        "comma list of module names, e.g. q_proj,v_proj.")
+    lora_rank: int = Field(8, ge=1, description="LoRA rank r (adalora: adalora_init_r, adalora_target_r).")
     lora_alpha: int | None = Field(None, ge=1, description="LoRA scale numerator; default 2 x lora_rank.")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     freeze_trainable_layers: int = Field(
@@ -82,6 +86,68 @@ class RunConfig(BaseModel):
     freeze_trainable_modules: str = Field(
         "all", description="freeze: within the trainable layers, 'all' or a comma list of module "
         "names (e.g. mlp,self_attn).")
+    freeze_extra_modules: str | None = Field(
+        None, description="freeze: comma list of modules outside the decoder layers to train as "
+        "well, e.g. embed_tokens,norm.")
+    use_rslora: bool = Field(
+        False, description="lora: scale by alpha/sqrt(r) instead of alpha/r (rsLoRA), so high ranks "
+        "keep learning.")
+    use_dora: bool = Field(
+        False, description="lora: DoRA, a trained magnitude per output row on top of LoRA's "
+        "direction update; steps take longer.")
+    pissa_init: bool = Field(
+        False, description="lora: start A and B from each weight's top singular vectors (PiSSA); "
+        "the saved adapter is converted to plain LoRA (rank 2r) on the unchanged base.")
+    pissa_iter: int = Field(
+        16, ge=-1, description="lora with pissa_init: iterations of the fast randomised SVD; -1 = "
+        "exact SVD (slow on large weights).")
+    loraplus_lr_ratio: float | None = Field(
+        None, gt=0, description="lora: LoRA+; B matrices learn at learning_rate x this (16 in the "
+        "paper), A matrices at learning_rate.")
+    loraplus_lr_embedding: float = Field(
+        1e-6, gt=0, description="lora with loraplus_lr_ratio: learning rate of LoRA on embedding layers.")
+    additional_target: str | None = Field(
+        None, description="lora, adalora, ia3: comma list of modules trained in full and saved with "
+        "the adapter (peft modules_to_save), by module name, e.g. embed_tokens or norm.")
+    create_new_adapter: bool = Field(
+        False, description="With adapter_name_or_path: merge every given adapter into the base and "
+        "train a new adapter on top.")
+    adalora_init_r: int = Field(12, ge=1, description="adalora: starting rank of every adapted matrix.")
+    adalora_target_r: int = Field(8, ge=1, description="adalora: average rank the budget shrinks to.")
+    adalora_tinit: int = Field(0, ge=0, description="adalora: steps before ranks start to shrink.")
+    adalora_tfinal: int = Field(0, ge=0, description="adalora: last steps, trained with ranks fixed.")
+    adalora_deltaT: int = Field(1, ge=1, description="adalora: steps between two rank re-allocations.")
+    adalora_orth_reg_weight: float = Field(
+        0.5, ge=0.0, description="adalora: weight of the penalty keeping A and B orthogonal.")
+    ia3_target: str | None = Field(
+        None, description="ia3: 'all' (every linear layer except the output head) or a comma list of "
+        "module names; default peft's choice for the architecture (k_proj,v_proj,down_proj for Llama).")
+    num_virtual_tokens: int = Field(
+        20, ge=1, description="prefix, prompt, ptuning: number of trained virtual tokens.")
+    prompt_tuning_init: Literal["random", "text"] = Field(
+        "random", description="prompt: start the virtual tokens random, or from the embeddings of "
+        "prompt_tuning_init_text.")
+    prompt_tuning_init_text: str | None = Field(
+        None, description="prompt with prompt_tuning_init: text: the text whose token embeddings "
+        "start the virtual tokens (repeated to num_virtual_tokens).")
+    prefix_projection: bool = Field(
+        False, description="prefix: make the prefixes through a 2-layer MLP while training (Li & "
+        "Liang's reparameterisation); the saved adapter holds the prefixes it produced.")
+    encoder_hidden_size: int | None = Field(
+        None, ge=1, description="ptuning, prefix with prefix_projection: hidden width of the prompt "
+        "encoder; default the model's hidden size.")
+    encoder_reparameterization_type: Literal["MLP", "LSTM"] = Field(
+        "MLP", description="ptuning: the prompt encoder, an MLP or a bidirectional LSTM.")
+    quantization_bit: Literal[4, 8] | None = Field(
+        None, description="Load the frozen base in 4 or 8 bits (QLoRA with an adapter method); "
+        "bitsandbytes runs on CPU and CUDA.")
+    quantization_method: Literal["bnb"] = Field(
+        "bnb", description="Quantization library: bnb (bitsandbytes).")
+    quantization_type: Literal["nf4", "fp4"] = Field(
+        "nf4", description="quantization_bit 4: the 4-bit data type.")
+    double_quantization: bool = Field(
+        True, description="quantization_bit 4: quantize the per-block scales too (~0.4 bit per "
+        "weight less).")
 
     # --- data --------------------------------------------------------------------------------
     dataset: str | None = Field(
@@ -152,6 +218,9 @@ class RunConfig(BaseModel):
     export_device: Literal["cpu", "auto"] = Field("cpu", description="Device used for merging.")
     export_legacy_format: Literal[False] = Field(
         False, description="Must stay false: exports are safetensors only.")
+    export_full_precision: bool = Field(
+        False, description="Merge into the base loaded in full precision even though training used "
+        "a quantized one (quantization_bit) or the base checkpoint is quantized.")
 
     # Keys from ACCEPTED_NOT_APPLIED that the YAML set, kept to report them.
     not_applied: dict[str, Any] = Field(default_factory=dict, exclude=True)
@@ -201,10 +270,99 @@ def split_list(value: str | None) -> list[str]:
     return [part.strip() for part in (value or "").split(",") if part.strip()]
 
 
-_METHOD_KEYS = {
-    "lora": ("lora_target", "lora_rank", "lora_alpha", "lora_dropout", "adapter_name_or_path"),
-    "freeze": ("freeze_trainable_layers", "freeze_trainable_modules"),
+ADAPTER_METHODS = ("lora", "adalora", "ia3", "prefix", "prompt", "ptuning")
+
+# Each method key and the finetuning_types it applies to (the first is the one a fix suggests). A key
+# set for another method would be silently ignored, so it is refused instead.
+_METHOD_KEYS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("lora_target", "lora_alpha", "lora_dropout"), ("lora", "adalora")),
+    **dict.fromkeys(("lora_rank", "use_rslora", "use_dora", "pissa_init", "pissa_iter",
+                     "loraplus_lr_ratio", "loraplus_lr_embedding"), ("lora",)),
+    "additional_target": ("lora", "adalora", "ia3"),
+    **dict.fromkeys(("freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules"),
+                    ("freeze",)),
+    **dict.fromkeys(("adalora_init_r", "adalora_target_r", "adalora_tinit", "adalora_tfinal",
+                     "adalora_deltaT", "adalora_orth_reg_weight"), ("adalora",)),
+    "ia3_target": ("ia3",),
+    "num_virtual_tokens": ("prefix", "prompt", "ptuning"),
+    **dict.fromkeys(("prompt_tuning_init", "prompt_tuning_init_text"), ("prompt",)),
+    "prefix_projection": ("prefix",),
+    "encoder_hidden_size": ("ptuning", "prefix"),
+    "encoder_reparameterization_type": ("ptuning",),
+    # Quantized weights cannot be trained, so a quantized base needs an adapter method.
+    **dict.fromkeys(("adapter_name_or_path", "create_new_adapter", "quantization_bit"), ADAPTER_METHODS),
 }
+
+
+def keys_for_other_methods(finetuning_type: str) -> set[str]:
+    """Method keys that do not apply to `finetuning_type` (compare leaves them out of a shared base
+    for a variant that switches method)."""
+    return {k for k, methods in _METHOD_KEYS.items() if finetuning_type not in methods}
+
+
+def _or(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def _check_method_keys(cfg: RunConfig, explicitly_set: set[str]) -> None:
+    stray = [k for k, methods in _METHOD_KEYS.items()
+             if k in explicitly_set and cfg.finetuning_type not in methods]
+    if not stray:
+        return
+    home = _METHOD_KEYS[stray[0]][0]
+    keys = sorted(k for k in stray if _METHOD_KEYS[k][0] == home)
+    shared = [m for m in _METHOD_KEYS[keys[0]] if all(m in _METHOD_KEYS[k] for k in keys)]
+    raise ConfigError(f"{', '.join(keys)} belong{'s' if len(keys) == 1 else ''} to finetuning_type: "
+                      f"{_or(shared)}, but finetuning_type is {cfg.finetuning_type}.",
+                      f"remove {', '.join(keys)} or set finetuning_type: {home}.")
+
+
+def _needs(cfg_holds: bool, key: str, needed: str, explicitly_set: set[str]) -> None:
+    """Refuse `key` set explicitly where it would be ignored because `needed` does not hold."""
+    if key in explicitly_set and not cfg_holds:
+        raise ConfigError(f"{key} applies only with {needed}, so it would be ignored here.",
+                          f"set {needed} or remove {key}.")
+
+
+def _check_method_combinations(cfg: RunConfig, explicitly_set: set[str]) -> None:
+    _needs(cfg.pissa_init, "pissa_iter", "pissa_init: true", explicitly_set)
+    _needs(cfg.loraplus_lr_ratio is not None, "loraplus_lr_embedding", "loraplus_lr_ratio",
+           explicitly_set)
+    _needs(cfg.prefix_projection or cfg.finetuning_type != "prefix", "encoder_hidden_size",
+           "prefix_projection: true", explicitly_set)
+    _needs(cfg.prompt_tuning_init == "text", "prompt_tuning_init_text", "prompt_tuning_init: text",
+           explicitly_set)
+    _needs(bool(cfg.adapter_paths), "create_new_adapter", "adapter_name_or_path", explicitly_set)
+    _needs(cfg.quantization_bit is not None, "quantization_method", "quantization_bit", explicitly_set)
+    for key in ("quantization_type", "double_quantization"):
+        _needs(cfg.quantization_bit == 4, key, "quantization_bit: 4", explicitly_set)
+    if cfg.pissa_iter == 0:
+        raise ConfigError("pissa_iter: 0 would run no SVD iteration.",
+                          "use a positive count (16 is a good default) or -1 for the exact SVD.")
+    if cfg.prompt_tuning_init == "text" and not cfg.prompt_tuning_init_text:
+        raise ConfigError("prompt_tuning_init: text needs the text in prompt_tuning_init_text.",
+                          "add e.g. prompt_tuning_init_text: 'You are a helpful assistant.'")
+    if cfg.pissa_init and cfg.use_dora:
+        raise ConfigError("pissa_init and use_dora are both set: the PiSSA adapter is saved "
+                          "converted to plain LoRA, which cannot carry DoRA's magnitudes.",
+                          "keep one of them.")
+    if cfg.pissa_init and cfg.quantization_bit:
+        raise ConfigError("pissa_init with quantization_bit: PiSSA factors the full-precision "
+                          "weights and leaves a residual base, which quantization would round.",
+                          "remove quantization_bit (or pissa_init).")
+    if cfg.pissa_init and cfg.adapter_paths and not cfg.create_new_adapter:
+        raise ConfigError("pissa_init starts a new adapter, but training continues on the last "
+                          "adapter of adapter_name_or_path.",
+                          "set create_new_adapter: true to merge it and start a PiSSA adapter, or "
+                          "remove pissa_init.")
+    if cfg.adalora_target_r > cfg.adalora_init_r:
+        raise ConfigError(f"adalora_target_r: {cfg.adalora_target_r} is above adalora_init_r: "
+                          f"{cfg.adalora_init_r}; AdaLoRA only removes rank.",
+                          "set adalora_target_r at or below adalora_init_r.")
+    if cfg.finetuning_type == "adalora" and cfg.resume_from_checkpoint:
+        raise ConfigError("finetuning_type: adalora cannot resume: its importance scores and rank "
+                          "budget are not in checkpoints, so a resumed run would differ.",
+                          "start the run again without resume_from_checkpoint.")
 
 
 def check_combinations(cfg: RunConfig, explicitly_set: set[str]) -> None:
@@ -212,13 +370,8 @@ def check_combinations(cfg: RunConfig, explicitly_set: set[str]) -> None:
     if cfg.bf16 and cfg.fp16:
         raise ConfigError("bf16 and fp16 are both true.", "set only one of them (bf16 on CPUs and "
                           "recent GPUs).")
-    for method, keys in _METHOD_KEYS.items():
-        stray = sorted(k for k in keys if k in explicitly_set and cfg.finetuning_type != method)
-        if stray:
-            raise ConfigError(
-                f"{', '.join(stray)} belong{'s' if len(stray) == 1 else ''} to finetuning_type: "
-                f"{method}, but finetuning_type is {cfg.finetuning_type}.",
-                f"remove {', '.join(stray)} or set finetuning_type: {method}.")
+    _check_method_keys(cfg, explicitly_set)
+    _check_method_combinations(cfg, explicitly_set)
     if cfg.warmup_ratio > 0 and cfg.warmup_steps > 0:
         raise ConfigError("warmup_ratio and warmup_steps are both set.", "keep only one of them.")
     if cfg.warmup_steps >= 1 and cfg.warmup_steps != int(cfg.warmup_steps):

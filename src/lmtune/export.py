@@ -1,7 +1,12 @@
-"""`lmtune export`: merge LoRA adapters into their base and write a standalone HF model.
+"""`lmtune export`: merge adapters into their base and write a standalone HF model.
 
-The merged folder holds safetensors weights, the tokenizer and its chat template, so any HF loader
-(and vLLM) uses it with the template it was trained with.
+Adapters that change weights merge into them: the LoRA family (DoRA, rsLoRA, PiSSA, LoRA+), AdaLoRA
+and IA3. Prefix, prompt and p-tuning adapters add virtual tokens, which no weight can hold; they are
+used as adapters. A full or freeze run's model is written as it is. Merging into quantized weights
+would round the merged weights back to 4 or 8 bits, so a quantized base is refused unless
+export_full_precision asks for the base in full precision. The merged folder holds safetensors
+weights, the tokenizer and its chat template, so any HF loader (and vLLM) uses it with the template
+it was trained with.
 """
 
 from __future__ import annotations
@@ -12,10 +17,10 @@ from pathlib import Path
 import torch
 
 from lmtune.config import RunConfig
-from lmtune.errors import ConfigError, TrainingError
+from lmtune.errors import ConfigError, ModelError, TrainingError
 from lmtune.infer.chat import trained_output
-from lmtune.models.load import load_model, load_tokenizer, resolve_model, tokenizer_source
-from lmtune.models.methods import load_adapters
+from lmtune.models.load import is_quantized, load_model, load_tokenizer, resolve_model, tokenizer_source
+from lmtune.models.methods import MERGEABLE, adapter_type, load_adapters
 
 EXPORT_MARKER = "lmtune_export.json"
 
@@ -40,12 +45,32 @@ def export(cfg: RunConfig) -> Path:
     if not adapters and model_name == cfg.model_name_or_path:
         raise ConfigError("nothing to export: no adapter_name_or_path, and output_dir holds no "
                           "trained model.", "set adapter_name_or_path, or output_dir of a finished run.")
+    for path in adapters:
+        if adapter_type(path) not in MERGEABLE:
+            raise ModelError(f"adapter {path} is a {adapter_type(path)} adapter: it adds virtual "
+                             "tokens, which no weight can hold, so there is nothing to merge.",
+                             "use it as an adapter: lmtune chat with this config, or peft's "
+                             "PeftModel.from_pretrained(base, folder).")
+    if adapters and cfg.quantization_bit and not cfg.export_full_precision:
+        raise ConfigError(f"quantization_bit: {cfg.quantization_bit}: the base is quantized, and "
+                          f"merging into it would round the merged weights back to "
+                          f"{cfg.quantization_bit} bits.",
+                          "reload the base in full precision and merge there: add "
+                          "export_full_precision=true (the result differs from the trained model "
+                          "by the base's quantization error, as every QLoRA merge does).")
     model_path = resolve_model(model_name)
     tokenizer = load_tokenizer(tokenizer_source(model_path, adapters), cfg.trust_remote_code)
     # Merge in fp32: merging in bf16 rounds W + BA and drifts from base + adapter.
     model = load_model(model_path, cfg.trust_remote_code, dtype=torch.float32)
+    if is_quantized(model):
+        if not cfg.export_full_precision:
+            raise ConfigError(f"{model_name} holds quantized weights, and merging into them would "
+                              "round the merged weights back to their few bits.",
+                              "add export_full_precision=true to dequantize the base to fp32 first "
+                              "(or point model_name_or_path to the full-precision model).")
+        model = model.dequantize()
     if adapters:
-        model = load_adapters(model, adapters, trainable_last=False).merge_and_unload()
+        model = load_adapters(model, adapters, trainable_last=False, merge_last=True)
     for name, param in model.named_parameters():
         if not torch.isfinite(param).all():
             raise TrainingError(f"the merged weight {name} holds NaN/inf; nothing was exported.",

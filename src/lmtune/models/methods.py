@@ -1,18 +1,39 @@
-"""finetuning_type -> which parameters train: full, freeze (last/first layers or named modules), LoRA."""
+"""finetuning_type -> which parameters train, and what a method needs from the training loop.
+
+full and freeze train the model's own weights. Every other method wraps the model in a peft adapter:
+lora (with rsLoRA, DoRA, PiSSA initialisation, LoRA+ learning rates, extra fully trained modules),
+adalora, ia3, and the prompt-side methods prefix, prompt and ptuning, whose virtual tokens exist only
+inside peft's forward. A quantized base (quantization_bit) is frozen in 4 or 8 bits and takes an
+adapter. Adapters are saved in the PEFT format, so `load_adapters` reloads any of them for chat.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import (AdaLoraConfig, IA3Config, LoraConfig, PeftConfig, PeftModel, PrefixTuningConfig,
+                  PromptEncoderConfig, PromptTuningConfig, get_peft_model,
+                  prepare_model_for_kbit_training)
 from transformers import PreTrainedModel
 
 from lmtune.config import RunConfig, split_list
 from lmtune.errors import ConfigError, ModelError
+from lmtune.models.load import is_quantized, load_model, quantization_config
 
 log = logging.getLogger(__name__)
+
+# finetuning_type -> the peft_type its adapter_config.json records.
+PEFT_TYPES = {"lora": "LORA", "adalora": "ADALORA", "ia3": "IA3", "prefix": "PREFIX_TUNING",
+              "prompt": "PROMPT_TUNING", "ptuning": "P_TUNING"}
+# Adapters that change weights (W + BA, W * l) can be merged into them; virtual tokens cannot.
+MERGEABLE = {"LORA", "ADALORA", "IA3"}
 
 
 def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
@@ -26,12 +47,47 @@ def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
 
 
 def all_linear_names(model: PreTrainedModel) -> list[str]:
-    """Leaf names of every nn.Linear except the output head: what lora_target: all means."""
+    """Leaf names of every linear layer except the output head: what lora_target: all means.
+    (A quantized base's linear layers are bitsandbytes subclasses of nn.Linear.)"""
     head = model.get_output_embeddings()
     names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
              if isinstance(module, torch.nn.Linear) and module is not head}
     return sorted(names)
 
+
+def resolve_targets(model: PreTrainedModel, value: str, key: str) -> list[str]:
+    """'all' or a comma list of module leaf names -> leaf names that exist in the model."""
+    targets = split_list(value)
+    if targets == ["all"]:
+        return all_linear_names(model)
+    known = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    unknown = [t for t in targets if t not in known]
+    if unknown:
+        raise ConfigError(f"{key}: no module named {', '.join(unknown)} in {type(model).__name__}.",
+                          f"use 'all' or names among: {', '.join(all_linear_names(model))}.")
+    return targets
+
+
+def _modules_named(model: torch.nn.Module, leaf_names: list[str], key: str,
+                   outside_layers: bool = False) -> dict[str, torch.nn.Module]:
+    """Full name -> module for every module whose last name part is one of `leaf_names`."""
+    skip = ()
+    if outside_layers:
+        layers = decoder_layers(model)
+        skip = (next(n for n, m in model.named_modules() if m is layers) + ".",)
+    candidates = {n: m for n, m in model.named_modules() if n and not n.startswith(skip)}
+    found = {n: m for n, m in candidates.items() if n.rsplit(".", 1)[-1] in leaf_names}
+    missing = [t for t in leaf_names if not any(n.rsplit(".", 1)[-1] == t for n in found)]
+    if missing:
+        holders = sorted({n.rsplit(".", 1)[-1] for n, m in candidates.items()
+                          if list(m.parameters(recurse=False))})
+        where = " outside the decoder layers" if outside_layers else ""
+        raise ConfigError(f"{key}: no module named {', '.join(missing)}{where}.",
+                          f"use names among: {', '.join(holders)}.")
+    return found
+
+
+# --- full and freeze ------------------------------------------------------------------------------
 
 def apply_freeze(model: PreTrainedModel, cfg: RunConfig) -> None:
     layers = decoder_layers(model)
@@ -42,6 +98,8 @@ def apply_freeze(model: PreTrainedModel, cfg: RunConfig) -> None:
                           "(first layers).")
     chosen = range(len(layers) - n, len(layers)) if n > 0 else range(0, -n)
     modules = split_list(cfg.freeze_trainable_modules)
+    extra = _modules_named(model, split_list(cfg.freeze_extra_modules), "freeze_extra_modules",
+                           outside_layers=True)
     model.requires_grad_(False)
     for index in chosen:
         layer = layers[index]
@@ -56,55 +114,248 @@ def apply_freeze(model: PreTrainedModel, cfg: RunConfig) -> None:
                                   f"{index}.", f"use 'all' or names among: {', '.join(children)}.")
             for m in found:
                 m.requires_grad_(True)
+    for module in extra.values():
+        module.requires_grad_(True)
+
+
+# --- adapter configs ------------------------------------------------------------------------------
+
+def _modules_to_save(model: PreTrainedModel, cfg: RunConfig) -> list[str] | None:
+    # peft matches modules_to_save by plain name ending ("norm" would also catch input_layernorm),
+    # so the modules named by the user are handed over as full names.
+    if not cfg.additional_target:
+        return None
+    return sorted(_modules_named(model, split_list(cfg.additional_target), "additional_target"))
 
 
 def lora_config(model: PreTrainedModel, cfg: RunConfig) -> LoraConfig:
-    targets = split_list(cfg.lora_target)
-    if targets == ["all"]:
-        targets = all_linear_names(model)
-    else:
-        known = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-        unknown = [t for t in targets if t not in known]
-        if unknown:
-            raise ConfigError(f"lora_target: no module named {', '.join(unknown)} in "
-                              f"{type(model).__name__}.",
-                              f"use 'all' or names among: {', '.join(all_linear_names(model))}.")
+    init: bool | str = True
+    if cfg.pissa_init:
+        init = "pissa" if cfg.pissa_iter == -1 else f"pissa_niter_{cfg.pissa_iter}"
     return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.effective_lora_alpha,
-                      lora_dropout=cfg.lora_dropout, target_modules=targets, task_type="CAUSAL_LM")
+                      lora_dropout=cfg.lora_dropout,
+                      target_modules=resolve_targets(model, cfg.lora_target, "lora_target"),
+                      use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, init_lora_weights=init,
+                      modules_to_save=_modules_to_save(model, cfg), task_type="CAUSAL_LM")
 
 
-def load_adapters(model: PreTrainedModel, paths: list[str], trainable_last: bool):
+def adalora_config(model: PreTrainedModel, cfg: RunConfig) -> AdaLoraConfig:
+    # peft wants the run's length now, but it is known only once the data is encoded; the loop sets
+    # the real value through AdaLoraHooks before the first step. This placeholder only has to pass
+    # peft's check that the schedule leaves room for a budgeting phase.
+    placeholder_steps = cfg.adalora_tinit + cfg.adalora_tfinal + 1
+    return AdaLoraConfig(init_r=cfg.adalora_init_r, target_r=cfg.adalora_target_r,
+                         tinit=cfg.adalora_tinit, tfinal=cfg.adalora_tfinal,
+                         deltaT=cfg.adalora_deltaT, orth_reg_weight=cfg.adalora_orth_reg_weight,
+                         total_step=placeholder_steps,
+                         lora_alpha=cfg.lora_alpha or 2 * cfg.adalora_init_r,
+                         lora_dropout=cfg.lora_dropout,
+                         target_modules=resolve_targets(model, cfg.lora_target, "lora_target"),
+                         modules_to_save=_modules_to_save(model, cfg), task_type="CAUSAL_LM")
+
+
+def ia3_config(model: PreTrainedModel, cfg: RunConfig) -> IA3Config:
+    if cfg.ia3_target is None:  # peft's per-architecture default: keys, values and the FFN input
+        return IA3Config(modules_to_save=_modules_to_save(model, cfg), task_type="CAUSAL_LM")
+    targets = resolve_targets(model, cfg.ia3_target, "ia3_target")
+    # IA3 scales the output of attention projections but the input of feed-forward ones (the
+    # paper's l_ff sits on the FFN's inner activation), so peft must know which targets are which.
+    feedforward = {name.rsplit(".", 1)[-1] for name, _ in decoder_layers(model)[0].named_modules()
+                   if name.startswith("mlp.")}
+    return IA3Config(target_modules=targets, feedforward_modules=[t for t in targets if t in feedforward],
+                     modules_to_save=_modules_to_save(model, cfg), task_type="CAUSAL_LM")
+
+
+def prompt_config(model: PreTrainedModel, cfg: RunConfig) -> PeftConfig:
+    common = {"num_virtual_tokens": cfg.num_virtual_tokens, "task_type": "CAUSAL_LM"}
+    if cfg.finetuning_type == "prefix":
+        return PrefixTuningConfig(prefix_projection=cfg.prefix_projection,
+                                  encoder_hidden_size=cfg.encoder_hidden_size or model.config.hidden_size,
+                                  **common)
+    if cfg.finetuning_type == "ptuning":
+        return PromptEncoderConfig(encoder_hidden_size=cfg.encoder_hidden_size or model.config.hidden_size,
+                                   encoder_reparameterization_type=cfg.encoder_reparameterization_type,
+                                   **common)
+    if cfg.prompt_tuning_init == "text":
+        # peft tokenizes the text with the tokenizer stored next to the base model's weights.
+        return PromptTuningConfig(prompt_tuning_init="TEXT",
+                                  prompt_tuning_init_text=cfg.prompt_tuning_init_text,
+                                  tokenizer_name_or_path=model.name_or_path, **common)
+    return PromptTuningConfig(prompt_tuning_init="RANDOM", **common)
+
+
+def adapter_config(model: PreTrainedModel, cfg: RunConfig) -> PeftConfig:
+    """The peft config of a new adapter for cfg.finetuning_type."""
+    if cfg.finetuning_type == "lora":
+        return lora_config(model, cfg)
+    if cfg.finetuning_type == "adalora":
+        return adalora_config(model, cfg)
+    if cfg.finetuning_type == "ia3":
+        return ia3_config(model, cfg)
+    return prompt_config(model, cfg)
+
+
+# --- loading adapters -----------------------------------------------------------------------------
+
+def adapter_type(path: str) -> str:
+    """The peft_type an adapter folder records (LORA, IA3, PREFIX_TUNING, ...)."""
+    config_file = Path(path) / "adapter_config.json"
+    if not config_file.is_file():
+        raise ModelError(f"adapter_name_or_path: {path} holds no adapter_config.json.",
+                         "point to a folder written by lmtune train (an adapter method) or peft.")
+    try:
+        return str(json.loads(config_file.read_text(encoding="utf-8"))["peft_type"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ModelError(f"{config_file} is not a PEFT adapter config (no peft_type).",
+                         "point to a folder written by lmtune train or peft.") from None
+
+
+def load_adapters(model: PreTrainedModel, paths: list[str], trainable_last: bool,
+                  merge_last: bool = False):
     """Load PEFT adapters in order. All but the last are merged into the base weights; the last stays
-    an adapter (trainable when `trainable_last`)."""
+    an adapter (trainable when `trainable_last`) unless `merge_last`."""
     for i, path in enumerate(paths):
-        if not (Path(path) / "adapter_config.json").is_file():
-            raise ModelError(f"adapter_name_or_path: {path} holds no adapter_config.json.",
-                             "point to a folder written by lmtune train (finetuning_type: lora) or peft.")
-        if not (Path(path) / "adapter_model.safetensors").is_file():
+        folder = Path(path)
+        if (folder / "adapter_config.json").is_file() and not (folder / "adapter_model.safetensors").is_file():
             raise ModelError(f"adapter_name_or_path: {path} has no adapter_model.safetensors; "
                              "lmtune reads adapter weights only as safetensors, never as pickles.",
                              "save the adapter with peft's save_pretrained(safe_serialization=True).")
+        kind = adapter_type(path)
         last = i == len(paths) - 1
+        merge = merge_last or not last
+        if merge and kind not in MERGEABLE:
+            raise ModelError(f"adapter {path} is a {kind} adapter: its virtual tokens live outside "
+                             "the weights, so it cannot be merged into them.",
+                             "list it last in adapter_name_or_path (and do not set "
+                             "create_new_adapter), or use it on its own.")
         try:
             model = PeftModel.from_pretrained(model, path, is_trainable=last and trainable_last)
         except (RuntimeError, ValueError, KeyError) as exc:
             raise ModelError(f"adapter {path} does not fit this base model: {str(exc).splitlines()[0]}",
                              "use the base model the adapter was trained on.") from None
-        if not last:
+        if merge:
             model = model.merge_and_unload()
+    if not trainable_last and isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning:
+        model.generate = partial(generate_with_virtual_tokens, model)
     return model
 
 
+def generate_with_virtual_tokens(model: PeftModel, input_ids: torch.Tensor,
+                                 attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
+    """generate() for prefix, prompt and ptuning adapters: the prompt ids followed by new tokens.
+
+    peft 0.21's own generate for these methods disagrees with their training forward under
+    transformers 5.24 (measured: a prefix is dropped once the KV cache starts, prompt tokens shift
+    positions after the first new token). Here the base model generates with the virtual tokens
+    made explicit, which matches the forward step for step: prompt and ptuning embeddings go in
+    front of the text's embeddings; a prefix becomes a pre-filled KV cache, with filler ids that
+    hold its places (generate skips ids the cache already covers)."""
+    config, base = model.active_peft_config, model.get_base_model()
+    batch, n = input_ids.shape[0], config.num_virtual_tokens
+    mask = torch.cat([attention_mask.new_ones(batch, n), attention_mask], dim=1)
+    if config.peft_type == "PREFIX_TUNING":
+        fillers = input_ids.new_full((batch, n), kwargs.get("pad_token_id") or 0)
+        out = base.generate(input_ids=torch.cat([fillers, input_ids], dim=1), attention_mask=mask,
+                            cache=model.get_prompt(batch), **kwargs)
+        return out[:, n:]
+    text = base.get_input_embeddings()(input_ids)
+    embeds = torch.cat([model.get_prompt(batch).to(text.dtype), text], dim=1)
+    new = base.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)  # new tokens only
+    return torch.cat([input_ids, new], dim=1)
+
+
+def _continue_adapters(model: PreTrainedModel, cfg: RunConfig):
+    """adapter_name_or_path while training: continue the last adapter, or merge all and start anew."""
+    if is_quantized(model) and (len(cfg.adapter_paths) > 1 or cfg.create_new_adapter):
+        raise ConfigError("adapter_name_or_path would merge adapters into the quantized base "
+                          f"(quantization_bit: {cfg.quantization_bit}), which rounds the merge.",
+                          "give a single adapter to continue, or export the merged model first "
+                          "(lmtune export) and train on that.")
+    if cfg.create_new_adapter:
+        model = load_adapters(model, cfg.adapter_paths, trainable_last=False, merge_last=True)
+        return get_peft_model(model, adapter_config(model, cfg))
+    last = cfg.adapter_paths[-1]
+    if adapter_type(last) != PEFT_TYPES[cfg.finetuning_type]:
+        raise ConfigError(f"adapter_name_or_path: {last} is a {adapter_type(last)} adapter, but "
+                          f"finetuning_type is {cfg.finetuning_type}.",
+                          f"set the finetuning_type it was trained with, or create_new_adapter: true "
+                          f"to merge it and train a new {cfg.finetuning_type} adapter.")
+    if adapter_type(last) not in MERGEABLE:
+        # peft saves the virtual tokens an encoder produced, not the encoder, and refuses to load
+        # such an adapter as trainable.
+        raise ConfigError(f"adapter_name_or_path: {last} is a {adapter_type(last)} adapter, and peft "
+                          "cannot continue training one.",
+                          f"train a new {cfg.finetuning_type} adapter (remove adapter_name_or_path).")
+    return load_adapters(model, cfg.adapter_paths, trainable_last=True)
+
+
+# --- quantized base -------------------------------------------------------------------------------
+
+def quantized_base(model: PreTrainedModel, cfg: RunConfig) -> PreTrainedModel:
+    """The base frozen in cfg.quantization_bit bits, ready for adapter training.
+
+    A base handed over in full precision (as the stages load it before the method is applied) is
+    reloaded quantized from its folder: one extra load, and the full-precision copy is freed."""
+    if not is_quantized(model):
+        model = load_model(model.name_or_path, cfg.trust_remote_code,
+                           quantization=quantization_config(cfg))
+    # peft's default would also turn on gradient checkpointing, ~30% slower on a CPU; the loop turns
+    # it on when gradient_checkpointing says so. Norms and other small weights stay in fp32.
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def _bnb_4bit_layers(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
+    # bitsandbytes' own layers only: peft's adapter wrappers around them expose the same weight.
+    for name, module in model.named_modules():
+        if type(module).__module__.startswith("bitsandbytes") and \
+                hasattr(getattr(module, "weight", None), "quant_state"):
+            yield name, module
+
+
+def check_untouched_4bit(model: torch.nn.Module) -> None:
+    """Refuse to train a 4-bit model that already ran an inference forward in this process.
+
+    On CPUs with avx512_bf16, bitsandbytes repacks 4-bit weights for a fast inference kernel the
+    first time an eval-mode layer sees an input without grad (generate, or an eval pass), and keeps
+    them repacked. Backward through the repacked weights has no autograd kernel: adapter gradients
+    come out wrong and the loss stops falling, silently."""
+    for name, module in _bnb_4bit_layers(model):
+        if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+            raise ModelError(f"the 4-bit weight of {name} was repacked for CPU inference (the model "
+                             "generated or was evaluated before training), and training through it "
+                             "would compute wrong gradients.",
+                             "load the quantized model afresh and train it before any generate() "
+                             "or eval-mode forward.")
+
+
+@contextmanager
+def evaluation(model: torch.nn.Module) -> Iterator[None]:
+    """model.eval() for an eval pass during training, except for 4-bit layers: their training flag
+    only decides whether bitsandbytes repacks their weights for inference (see
+    check_untouched_4bit), so they keep it and training can go on afterwards."""
+    model.eval()
+    for _, module in _bnb_4bit_layers(model):
+        module.training = True  # this layer only: its children (none) and wrappers keep eval mode
+    try:
+        yield
+    finally:
+        model.train()
+
+
+# --- the method -----------------------------------------------------------------------------------
+
 def apply_method(model: PreTrainedModel, cfg: RunConfig):
     """Mark what trains for cfg.finetuning_type; returns the (possibly PEFT-wrapped) model."""
+    if cfg.quantization_bit is not None:
+        model = quantized_base(model, cfg)
     if cfg.finetuning_type == "full":
         model.requires_grad_(True)
     elif cfg.finetuning_type == "freeze":
         apply_freeze(model, cfg)
     elif cfg.adapter_paths:
-        model = load_adapters(model, cfg.adapter_paths, trainable_last=True)
+        model = _continue_adapters(model, cfg)
     else:
-        model = get_peft_model(model, lora_config(model, cfg))
+        model = get_peft_model(model, adapter_config(model, cfg))
     trainable, total = count_parameters(model)
     log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}",
              100 * trainable / total)
@@ -112,6 +363,108 @@ def apply_method(model: PreTrainedModel, cfg: RunConfig):
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """(trainable, total) parameter counts; a 4-bit weight counts its unpacked size."""
+    def size(param: torch.nn.Parameter) -> int:
+        state = getattr(param, "quant_state", None)
+        return state.shape.numel() if state is not None else param.numel()
+
+    trainable = sum(size(p) for p in model.parameters() if p.requires_grad)
+    total = sum(size(p) for p in model.parameters())
     return trainable, total
+
+
+def learning_rate_of(name: str, cfg: RunConfig) -> float:
+    """The learning rate of one trainable parameter. LoRA+ trains B matrices loraplus_lr_ratio times
+    faster than A (B starts at zero and must move far; A is random and need not), and LoRA on
+    embedding layers at its own, usually much smaller, rate."""
+    if cfg.loraplus_lr_ratio is None:
+        return cfg.learning_rate
+    if "lora_embedding_" in name:
+        return cfg.loraplus_lr_embedding
+    if "lora_B" in name:
+        return cfg.learning_rate * cfg.loraplus_lr_ratio
+    return cfg.learning_rate
+
+
+# --- what a method needs from the loop ------------------------------------------------------------
+
+class TrainingHooks:
+    """What a method needs from the training loop beyond forward and backward. Most need nothing."""
+
+    def before_step(self) -> None:
+        """After the accumulation window's backward passes, before clipping."""
+
+    def after_step(self, step: int) -> None:
+        """After optimizer.step(), while the gradients are still there."""
+
+    def save(self, model: torch.nn.Module, folder: Path, final: bool) -> None:
+        """Write the model or adapter; `final` for the run's output, not a checkpoint."""
+        model.save_pretrained(folder, safe_serialization=True)
+
+
+class AdaLoraHooks(TrainingHooks):
+    """AdaLoRA shrinks ranks from importance scores updated every step, and keeps its P and Q
+    factors near-orthogonal with a penalty that peft adds only to a loss computed from labels
+    inside its own forward, which the stages bypass."""
+
+    def __init__(self, model: PeftModel, total_steps: int):
+        adalora = model.base_model
+        config = adalora.peft_config[adalora.trainable_adapter_name]
+        if config.tinit >= total_steps - config.tfinal:
+            raise ConfigError(f"adalora_tinit: {config.tinit} plus adalora_tfinal: {config.tfinal} "
+                              f"leave no step of this {total_steps}-step run to reallocate ranks.",
+                              "lower adalora_tinit / adalora_tfinal or train for more steps.")
+        adalora.rankallocator.set_total_step(total_steps)
+        self.model, self.adapter, self.weight = model, adalora.trainable_adapter_name, config.orth_reg_weight
+
+    def orthogonality_penalty(self) -> torch.Tensor:
+        """Mean over A and B matrices of ||P P^T - I||_F (rows of A, columns of B)."""
+        penalties = []
+        for name, param in self.model.named_parameters():
+            if param.requires_grad and f"lora_A.{self.adapter}" in name:
+                gram = param @ param.T
+            elif param.requires_grad and f"lora_B.{self.adapter}" in name:
+                gram = param.T @ param
+            else:
+                continue
+            eye = torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)
+            penalties.append(torch.linalg.matrix_norm(gram - eye))
+        return torch.stack(penalties).mean()
+
+    def before_step(self) -> None:
+        if self.weight > 0:
+            (self.weight * self.orthogonality_penalty()).backward()
+
+    def after_step(self, step: int) -> None:
+        self.model.base_model.update_and_allocate(step)
+
+
+class PissaHooks(TrainingHooks):
+    """A PiSSA adapter is relative to a base whose top singular directions were moved into it. The
+    run's output is converted to a plain LoRA adapter (rank 2r: the trained factors minus the
+    initial ones) on the unchanged base, so chat, export and other tools load it like any LoRA.
+    Checkpoints keep the unconverted adapter, which is what resuming needs."""
+
+    def __init__(self, model: PeftModel, output_dir: Path):
+        # peft loads it back as an adapter named after the folder, so the name must be a valid one.
+        self.initial = output_dir / "pissa_init"
+        model.save_pretrained(self.initial, safe_serialization=True)
+
+    def save(self, model: torch.nn.Module, folder: Path, final: bool) -> None:
+        if not final:
+            super().save(model, folder, final)
+            return
+        model.save_pretrained(folder, safe_serialization=True,
+                              path_initial_model_for_weight_conversion=str(self.initial))
+        shutil.rmtree(self.initial)
+
+
+def training_hooks(model: torch.nn.Module, total_steps: int, output_dir: Path) -> TrainingHooks:
+    """The hooks the model's method needs, for a run of `total_steps` optimizer steps."""
+    if isinstance(model, PeftModel):
+        config = model.active_peft_config
+        if config.peft_type == "ADALORA":
+            return AdaLoraHooks(model, total_steps)
+        if str(getattr(config, "init_lora_weights", "")).startswith("pissa"):
+            return PissaHooks(model, output_dir)
+    return TrainingHooks()

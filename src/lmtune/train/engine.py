@@ -30,7 +30,8 @@ from lmtune.config import RunConfig
 from lmtune.data.batching import collate, micro_batches, steps_per_epoch
 from lmtune.data.encode import EncodedRow
 from lmtune.errors import ConfigError, RunInterrupted, TrainingError
-from lmtune.models.methods import count_parameters
+from lmtune.models.methods import (check_untouched_4bit, count_parameters, evaluation,
+                                   learning_rate_of, training_hooks)
 from lmtune.train import checkpoint as ckpt
 from lmtune.train.logs import PLOT_FILE, TrainerLog, plot_loss
 from lmtune.train.results import write_results
@@ -57,29 +58,32 @@ def _windows(n_rows: int, cfg: RunConfig) -> Iterator[list[list[int]]]:
 
 
 def _optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+    """AdamW with one parameter group per (learning rate, decayed or not). The rate is the method's
+    choice (LoRA+ gives B matrices their own); groups at learning_rate come first, so the logged lr
+    is the base rate."""
+    groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
             # Biases and norm weights are not decayed: shrinking them toward 0 only hurts.
-            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate,
-                             betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+            decay = not (param.ndim < 2 or "norm" in name.lower())
+            groups.setdefault((learning_rate_of(name, cfg), decay), []).append(param)
+    order = sorted(groups, key=lambda key: (key[0] != cfg.learning_rate, not key[1]))
+    return torch.optim.AdamW(
+        [{"params": groups[key], "lr": key[0], "weight_decay": cfg.weight_decay if key[1] else 0.0}
+         for key in order],
+        lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
 
 
 def evaluate(model, rows: list[EncodedRow], objective: Objective, cfg: RunConfig, pad_id: int,
              accelerator: Accelerator) -> float:
     """Mean loss per unit over `rows`."""
-    model.eval()
     total, units = 0.0, 0
-    with torch.no_grad():
+    with evaluation(model), torch.no_grad():
         for i in range(0, len(rows), cfg.per_device_eval_batch_size):
             batch = _to(collate(rows[i: i + cfg.per_device_eval_batch_size], pad_id), accelerator)
             with accelerator.autocast():
                 total += objective.loss(model, batch).item()
             units += objective.units(batch)
-    model.train()
     return total / max(units, 1)
 
 
@@ -134,12 +138,14 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise TrainingError("no parameter is trainable.", "check finetuning_type and its keys.")
+    check_untouched_4bit(model)
     optimizer = _optimizer(model, cfg)
     per_epoch = steps_per_epoch(len(train_rows), cfg.per_device_train_batch_size,
                                 cfg.gradient_accumulation_steps)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * per_epoch)
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer,
                               num_warmup_steps=cfg.warmup_for(total_steps), num_training_steps=total_steps)
+    hooks = training_hooks(model, total_steps, output_dir)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if cfg.gradient_checkpointing:
         accelerator.unwrap_model(model).gradient_checkpointing_enable()
@@ -156,10 +162,10 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
     for _ in range(state["global_step"]):  # replay the data order up to the resumed step
         next(windows)
 
-    def save_weights(folder: Path) -> None:
+    def save_weights(folder: Path, final: bool = False) -> None:
         unwrapped = accelerator.unwrap_model(model)
         _check_finite_weights(unwrapped, state["global_step"])
-        unwrapped.save_pretrained(folder, safe_serialization=True)
+        hooks.save(unwrapped, folder, final)
         tokenizer.save_pretrained(folder)
 
     # --- the loop ---------------------------------------------------------------------------------
@@ -188,6 +194,7 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
                 accelerator.backward(loss / window_units)
                 step_loss += loss.item()
                 step_tokens += int(batch["attention_mask"].sum())
+            hooks.before_step()
             grad_norm = float(accelerator.clip_grad_norm_(trainable,
                                                           cfg.max_grad_norm or float("inf")))
             if not math.isfinite(grad_norm):
@@ -196,6 +203,7 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
                     "lower learning_rate, use bf16 rather than fp16, or check the data.")
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
+            hooks.after_step(step)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -238,7 +246,7 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
     runtime = time.perf_counter() - run_start
 
     # --- the result -------------------------------------------------------------------------------
-    save_weights(output_dir)
+    save_weights(output_dir, final=True)
     results = {
         "train_loss": state["loss_sum"] / max(state["units_seen"], 1),
         "train_runtime": round(runtime, 2),

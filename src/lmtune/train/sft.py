@@ -28,13 +28,17 @@ def target_logits(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, t
     """(logits, labels) at the positions whose next token trains.
 
     The output head (vocab x hidden, a large share of a small model's FLOPs) runs only where a label
-    exists, instead of on every position as model(...).logits would; models that post-process logits
-    (final softcapping) take the full forward."""
+    exists, instead of on every position as model(...).logits would. Models that post-process logits
+    (final softcapping) and prompt-side adapters (prefix, prompt, ptuning), whose virtual tokens
+    exist only inside peft's forward, take the full forward."""
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE_INDEX
     base = model.get_base_model() if isinstance(model, PeftModel) else model
-    if getattr(base.config, "final_logit_softcapping", None):
+    prompt_side = isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning
+    if prompt_side or getattr(base.config, "final_logit_softcapping", None):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # Prompt and p-tuning put their virtual tokens' positions first; the text's are the last.
+        logits = logits[:, -batch["input_ids"].shape[1]:]
         return logits[:, :-1][mask], labels[mask]
     hidden = base.get_decoder()(input_ids=batch["input_ids"],
                                 attention_mask=batch["attention_mask"]).last_hidden_state
