@@ -13,7 +13,8 @@ from lmtune.config import (ACCEPTED_NOT_APPLIED, RunConfig, build_config, check_
 from lmtune.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
-EXAMPLES = sorted((REPO / "examples").glob("**/*.yaml"))
+# compare*.yaml are `lmtune compare` specs, parsed by tests/test_compare.py.
+EXAMPLES = sorted(p for p in (REPO / "examples").glob("**/*.yaml") if not p.name.startswith("compare"))
 
 
 # --- examples -----------------------------------------------------------------------------------

@@ -22,6 +22,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # peft calls a transformers API that transformers 5 deprecated; the message means nothing to users.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+# bitsandbytes on CPU: at import it advises installing an optional kernel package (its fallback is
+# what runs here), and 8-bit layers announce every call that they compute in fp16. Neither is
+# something a user can act on.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast", category=UserWarning)
 
 
 def _config(args: argparse.Namespace, **fixed) -> RunConfig:
@@ -66,6 +71,12 @@ def cmd_export(args: argparse.Namespace) -> None:
     export(_config(args, export_dir=args.export_dir))
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from lmtune.compare import run_compare
+
+    run_compare(args.config, list(args.overrides))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmtune", description="Fine-tune LLMs from one YAML file.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -93,9 +104,21 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--sample", action="store_true", help="sample with the config's settings")
     chat.set_defaults(func=cmd_chat)
 
-    export = add("export", "merge a LoRA adapter into its base and save a standalone model", True)
+    export = add("export", "merge an adapter (LoRA family, AdaLoRA, IA3) into its base and save a "
+                 "standalone model", True)
     export.add_argument("--export-dir", dest="export_dir", help="export_dir (overrides the config)")
     export.set_defaults(func=cmd_export)
+
+    compare = sub.add_parser(
+        "compare", help="train several variants of a config and compare them",
+        description="Train each variant of compare.yaml on the same data and seed, one after "
+        "another in its own process, then write compare.md, compare.json and compare.png "
+        "(trainable parameters, peak memory, wall time, tokens/s, losses, task score, size). "
+        "key=value overrides apply to the base.")
+    compare.add_argument("config", help="compare YAML (see examples/compare_methods.yaml)")
+    compare.add_argument("overrides", nargs="*", help="key=value overrides of the base's keys")
+    compare.add_argument("--debug", action="store_true", help="show tracebacks")
+    compare.set_defaults(func=cmd_compare)
     return parser
 
 

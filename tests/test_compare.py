@@ -1,0 +1,112 @@
+"""`lmtune compare`: variants validated before anything trains, each trained in its own process,
+and a report whose numbers are the runs' own."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from lmtune.cli import main
+from lmtune.compare import load_spec
+from lmtune.errors import ConfigError
+from tests.conftest import write_json, write_yaml
+
+REPO = Path(__file__).resolve().parents[1]
+GREETING = [{"instruction": "Greet me.", "input": "", "output": "Hello from {{who}}."}] * 6
+
+
+@pytest.fixture
+def base_yaml(tmp_path, tiny_model_dir) -> Path:
+    data = write_json(tmp_path / "greet.json", GREETING)
+    return write_yaml(tmp_path / "base.yaml", {
+        "model_name_or_path": tiny_model_dir, "dataset": str(data), "data_vars": {"who": "Tilly"},
+        "output_dir": "ignored", "finetuning_type": "lora", "lora_rank": 4, "lora_target": "all",
+        "per_device_train_batch_size": 4, "max_steps": 60, "learning_rate": 1e-2,
+        "lr_scheduler_type": "constant", "logging_steps": 10, "val_size": 2,
+        "eval_strategy": "steps", "eval_steps": 30, "seed": 0, "max_new_tokens": 20})
+
+
+def test_compare_writes_the_three_files_with_each_runs_numbers(tmp_path, base_yaml, capsys):
+    spec = write_yaml(tmp_path / "compare.yaml", {
+        "output_dir": str(tmp_path / "cmp"), "base_config": str(base_yaml),
+        "variants": [{"name": "full", "finetuning_type": "full"}, {"name": "lora"},
+                     {"name": "too-short", "cutoff_len": 8}],
+        "score": "contains", "score_expect": "{{who}}", "score_max_new_tokens": 12})
+    assert main(["compare", str(spec)]) == 2  # one variant failed; the others ran and are reported
+    assert "too-short failed" in capsys.readouterr().err
+    out = tmp_path / "cmp"
+    report = json.loads((out / "compare.json").read_text())
+    rows = {r["name"]: r for r in report["variants"]}
+    assert [r["status"] for r in rows.values()] == ["ok", "ok", "failed"]
+    assert "cutoff_len" in rows["too-short"]["error"]
+    full, lora = rows["full"], rows["lora"]
+    assert full["left_out"] == ["lora_rank", "lora_target"]  # the LoRA base's keys
+    for row in (full, lora):
+        folder = out / row["name"]
+        results = json.loads((folder / "all_results.json").read_text())
+        assert row["trainable_params"] == results["trainable_params"]
+        assert row["steps"] == 60 and [s for s, _ in row["loss_curve"]] == list(range(10, 61, 10))
+        assert row["final_train_loss"] == row["loss_curve"][-1][1] < row["loss_curve"][0][1]
+        assert row["eval_loss"] == pytest.approx(results["eval_loss"]) and row["eval_loss"] > 0
+        assert 0.1 < row["peak_rss_gib"] < 16 and row["peak_gpu_gib"] is None
+        assert row["wall_s"] >= row["train_runtime_s"] > 0 and row["train_tokens_per_second"] > 0
+        weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+        assert row["size_mb"] == pytest.approx(weights / 1e6, abs=1e-3)
+        assert row["score"]["total"] == 2 and row["score"]["expect"] == "Tilly"
+    assert full["trainable_pct"] == 100.0 and lora["trainable_pct"] < 1.0
+    assert lora["size_mb"] < full["size_mb"] / 10
+    # Fully fine-tuned on one reply, the tiny model says it back, name included.
+    assert full["score"]["hits"] == 2, full["score"]["answers"]
+    assert set(load_file(out / "lora" / "adapter_model.safetensors")) and \
+        (out / "full" / "model.safetensors").is_file()
+
+    md = (out / "compare.md").read_text()
+    table = {line.split(" | ")[0]: line for line in md.splitlines() if line.startswith("| ")}
+    assert "2/2" in table["| full"] and f"{full['trainable_params']:,}" in table["| full"]
+    assert "| lora" in table and "failed: " in table["| too-short"]
+    assert "peak RSS GiB" in md and 'contain "Tilly"' in md
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("spec, words", [
+    ({"variants": [{"name": "a"}], "output": "x"}, ["unknown key 'output'", "output_dir"]),
+    ({"output_dir": "x", "variants": []}, ["variants"]),
+    ({"output_dir": "x", "variants": [{"name": "a"}, {"name": "a"}]}, ["two variants are named a"]),
+    ({"output_dir": "x", "variants": [{"name": "../up"}]}, ["cannot name a folder"]),
+    ({"output_dir": "x", "variants": [{"name": "a", "output_dir": "y"}]}, ["sets output_dir"]),
+    ({"output_dir": "x", "variants": [{"name": "a"}], "score": "contains"}, ["score_expect"]),
+    ({"output_dir": "x", "variants": [{"name": "a"}, {"name": "b", "lora_rnak": 4}]},
+     ["variant b", "lora_rnak", "lora_rank"]),
+    ({"output_dir": "x", "variants": [{"name": "a", "finetuning_type": "full", "use_dora": True}]},
+     ["variant a", "use_dora"]),
+])
+def test_bad_specs_fail_before_anything_trains(tmp_path, base_yaml, spec, words):
+    path = write_yaml(tmp_path / "compare.yaml", {"base_config": str(base_yaml)} | spec)
+    with pytest.raises(ConfigError) as info:
+        load_spec(str(path), [])
+    text = str(info.value)
+    assert all(word in text for word in words), text
+    assert not (tmp_path / "x").exists()
+
+
+def test_overrides_apply_to_the_base_and_variants_win(tmp_path, base_yaml):
+    path = write_yaml(tmp_path / "compare.yaml", {
+        "output_dir": str(tmp_path / "cmp"), "base_config": str(base_yaml), "base": {"max_steps": 5},
+        "variants": [{"name": "a"}, {"name": "b", "max_steps": 7, "finetuning_type": "ia3"}]})
+    _, (a, b) = load_spec(str(path), ["max_steps=3", "learning_rate=0.5"])
+    assert a.values["max_steps"] == 3 and b.values["max_steps"] == 7
+    assert a.values["learning_rate"] == b.values["learning_rate"] == 0.5
+    assert a.values["output_dir"] == str(tmp_path / "cmp" / "a") and a.values["overwrite_output_dir"]
+    assert b.left_out == ["lora_rank", "lora_target"] and "lora_rank" not in b.values
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "examples").glob("**/compare*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_compare_example_loads(path, monkeypatch):
+    monkeypatch.chdir(REPO)  # examples name their base_config and data relative to the repository
+    spec, variants = load_spec(str(path.relative_to(REPO)), [])
+    assert variants and all(Path(v.values["output_dir"]).parent == Path(spec.output_dir)
+                            for v in variants)
