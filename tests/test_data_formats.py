@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -107,7 +108,7 @@ def test_sharegpt_roles_and_system(tmp_path):
         {"role": "tool", "content": "{\"temp\": 21}"},
         {"role": "assistant", "content": "It is 21 degrees in Paris."},
     ]
-    assert json.loads(first.tools) == [{"name": "weather"}]
+    assert first.tools == [{"name": "weather"}]
     assert roles(second) == ["system", "user", "assistant", "user", "assistant"]
     assert second.messages[0]["content"] == "Column system."
     assert second.tools is None
@@ -288,10 +289,10 @@ def test_unformattable_file_by_path(tmp_path):
 
 
 def test_unsupported_suffix_and_missing_file(tmp_path):
-    (tmp_path / "a.csv").write_text("instruction,output\nx,y\n")
+    (tmp_path / "a.xml").write_text("<records/>")
     with pytest.raises(DataError) as info:
-        load(tmp_path, "a", {"a": {"file_name": "a.csv"}, "m": {"file_name": "missing.json"}})
-    assert "unsupported file type '.csv'" in info.value.message
+        load(tmp_path, "a", {"a": {"file_name": "a.xml"}, "m": {"file_name": "missing.json"}})
+    assert "unsupported file type '.xml'" in info.value.message and ".parquet" in info.value.fix
     with pytest.raises(DataError) as info:
         load(tmp_path, "m")
     assert info.value.message == f"{tmp_path / 'missing.json'}: file not found"
@@ -329,10 +330,8 @@ def test_mix_in_order_and_max_samples_per_dataset(tmp_path):
     a, b = report.datasets
     assert (a.name, a.found, a.kept, a.dropped_by_max_samples) == ("a", 5, 2, 3)
     assert (b.name, b.found, b.kept, b.dropped_by_max_samples) == ("b", 3, 2, 1)
-    warnings = report.warnings()
-    assert "max_samples=2 keeps 2 of 5 records of a (40.0%)" in warnings
-    assert "max_samples=2 keeps 2 of 3 records of b (66.7%)" in warnings
-    assert "4 of 8 records in all" in warnings
+    assert report.warnings() == ["max_samples=2 keeps the first 2 of 5 rows of a (40.0%), 2 of 3 "
+                                 "rows of b (66.7%); 4 of 8 in all (50.0%)"]
     assert report.max_samples == 2
 
 
@@ -390,10 +389,12 @@ def test_placeholder_without_value_stays_and_is_reported(tmp_path):
 
 def test_fill_placeholders_in_tools_and_returns_missing():
     conv = Conversation([{"role": "user", "content": "{{a}} {{b}}"},
-                         {"role": "assistant", "content": "{{c}}"}], tools="{{a}}-tool")
-    missing = fill_placeholders(conv, {"a": "A"})
+                         {"role": "assistant", "content": "{{c}}"}],
+                        tools=[{"name": "{{a}}-tool", "parameters": {"{{a}}": ["x {{ a }}", 3]}}])
+    missing = fill_placeholders(conv, {"a": 'A"'})
     assert missing == {"b", "c"}
-    assert conv.messages[0]["content"] == "A {{b}}" and conv.tools == "A-tool"
+    assert conv.messages[0]["content"] == 'A" {{b}}'
+    assert conv.tools == [{"name": 'A"-tool', "parameters": {'A"': ['x A"', 3]}}]
 
 
 def test_parse_alpaca_directly():
@@ -459,14 +460,32 @@ def test_ranking_entry_is_refused(tmp_path):
     with pytest.raises(DataError) as info:
         load(tmp_path, "pref", {"pref": {"file_name": "pref.json", "ranking": True}})
     assert "'pref'" in info.value.message and "ranking" in info.value.message
+    assert "stage sft cannot train on" in info.value.message and "dpo" in info.value.fix
     assert str(tmp_path / "dataset_info.json") in info.value.message
 
 
-def test_hub_only_entry_mentions_offline(tmp_path):
+def test_preference_file_by_path_is_refused_by_sft(tmp_path):
+    path = write_json(tmp_path / "pref.json", [{"instruction": "a", "chosen": "b", "rejected": "c"}])
+    with pytest.raises(DataError) as info:
+        load(tmp_path, str(path))
+    assert info.value.message.startswith(f"{path}: the file is preference data")
+
+
+def test_hub_entry_offline_fails_at_once_naming_the_entry(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # lmtune's default is offline anyway
+    started = time.perf_counter()
     with pytest.raises(DataError) as info:
         load(tmp_path, "hub", {"hub": {"hf_hub_url": "someone/some-data"}})
-    assert "offline" in info.value.message and "hf_hub_url" in info.value.message
-    assert "file_name" in info.value.fix
+    assert time.perf_counter() - started < 10  # no connection retries
+    assert "offline" in info.value.message and "hf_hub_url someone/some-data" in info.value.message
+    assert info.value.message.startswith(str(tmp_path / "dataset_info.json"))
+    assert "HF_HUB_OFFLINE=0" in info.value.fix and "file_name" in info.value.fix
+
+
+def test_entry_with_only_an_unsupported_remote_is_refused(tmp_path):
+    with pytest.raises(DataError) as info:
+        load(tmp_path, "ms", {"ms": {"ms_hub_url": "someone/data"}})
+    assert "ms_hub_url is not supported" in info.value.message and "file_name" in info.value.fix
 
 
 def test_unknown_formatting_is_refused(tmp_path):

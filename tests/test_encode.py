@@ -7,9 +7,10 @@ import copy
 import pytest
 
 from lmtune.data.batching import collate
-from lmtune.data.encode import IGNORE_INDEX, ChatEncoder, EncodedRow
+from lmtune.data.encode import (IGNORE_INDEX, KEPT, NO_TARGET, OVER_LONG, TRUNCATED, ChatEncoder,
+                                EncodedRow)
 from lmtune.data.formats import Conversation
-from lmtune.data.report import EncodeCounts
+from lmtune.data.templates import BUILTIN, end_token_id, to_jinja, use_template
 
 EOS = 2          # <|im_end|> in SmolLM2
 IM_START = 1     # <|im_start|>, which is also the tokenizer's bos_token
@@ -67,11 +68,11 @@ def trained_runs(row: EncodedRow) -> list[list[int]]:
 @pytest.mark.parametrize("name", CASES)
 def test_input_ids_equal_apply_chat_template(tokenizer, encoder, name):
     messages = CASES[name]
-    row, truncated = encoder.encode(conv(messages))
+    row, status = encoder.encode(conv(messages))
     expected = template_ids(tokenizer, messages)
     assert row.input_ids == expected
     assert len(row.input_ids) == len(expected) == len(row.labels)
-    assert truncated is False
+    assert status == KEPT
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -206,13 +207,10 @@ def test_cutoff_prompt_only_row_is_dropped_and_long_reply_truncated(tokenizer):
     encoder = ChatEncoder(tokenizer, [EOS], cutoff)
     full = ChatEncoder(tokenizer, [EOS], 4096)
 
-    row, truncated = encoder.encode(conv(LONG_PROMPT))
-    assert truncated is True
-    assert len(row.input_ids) == len(row.labels) == cutoff
-    assert row.n_targets == 0
+    assert encoder.encode(conv(LONG_PROMPT)) == (None, NO_TARGET)
 
-    row, truncated = encoder.encode(conv(LONG_REPLY))
-    assert truncated is True
+    row, status = encoder.encode(conv(LONG_REPLY))
+    assert status == TRUNCATED
     assert len(row.input_ids) == cutoff
     assert row.n_targets >= 1
     assert EOS not in row.labels  # the reply's end marker was cut off
@@ -220,34 +218,36 @@ def test_cutoff_prompt_only_row_is_dropped_and_long_reply_truncated(tokenizer):
     assert row.input_ids == full_row.input_ids[:cutoff]
     assert row.labels == full_row.labels[:cutoff]
 
-    counts = EncodeCounts()
-    convs = [conv(SINGLE), conv(LONG_PROMPT), conv(LONG_REPLY), conv(MULTI)]
-    rows = encoder.encode_all(convs, counts)
-    assert counts.dropped_no_target == 1
-    assert counts.truncated == 2  # LONG_REPLY and MULTI (> 64 tokens with the default system)
-    assert counts.rows == len(rows) == 3
+    results = encoder.encode_conversations([conv(m) for m in (SINGLE, LONG_PROMPT, LONG_REPLY, MULTI)])
+    # MULTI is > 64 tokens with the default system message: truncated inside a later turn.
+    assert [status for _, status in results] == [KEPT, NO_TARGET, TRUNCATED, TRUNCATED]
+    rows = [row for row, _ in results if row is not None]
     assert all(len(r.input_ids) <= cutoff and len(r.labels) == len(r.input_ids) for r in rows)
     assert all(r.n_targets >= 1 for r in rows)
-    assert counts.tokens == sum(len(r.input_ids) for r in rows)
-    assert counts.target_tokens == sum(r.n_targets for r in rows)
     assert rows[0].input_ids == template_ids(tokenizer, SINGLE)  # untouched by the cutoff
 
 
 def test_cutoff_exactly_at_length_is_not_truncated(tokenizer):
     n = len(template_ids(tokenizer, SINGLE))
-    row, truncated = ChatEncoder(tokenizer, [EOS], n).encode(conv(SINGLE))
-    assert truncated is False and len(row.input_ids) == n and row.labels[-2] == EOS
-    row, truncated = ChatEncoder(tokenizer, [EOS], n - 1).encode(conv(SINGLE))
-    assert truncated is True and len(row.input_ids) == n - 1
+    row, status = ChatEncoder(tokenizer, [EOS], n).encode(conv(SINGLE))
+    assert status == KEPT and len(row.input_ids) == n and row.labels[-2] == EOS
+    row, status = ChatEncoder(tokenizer, [EOS], n - 1).encode(conv(SINGLE))
+    assert status == TRUNCATED and len(row.input_ids) == n - 1
     assert row.labels[-1] == EOS  # only the trailing newline was cut
 
 
-def test_encode_all_counts_with_no_cutoff(tokenizer, encoder):
-    counts = EncodeCounts()
-    rows = encoder.encode_all([conv(m) for m in CASES.values()], counts)
-    assert counts.rows == 4 and counts.truncated == 0 and counts.dropped_no_target == 0
-    assert counts.tokens == sum(len(template_ids(tokenizer, m)) for m in CASES.values())
-    assert [r.input_ids for r in rows] == [template_ids(tokenizer, m) for m in CASES.values()]
+def test_cutoff_policy_drop_removes_over_long_rows_only(tokenizer):
+    n = len(template_ids(tokenizer, SINGLE))
+    drop = ChatEncoder(tokenizer, [EOS], n, cutoff_policy="drop")
+    assert drop.encode(conv(SINGLE))[1] == KEPT
+    assert drop.encode(conv(LONG_REPLY)) == (None, OVER_LONG)
+    assert ChatEncoder(tokenizer, [EOS], n - 1, cutoff_policy="drop").encode(conv(SINGLE)) == (
+        None, OVER_LONG)
+
+
+def test_batch_encoding_equals_one_by_one(encoder):
+    convs = [conv(m) for m in CASES.values()]
+    assert encoder.encode_conversations(convs) == [encoder.encode(c) for c in convs]
 
 
 # --- collate ------------------------------------------------------------------------------------
@@ -281,3 +281,115 @@ def test_collate_single_row_has_no_padding(encoder):
     assert batch["input_ids"][0].tolist() == row.input_ids
     assert batch["labels"][0].tolist() == row.labels
     assert batch["attention_mask"].sum().item() == len(row.input_ids)
+
+
+# --- masking options ----------------------------------------------------------------------------
+
+def test_train_on_prompt_trains_every_token(tokenizer):
+    row, status = ChatEncoder(tokenizer, [EOS], 4096, train_on_prompt=True).encode(conv(MULTI))
+    assert status == KEPT
+    assert row.labels == row.input_ids == template_ids(tokenizer, MULTI)
+    assert row.n_targets == len(row.input_ids) - 1
+
+
+def test_mask_history_trains_only_the_last_reply(tokenizer, encoder):
+    row, _ = ChatEncoder(tokenizer, [EOS], 4096, mask_history=True).encode(conv(MULTI))
+    assert [tokenizer.decode(r) for r in trained_runs(row)] == ["5 x 4 = 20, a round number.<|im_end|>"]
+    everything, _ = encoder.encode(conv(MULTI))
+    assert row.input_ids == everything.input_ids
+    last = trained_runs(everything)[-1]
+    assert row.n_targets == len(last)
+
+
+def test_mask_history_truncation_drops_old_turns_to_keep_the_last_reply(tokenizer):
+    long_history = [{"role": "user", "content": " ".join(f"old{i}" for i in range(120))},
+                     {"role": "assistant", "content": "An old answer."}] + MULTI[-2:]
+    cutoff = 64
+    row, status = ChatEncoder(tokenizer, [EOS], cutoff, mask_history=True).encode(conv(long_history))
+    assert status == TRUNCATED
+    # Prefix truncation would have kept only old turns; the last exchange is what remains.
+    assert row.input_ids == template_ids(tokenizer, MULTI[-2:])
+    assert [tokenizer.decode(r) for r in trained_runs(row)] == ["5 x 4 = 20, a round number.<|im_end|>"]
+    assert len(row.input_ids) <= cutoff
+
+
+def test_record_tools_reach_the_template(tokenizer):
+    qwen_like = copy.copy(tokenizer)
+    qwen_like.chat_template = ("{% if tools %}TOOLS:{{ tools | tojson }}\n{% endif %}"
+                               "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|im_end|>\n"
+                               "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    tools = [{"name": "weather", "parameters": {"city": {"type": "string"}}}]
+    encoder = ChatEncoder(qwen_like, [EOS], 4096)
+    row, status = encoder.encode(Conversation(copy.deepcopy(TOOL), tools))
+    assert status == KEPT
+    text = tokenizer.decode(row.input_ids)
+    assert text.startswith('TOOLS:[{"name": "weather"')
+    assert [tokenizer.decode(r) for r in trained_runs(row)] == [
+        ' {"name": "weather", "city": "Oslo"}<|im_end|>', " It is -3 degrees and snowing in Oslo.<|im_end|>"]
+
+
+# --- built-in templates -------------------------------------------------------------------------
+
+@pytest.fixture
+def bare(tokenizer):
+    """The default tokenizer without its chat template: a base model's tokenizer."""
+    copy_ = copy.deepcopy(tokenizer)
+    copy_.chat_template = None
+    return copy_
+
+
+# The text each built-in renders around one reply (LLaMA-Factory's formats), after `assistant` turns
+# through its end-of-turn marker.
+TRAINED_REPLY = {"alpaca": "Hello.<|im_end|>", "chatml": "Hello.<|im_end|>", "qwen": "Hello.<|im_end|>",
+                 "llama2": "Hello.<|im_end|>", "mistral": " Hello.<|im_end|>",
+                 "llama3": "Hello.<|eot_id|>", "gemma": "Hello.<end_of_turn>\n",
+                 "deepseekcoder": "\nHello.\n<|EOT|>\n", "default": "Hello.<|im_end|>", "empty": "Hello."}
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN))
+def test_builtin_template_for_a_tokenizer_without_one(bare, name):
+    notes = use_template(bare, name)
+    assert bare.chat_template == to_jinja(BUILTIN[name])
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."}]
+    stops = [EOS] + ([end_token_id(bare, name)] if end_token_id(bare, name) is not None else [])
+    row, status = ChatEncoder(bare, stops, 4096).encode(conv(messages))
+    assert status == KEPT
+    assert row.input_ids == list(bare.apply_chat_template(messages, tokenize=True)["input_ids"])
+    assert [bare.decode(run) for run in trained_runs(row)] == [TRAINED_REPLY[name]]
+    assert "Be brief." in bare.decode(row.input_ids)
+    # Markers that are not one token of this vocabulary cannot stop generation: said so.
+    assert bool(notes) == (name in ("llama3", "gemma", "deepseekcoder"))
+
+
+def test_alpaca_template_text_matches_llama_factory(bare):
+    use_template(bare, "alpaca")
+    text = bare.apply_chat_template([{"role": "user", "content": "Add 2 and 3."},
+                                     {"role": "assistant", "content": "5."}], tokenize=False)
+    assert text == ("Below is an instruction that describes a task. Write a response that appropriately "
+                    "completes the request.\n\n### Instruction:\nAdd 2 and 3.\n\n### Response:\n5.<|im_end|>\n\n")
+
+
+def test_template_name_for_a_tokenizer_with_its_own(tokenizer):
+    own = copy.copy(tokenizer)
+    assert use_template(own, None) == []
+    # SmolLM's ChatML inserts a default system message that plain chatml does not: reported.
+    [note] = use_template(own, "chatml")
+    assert "template: chatml differs from the tokenizer's own" in note and "helpful AI" in note
+    assert own.chat_template == tokenizer.chat_template  # the tokenizer's own stays
+    agreeing = copy.copy(tokenizer)
+    agreeing.chat_template = to_jinja(BUILTIN["qwen"])
+    assert use_template(agreeing, "qwen") == []
+    [note] = use_template(own, "qwen3_nothink")
+    assert "not one of lmtune's built-ins" in note
+
+
+def test_unknown_template_without_one_of_the_tokenizer_is_a_config_error(bare):
+    from lmtune.errors import ConfigError, ModelError
+
+    with pytest.raises(ConfigError, match="qwen3_nothink is not a built-in") as info:
+        use_template(bare, "qwen3_nothink")
+    assert "alpaca" in info.value.fix
+    with pytest.raises(ModelError, match="has no chat template") as info:
+        use_template(bare, None)
+    assert "template:" in info.value.fix

@@ -38,8 +38,6 @@ ACCEPTED_NOT_APPLIED: dict[str, str] = {
     "remove_unused_columns": "records are encoded by lmtune, never by column name",
     "hf_hub_token": "lmtune runs offline",
     "model_revision": "lmtune runs offline on local or cached models",
-    "overwrite_cache": "encoded data is not cached yet: every run encodes afresh",
-    "preprocessing_num_workers": "encoding runs in the training process",
 }
 
 
@@ -61,8 +59,9 @@ class RunConfig(BaseModel):
         None, description="Comma list of PEFT adapter folders; all but the last are merged, "
         "training continues on the last.")
     template: str | None = Field(
-        None, description="Chat template name (LLaMA-Factory name); the tokenizer's own chat "
-        "template is used when it has one.")
+        None, description="Chat template name (LLaMA-Factory name) for a tokenizer without one: "
+        "alpaca, chatml, llama2, llama3, mistral, qwen, gemma, deepseekcoder, default, empty. A "
+        "tokenizer's own template always wins; a different name given for it is reported.")
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped with the model. Off unless you trust its source.")
 
@@ -151,8 +150,8 @@ class RunConfig(BaseModel):
 
     # --- data --------------------------------------------------------------------------------
     dataset: str | None = Field(
-        None, description="Comma list of dataset names from dataset_info.json, or paths to "
-        ".json/.jsonl files.")
+        None, description="Comma list of dataset names from dataset_info.json, or paths to data "
+        "files (json, jsonl, csv, parquet, txt, arrow) or folders of them.")
     dataset_dir: str = Field("data", description="Folder holding dataset_info.json and dataset files.")
     data_vars: dict[str, str] = Field(
         default_factory=dict, description="Values for {{key}} placeholders in dataset text, e.g. "
@@ -163,6 +162,32 @@ class RunConfig(BaseModel):
         "dropped).")
     val_size: float = Field(
         0.0, ge=0.0, description="Validation split: a fraction in (0, 1) or a row count >= 1.")
+    mix_strategy: Literal["concat", "interleave_under", "interleave_over"] = Field(
+        "concat", description="How datasets combine: concat (one after another), interleave_under "
+        "(alternate until one runs out), interleave_over (until all ran out; small ones repeat).")
+    interleave_probs: str | None = Field(
+        None, description="Interleave: comma list of sampling probabilities, one per dataset, "
+        "summing to 1 (default: strict alternation).")
+    train_on_prompt: bool = Field(
+        False, description="Train on prompt tokens too, not only on the assistant replies.")
+    mask_history: bool = Field(
+        False, description="Train only on the last assistant reply of each conversation.")
+    cutoff_policy: Literal["truncate", "drop"] = Field(
+        "truncate", description="Rows over cutoff_len: truncate (keeping at least one trained "
+        "token, dropping older turns if needed) or drop. Both are counted.")
+    skip_bad_records: bool = Field(
+        False, description="Skip records that do not fit their format (counted in the report) "
+        "instead of stopping with an error that lists them.")
+    packing: bool | None = Field(
+        None, description="Pack several rows into each cutoff_len row; samples never attend to "
+        "each other and the loss is unchanged. Default: on for stage pt, off otherwise.")
+    neat_packing: bool = Field(
+        False, description="LLaMA-Factory's packing without cross-attention; the same as packing: "
+        "true here, because lmtune's packing never lets samples attend to each other.")
+    overwrite_cache: bool = Field(
+        False, description="Encode the data afresh instead of reading encoded rows from the cache.")
+    preprocessing_num_workers: int | None = Field(
+        None, ge=1, description="Processes that encode the data in parallel (default one).")
 
     # --- output ------------------------------------------------------------------------------
     output_dir: str | None = Field(None, description="Where the run writes its model, logs and checkpoints.")
@@ -236,6 +261,16 @@ class RunConfig(BaseModel):
     @property
     def dataset_names(self) -> list[str]:
         return split_list(self.dataset)
+
+    @property
+    def interleave_prob_list(self) -> list[float] | None:
+        return [float(p) for p in split_list(self.interleave_probs)] if self.interleave_probs else None
+
+    @property
+    def packing_enabled(self) -> bool:
+        if self.packing is not None:
+            return self.packing
+        return self.neat_packing or self.stage == "pt"
 
     @property
     def adapter_paths(self) -> list[str]:
@@ -365,6 +400,40 @@ def _check_method_combinations(cfg: RunConfig, explicitly_set: set[str]) -> None
                           "start the run again without resume_from_checkpoint.")
 
 
+def _check_data_combinations(cfg: RunConfig) -> None:
+    if cfg.train_on_prompt and cfg.mask_history:
+        raise ConfigError("train_on_prompt and mask_history are both set: one trains on every token, "
+                          "the other only on the last reply.", "keep one of them.")
+    if (cfg.train_on_prompt or cfg.mask_history) and cfg.stage != "sft":
+        key = "train_on_prompt" if cfg.train_on_prompt else "mask_history"
+        raise ConfigError(f"{key} applies to stage sft only (this is stage {cfg.stage}).",
+                          f"remove {key}.")
+    if cfg.neat_packing and cfg.packing is False:
+        raise ConfigError("neat_packing: true asks for packing, but packing is false.",
+                          "remove one of them.")
+    if cfg.packing_enabled and cfg.stage not in ("sft", "pt"):
+        raise ConfigError(f"packing applies to stages sft and pt (this is stage {cfg.stage}).",
+                          "set packing: false.")
+    if cfg.packing_enabled and cfg.finetuning_type in ("prefix", "prompt", "ptuning"):
+        raise ConfigError(f"packing with finetuning_type: {cfg.finetuning_type}: its virtual tokens "
+                          "would be shared by all samples of a row.", "set packing: false.")
+    if cfg.interleave_probs is not None:
+        if cfg.mix_strategy == "concat":
+            raise ConfigError("interleave_probs is set, but mix_strategy is concat, which ignores it.",
+                              "set mix_strategy: interleave_under or interleave_over.")
+        try:
+            probs = cfg.interleave_prob_list or []
+        except ValueError:
+            raise ConfigError(f"interleave_probs: '{cfg.interleave_probs}' is not a comma list of "
+                              "numbers.", "write e.g. interleave_probs: 0.7,0.3.") from None
+        if len(probs) != len(cfg.dataset_names):
+            raise ConfigError(f"interleave_probs has {len(probs)} values for "
+                              f"{len(cfg.dataset_names)} datasets.", "give one probability per dataset.")
+        if any(not 0 < p <= 1 for p in probs) or abs(sum(probs) - 1) > 1e-6:
+            raise ConfigError(f"interleave_probs {cfg.interleave_probs} must be positive and sum to 1.",
+                              "write e.g. interleave_probs: 0.7,0.3.")
+
+
 def check_combinations(cfg: RunConfig, explicitly_set: set[str]) -> None:
     """Refuse combinations that cannot work, with the fix. Runs after field-level validation."""
     if cfg.bf16 and cfg.fp16:
@@ -377,6 +446,7 @@ def check_combinations(cfg: RunConfig, explicitly_set: set[str]) -> None:
     if cfg.warmup_steps >= 1 and cfg.warmup_steps != int(cfg.warmup_steps):
         raise ConfigError(f"warmup_steps: {cfg.warmup_steps} is neither a whole number of steps "
                           "nor a fraction below 1.", "use e.g. warmup_steps: 20 or warmup_ratio: 0.1.")
+    _check_data_combinations(cfg)
     if cfg.val_size >= 1 and cfg.val_size != int(cfg.val_size):
         raise ConfigError(f"val_size: {cfg.val_size} is neither a fraction below 1 nor a row count.",
                           "use e.g. val_size: 0.1 or val_size: 50.")

@@ -1,7 +1,7 @@
 """stage: sft. Supervised fine-tuning on conversations: cross-entropy on the assistant replies only.
 
-Reads top to bottom: output folder -> data -> tokenizer and model -> encoding -> method -> the shared
-loop with the token-level objective below.
+Reads top to bottom: output folder -> tokenizer and model -> data (encoded, packed when asked) ->
+method -> the shared loop with the token-level objective below.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from peft import PeftModel
 from transformers import set_seed
 
 from lmtune.config import RunConfig
-from lmtune.data.encode import IGNORE_INDEX, ChatEncoder
-from lmtune.data.sources import load_conversations, split_validation
-from lmtune.errors import DataError
+from lmtune.data.batching import model_inputs
+from lmtune.data.encode import IGNORE_INDEX
+from lmtune.data.pipeline import prepare_data, training_rows
 from lmtune.models.load import load_model, load_tokenizer, resolve_model, stop_token_ids
 from lmtune.models.methods import apply_method
 from lmtune.train.checkpoint import prepare_run
@@ -35,13 +35,13 @@ def target_logits(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, t
     mask = labels != IGNORE_INDEX
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     prompt_side = isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning
+    inputs = model_inputs(batch)  # packed batches: position ids instead of the padding mask
     if prompt_side or getattr(base.config, "final_logit_softcapping", None):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(**inputs).logits
         # Prompt and p-tuning put their virtual tokens' positions first; the text's are the last.
         logits = logits[:, -batch["input_ids"].shape[1]:]
         return logits[:, :-1][mask], labels[mask]
-    hidden = base.get_decoder()(input_ids=batch["input_ids"],
-                                attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden = base.get_decoder()(**inputs).last_hidden_state
     return base.get_output_embeddings()(hidden[:, :-1][mask]), labels[mask]
 
 
@@ -63,23 +63,14 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                              cfg.to_yaml_dict())
     set_seed(cfg.seed)
 
-    conversations, report = load_conversations(cfg)
     model_path = resolve_model(cfg.model_name_or_path)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     model = load_model(model_path, cfg.trust_remote_code)
 
-    encoder = ChatEncoder(tokenizer, stop_token_ids(tokenizer, model), cfg.cutoff_len)
-    train_conversations, val_conversations = split_validation(conversations, cfg.val_size, cfg.seed)
-    train_rows = encoder.encode_all(train_conversations, report.train)
-    val_rows = encoder.encode_all(val_conversations, report.val)
-    for line in report.summary_lines():
-        print(line)
-    for warning in report.warnings():
-        print(f"warning: {warning}")
-    report.save(output_dir / "data_report.json")
-    if not train_rows:
-        raise DataError(f"no training row has a response token left within cutoff_len={cfg.cutoff_len} "
-                        f"({report.train.dropped_no_target} dropped).", "raise cutoff_len.")
+    data = prepare_data(cfg, tokenizer, stop_token_ids(tokenizer, model))
+    train_rows, val_rows = training_rows(data, cfg, model.config)
+    data.report.show()
+    data.report.save(output_dir / "data_report.json")
 
     model = apply_method(model, cfg)
     if not cfg.do_train:

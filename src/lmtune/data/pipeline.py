@@ -1,0 +1,153 @@
+"""From a config to the rows a stage trains on, with the report of every count on the way.
+
+    prepare_data   template -> records per dataset (sources) -> encoded rows per dataset (encode,
+                   cached, in parallel when preprocessing_num_workers > 1) -> mix -> val split
+    training_rows  packing, when on
+
+`lmtune train` and `lmtune plan` both go through these two functions, so the plan counts exactly the
+rows that train.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from dataclasses import dataclass
+
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from lmtune.config import RunConfig
+from lmtune.data import cache
+from lmtune.data.batching import check_packing_isolation, pack_documents, pack_rows
+from lmtune.data.encode import (NO_TARGET, OVER_LONG, TRUNCATED, ChatEncoder, Result, Row,
+                                TextEncoder)
+from lmtune.data.formats import STAGE_KINDS, Kind, Record
+from lmtune.data.report import DatasetCounts, DataReport, LengthStats, PackingStats
+from lmtune.data.sources import load_records, mix, split_validation
+from lmtune.data.templates import BUILTIN, end_token_id, use_template
+from lmtune.errors import DataError
+
+CHUNK = 256  # records per tokenizer call and per task of a worker process
+
+
+@dataclass
+class PreparedData:
+    train: list[Row]
+    val: list[Row]
+    report: DataReport
+    kind: Kind
+
+
+def make_encoder(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, stop_ids: list[int],
+                 kind: Kind) -> tuple[ChatEncoder | TextEncoder, list[str]]:
+    """The encoder for `kind`, with notes about the chat template it uses."""
+    if kind == "text":  # plain text needs no chat template
+        return TextEncoder(tokenizer, cfg.cutoff_len, cfg.cutoff_policy, cfg.packing_enabled), []
+    had_template = bool(tokenizer.chat_template)
+    notes = use_template(tokenizer, cfg.template)
+    stops = list(stop_ids)
+    if not had_template and cfg.template in BUILTIN:
+        end = end_token_id(tokenizer, cfg.template)
+        stops += [end] if end is not None else []
+    return ChatEncoder(tokenizer, stops, cfg.cutoff_len, train_on_prompt=cfg.train_on_prompt,
+                       mask_history=cfg.mask_history, cutoff_policy=cfg.cutoff_policy), notes
+
+
+_worker_encoder: ChatEncoder | TextEncoder | None = None
+
+
+def _set_worker_encoder(encoder: ChatEncoder | TextEncoder) -> None:
+    global _worker_encoder
+    _worker_encoder = encoder
+
+
+def _encode_chunk(records: list[Record]) -> list[Result]:
+    assert _worker_encoder is not None  # set by the pool initializer
+    return _worker_encoder.encode_records(records)
+
+
+def encode_all(encoder: ChatEncoder | TextEncoder, records: list[Record], workers: int,
+               name: str) -> list[Result]:
+    """Encode in chunks, in worker processes when asked. Workers are forked, so they share the
+    tokenizer without pickling it; results come back in order."""
+    chunks = [records[i: i + CHUNK] for i in range(0, len(records), CHUNK)]
+    progress = tqdm(total=len(records), desc=f"encode {name}", unit="record", mininterval=1.0,
+                    disable=len(records) < 20 * CHUNK)
+    results: list[Result] = []
+    if workers > 1 and len(chunks) > 1 and "fork" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("fork")
+        with context.Pool(min(workers, len(chunks)), initializer=_set_worker_encoder,
+                          initargs=(encoder,)) as pool:
+            for part in pool.imap(_encode_chunk, chunks):
+                results += part
+                progress.update(len(part))
+    else:
+        for chunk in chunks:
+            results += encoder.encode_records(chunk)
+            progress.update(len(chunk))
+    progress.close()
+    return results
+
+
+def _tally(results: list[Result], counts: DatasetCounts) -> list[Row]:
+    rows = [row for row, _ in results if row is not None]
+    statuses = [status for _, status in results]
+    counts.truncated = statuses.count(TRUNCATED)
+    counts.dropped_over_long = statuses.count(OVER_LONG)
+    counts.dropped_no_target = statuses.count(NO_TARGET)
+    counts.kept = len(rows)
+    counts.tokens = LengthStats.of([r.length for r in rows], sum(r.n_tokens for r in rows),
+                                   sum(r.n_targets for r in rows))
+    return rows
+
+
+def _split_stats(rows: list[Row]) -> LengthStats:
+    return LengthStats.of([r.length for r in rows], sum(r.n_tokens for r in rows),
+                          sum(r.n_targets for r in rows))
+
+
+def prepare_data(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, stop_ids: list[int]) -> PreparedData:
+    """Encoded train and val rows of `cfg.dataset` for cfg.stage, and the report of every count."""
+    kind = STAGE_KINDS[cfg.stage]
+    encoder, notes = make_encoder(cfg, tokenizer, stop_ids, kind)
+    per_dataset, report = load_records(cfg, kind)
+    report.notes += notes
+    report.mix_strategy = cfg.mix_strategy
+    settings = {"kind": kind, "cutoff_len": cfg.cutoff_len, "cutoff_policy": cfg.cutoff_policy,
+                "train_on_prompt": cfg.train_on_prompt, "mask_history": cfg.mask_history,
+                "packing": cfg.packing_enabled if kind == "text" else None}
+    stops = sorted(encoder.stop_ids) if isinstance(encoder, ChatEncoder) else []
+    fingerprint = cache.tokenizer_fingerprint(tokenizer, stops)
+    encoded: list[list[Row]] = []
+    for records, counts in zip(per_dataset, report.datasets):
+        key = cache.cache_key(records, fingerprint, settings)
+        results = None if cfg.overwrite_cache else cache.load(key)
+        counts.cache = "hit" if results is not None else "built"
+        if results is None:
+            results = encode_all(encoder, records, cfg.preprocessing_num_workers or 1, counts.name)
+            cache.save(key, results)
+        encoded.append(_tally(results, counts))
+    if not any(encoded):
+        raise DataError(f"no row of {', '.join(d.name for d in report.datasets)} has a trained token "
+                        f"left within cutoff_len={cfg.cutoff_len}.",
+                        "raise cutoff_len, or check the report with `lmtune plan`.")
+    rows, taken = mix(encoded, cfg.mix_strategy, cfg.interleave_prob_list, cfg.seed)
+    if cfg.mix_strategy != "concat":
+        for counts, n in zip(report.datasets, taken):
+            counts.mixed = n
+    train, val = split_validation(rows, cfg.val_size, cfg.seed)
+    report.train, report.val = _split_stats(train), _split_stats(val)
+    return PreparedData(train, val, report, kind)
+
+
+def training_rows(data: PreparedData, cfg: RunConfig, model_config) -> tuple[list[Row], list[Row]]:
+    """The rows the loop iterates: packed into cutoff_len rows when packing is on (after checking
+    that this architecture keeps packed samples apart), else as encoded."""
+    if not cfg.packing_enabled:
+        return data.train, data.val
+    check_packing_isolation(model_config)
+    pack = pack_documents if data.kind == "text" else pack_rows
+    train, val = pack(data.train, cfg.cutoff_len), pack(data.val, cfg.cutoff_len)
+    data.report.packing = PackingStats(samples=len(data.train), rows=len(train),
+                                       tokens=sum(r.n_tokens for r in train), capacity=cfg.cutoff_len)
+    return train, val
