@@ -1,4 +1,4 @@
-"""`lmtune train|chat|export`: every subcommand reads the same YAML keys.
+"""`lmtune train|chat|export|plan`: every subcommand reads the same YAML keys.
 
 A mistake the user can fix (LmtuneError) prints one message and exits with code 2; `--debug` shows
 the traceback as well.
@@ -71,6 +71,26 @@ def cmd_export(args: argparse.Namespace) -> None:
     export(_config(args, export_dir=args.export_dir))
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    import json
+
+    from lmtune.plan import build_plan, dump_encoded, plan_lines, show_row
+
+    cfg = _config(args)
+    plan, data, tokenizer = build_plan(cfg, measure_steps=args.measure_steps if args.measure else 0)
+    if args.dump_encoded:
+        count = dump_encoded(data, args.dump_encoded)
+        plan["dumped"] = {"file": args.dump_encoded, "rows": count}
+    if args.json:
+        print(json.dumps(plan, indent=2))
+        return
+    print("\n".join(plan_lines(plan, data.report)))
+    for i, row in enumerate(data.train[: args.examples]):
+        print(f"== example {i} (trained tokens «like this») ==\n{show_row(tokenizer, row)}")
+    if args.dump_encoded:
+        print(f"wrote {plan['dumped']['rows']:,} encoded rows to {args.dump_encoded}")
+
+
 def cmd_compare(args: argparse.Namespace) -> None:
     from lmtune.compare import run_compare
 
@@ -119,6 +139,19 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("overrides", nargs="*", help="key=value overrides of the base's keys")
     compare.add_argument("--debug", action="store_true", help="show tracebacks")
     compare.set_defaults(func=cmd_compare)
+
+    plan = add("plan", "count the data, steps, parameters and memory a training run would use, "
+               "without training", True)
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("--measure", action="store_true",
+                      help="run a few real training steps for tokens/s and the wall time")
+    plan.add_argument("--measure-steps", dest="measure_steps", type=int, default=3,
+                      help="steps --measure times, after one warm-up step (default 3)")
+    plan.add_argument("--examples", type=int, default=0, metavar="N",
+                      help="show N encoded training rows decoded, trained tokens marked")
+    plan.add_argument("--dump-encoded", dest="dump_encoded", metavar="FILE",
+                      help="write every encoded row (input_ids, labels) as JSON Lines")
+    plan.set_defaults(func=cmd_plan)
     return parser
 
 

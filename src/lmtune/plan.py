@@ -1,0 +1,241 @@
+"""`lmtune plan`: honest accounting before a single step is trained.
+
+The data side runs the real data pipeline (the rows counted are the rows `lmtune train` would
+train on). The model side builds the model on the meta device, so no weight is read: parameters, the
+method's trainable share (the methods code applied to that model), and a memory estimate. With
+`--measure`, a few real optimizer steps of the real stage give tokens/s and the wall time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import math
+import resource
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerBase
+
+from lmtune.config import RunConfig
+from lmtune.data.batching import steps_per_epoch
+from lmtune.data.encode import IGNORE_INDEX, EncodedRow, KTORow, PreferenceRow, Row
+from lmtune.data.pipeline import PreparedData, prepare_data, training_rows
+from lmtune.data.report import DataReport
+from lmtune.errors import ConfigError
+from lmtune.models.load import load_tokenizer, resolve_model, stop_token_ids
+from lmtune.models.methods import apply_method, count_parameters
+
+GIB = 2**30
+
+
+def meta_model(model_path: str, cfg: RunConfig) -> torch.nn.Module:
+    """The model's modules and parameter shapes without its weights (nothing is read or allocated),
+    carrying its generation config for the stop tokens."""
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                 trust_remote_code=cfg.trust_remote_code)
+    with contextlib.suppress(OSError):  # a folder without generation_config.json
+        model.generation_config = GenerationConfig.from_pretrained(model_path)
+    return model
+
+
+def schedule(cfg: RunConfig, n_rows: int, report_packing: Any) -> dict[str, Any]:
+    """Steps as the training loop counts them (engine.fit): a shorter last window still steps."""
+    per_epoch = steps_per_epoch(n_rows, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps)
+    total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * per_epoch)
+    effective = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    out = {"train_rows": n_rows, "effective_batch": effective, "steps_per_epoch": per_epoch,
+           "optimizer_steps": total, "epochs": round(total / per_epoch, 3) if per_epoch else 0.0,
+           "warmup_steps": cfg.warmup_for(total)}
+    if report_packing is not None:
+        out["samples_per_step"] = round(effective * report_packing.samples_per_row, 1)
+    return out
+
+
+def memory_estimate(model: torch.nn.Module, cfg: RunConfig, micro_batch_tokens: int,
+                    micro_batch_targets: int) -> dict[str, float]:
+    """Peak training memory in GiB: weights, gradients and AdamW states of what trains, activations.
+
+    Activations are a rough estimate per token and decoder layer (what autograd keeps of a
+    Llama-style block: the norm inputs in fp32, the matmul inputs and outputs in the compute dtype),
+    plus the output head on the trained positions only (lmtune computes logits there alone)."""
+    c = model.config
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    gradients = sum(p.numel() * p.element_size() for p in trainable)
+    optimizer = 2 * sum(p.numel() * 4 for p in trainable)  # AdamW: two fp32 moments
+    width = 2 if cfg.bf16 or cfg.fp16 else 4
+    h, i = c.hidden_size, getattr(c, "intermediate_size", 4 * c.hidden_size)
+    heads = c.num_attention_heads
+    kv = getattr(c, "num_key_value_heads", heads) * getattr(c, "head_dim", h // heads)
+    per_token_layer = 8 * h + width * (10 * h + 4 * kv + 4 * i)
+    if cfg.gradient_checkpointing:  # keep layer inputs; recompute one layer at a time
+        layers = c.num_hidden_layers * 4 * h * micro_batch_tokens + per_token_layer * micro_batch_tokens
+    else:
+        layers = c.num_hidden_layers * per_token_layer * micro_batch_tokens
+    head = micro_batch_targets * c.vocab_size * (width + 8)  # logits, fp32 copy, its gradient
+    activations = layers + head
+    parts = {"weights": weights, "gradients": gradients, "optimizer": optimizer,
+             "activations": activations}
+    return {k: round(v / GIB, 3) for k, v in parts.items()} | {
+        "total": round(sum(parts.values()) / GIB, 3)}
+
+
+def model_side(model: torch.nn.Module, cfg: RunConfig, train_rows: list[Row]) -> dict[str, Any]:
+    """Total and trainable parameters for cfg's method, and the memory estimate."""
+    out: dict[str, Any] = {"architecture": type(model).__name__}
+    try:
+        model = apply_method(model, cfg)
+    except Exception as exc:  # a method that needs real weights to set itself up
+        total = sum(p.numel() for p in model.parameters())
+        return out | {"total_params": total, "trainable_params": None,
+                      "note": f"finetuning_type {cfg.finetuning_type} needs real weights to count "
+                              f"what trains ({type(exc).__name__}); run with --measure"}
+    trainable, total = count_parameters(model)
+    # The largest micro-batch: packed rows fill cutoff_len; else the longest rows pad together.
+    longest = sorted((r.length for r in train_rows), reverse=True)[: cfg.per_device_train_batch_size]
+    targets = sorted((r.n_targets for r in train_rows), reverse=True)[: cfg.per_device_train_batch_size]
+    tokens = len(longest) * (longest[0] if longest else 0)
+    out |= {"total_params": total, "trainable_params": trainable,
+            "trainable_percent": round(100 * trainable / total, 4),
+            "memory_gib": memory_estimate(model, cfg, tokens, sum(targets)),
+            "micro_batch_tokens": tokens}
+    return out
+
+
+def measure(cfg: RunConfig, steps: int, train_tokens: int) -> dict[str, Any]:
+    """A few real optimizer steps of the stage, in a scratch output_dir: tokens/s and wall time."""
+    from lmtune.train import STAGES
+    from lmtune.train.logs import read_log
+
+    with tempfile.TemporaryDirectory() as scratch:
+        run_cfg = cfg.model_copy(update={
+            "output_dir": scratch, "overwrite_output_dir": True, "resume_from_checkpoint": None,
+            "max_steps": steps + 1, "logging_steps": 1, "save_steps": 10**9, "plot_loss": False,
+            "eval_strategy": "no", "do_train": True})
+        with contextlib.redirect_stdout(io.StringIO()):
+            STAGES[cfg.stage](run_cfg)
+        log = read_log(Path(scratch) / "trainer_log.jsonl")
+    speeds = [r["tokens_per_second"] for r in log[1:]]  # the first step warms up
+    tokens_per_second = statistics.median(speeds)
+    peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"steps": len(speeds), "tokens_per_second": round(tokens_per_second, 1),
+            "estimated_train_seconds": round(train_tokens / tokens_per_second, 3),
+            "peak_memory_gib": round(peak / GIB, 3),
+            "peak_memory_kind": "cuda allocated" if torch.cuda.is_available() else "process RSS"}
+
+
+def _trained_text(tokenizer: PreTrainedTokenizerBase, ids: list[int], labels: list[int]) -> str:
+    """Decoded ids with trained spans shown «like this»."""
+    out, run, trained = [], [], None
+    for token, label in zip(ids, labels):
+        now = label != IGNORE_INDEX
+        if run and now != trained:
+            text = tokenizer.decode(run)
+            out.append(f"«{text}»" if trained else text)
+            run = []
+        run.append(token)
+        trained = now
+    if run:
+        text = tokenizer.decode(run)
+        out.append(f"«{text}»" if trained else text)
+    return "".join(out)
+
+
+def show_row(tokenizer: PreTrainedTokenizerBase, row: Row) -> str:
+    if isinstance(row, EncodedRow):
+        return _trained_text(tokenizer, row.input_ids, row.labels)
+    if isinstance(row, PreferenceRow):
+        return (f"prompt: {tokenizer.decode(row.prompt_ids)}\n"
+                f"chosen: {_trained_text(tokenizer, row.chosen_ids, row.chosen_labels)}\n"
+                f"rejected: {_trained_text(tokenizer, row.rejected_ids, row.rejected_labels)}")
+    assert isinstance(row, KTORow)
+    return (f"prompt: {tokenizer.decode(row.prompt_ids)}\n"
+            f"{'desirable' if row.desirable else 'undesirable'}: "
+            f"{_trained_text(tokenizer, row.completion_ids, row.completion_labels)}")
+
+
+def dump_encoded(data: PreparedData, path: Path) -> int:
+    """Every encoded row (before packing) as one JSON line with its split; returns the count."""
+    with open(path, "w", encoding="utf-8") as out:
+        for split, rows in (("train", data.train), ("val", data.val)):
+            for row in rows:
+                fields = {k: v for k, v in dataclasses.asdict(row).items() if v is not None}
+                out.write(json.dumps({"split": split} | fields) + "\n")
+    return len(data.train) + len(data.val)
+
+
+def build_plan(cfg: RunConfig, measure_steps: int = 0) -> tuple[dict[str, Any], PreparedData,
+                                                                 PreTrainedTokenizerBase]:
+    """The plan as a JSON-able dict, plus the prepared data and tokenizer (for --examples / dumps)."""
+    if not cfg.dataset_names:
+        raise ConfigError("lmtune plan needs a dataset, and none is set.",
+                          "add e.g. dataset: identity (a name in dataset_info.json) or a file path.")
+    model_path = resolve_model(cfg.model_name_or_path)
+    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
+    model = meta_model(model_path, cfg)
+    data = prepare_data(cfg, tokenizer, stop_token_ids(tokenizer, model))
+    train_rows, _ = training_rows(data, cfg, model.config)
+    plan: dict[str, Any] = {"stage": cfg.stage, "data": data.report.to_dict(),
+                            "schedule": schedule(cfg, len(train_rows), data.report.packing),
+                            "model": model_side(model, cfg, train_rows)}
+    warnings = data.report.warnings()
+    steps = plan["schedule"]
+    if steps["steps_per_epoch"] == 1 and cfg.max_steps <= 0:
+        warnings.append(f"one optimizer step per epoch: the effective batch ({steps['effective_batch']}) "
+                        f"covers all {len(train_rows):,} training rows")
+    if cfg.max_steps > 0 and steps["optimizer_steps"] < steps["steps_per_epoch"]:
+        warnings.append(f"max_steps={cfg.max_steps} ends the run before one epoch "
+                        f"({steps['steps_per_epoch']} steps) is done")
+    if measure_steps:
+        train_tokens = sum(r.n_tokens for r in train_rows) * steps["optimizer_steps"] / max(
+            1, steps["steps_per_epoch"])
+        plan["measured"] = measure(cfg, measure_steps, round(train_tokens))
+    plan["warnings"] = warnings
+    return plan, data, tokenizer
+
+
+def plan_lines(plan: dict[str, Any], report: DataReport) -> list[str]:
+    """The plan in plain words, for the terminal."""
+    lines = [f"== data (stage {plan['stage']}) =="] + report.lines()
+    s = plan["schedule"]
+    lines.append("== schedule ==")
+    lines.append(f"{s['train_rows']:,} training rows, effective batch {s['effective_batch']} -> "
+                 f"{s['steps_per_epoch']:,} steps per epoch; {s['optimizer_steps']:,} optimizer steps "
+                 f"({s['epochs']} epochs), {s['warmup_steps']:,} warmup")
+    if "samples_per_step" in s:
+        lines.append(f"packing puts about {s['samples_per_step']} samples in each optimizer step")
+    m = plan["model"]
+    lines.append(f"== model ({m['architecture']}, no weights loaded) ==")
+    if m["trainable_params"] is None:
+        lines.append(f"{m['total_params']:,} parameters; {m['note']}")
+    else:
+        lines.append(f"{m['total_params']:,} parameters, {m['trainable_params']:,} trainable "
+                     f"({m['trainable_percent']:.2f}%)")
+        g = m["memory_gib"]
+        lines.append(f"estimated peak memory {g['total']:.2f} GiB: weights {g['weights']:.2f}, gradients "
+                     f"{g['gradients']:.2f}, optimizer {g['optimizer']:.2f}, activations "
+                     f"{g['activations']:.2f} (largest micro-batch {m['micro_batch_tokens']:,} tokens)")
+    if "measured" in plan:
+        r = plan["measured"]
+        lines.append(f"== measured ({r['steps']} steps) ==")
+        lines.append(f"{r['tokens_per_second']:,} tokens/s -> about {_duration(r['estimated_train_seconds'])}"
+                     f" of training; peak {r['peak_memory_kind']} {r['peak_memory_gib']:.2f} GiB")
+    lines += [f"warning: {w}" for w in plan["warnings"]]
+    return lines
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

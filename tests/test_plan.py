@@ -1,0 +1,176 @@
+"""`lmtune plan`: the counts, schedule and model side a run would have, before training."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from lmtune.cli import main
+from lmtune.config import build_config
+from lmtune.models.methods import apply_method, count_parameters
+from lmtune.plan import memory_estimate, meta_model
+from tests.conftest import ALPACA, write_json, write_yaml
+
+
+@pytest.fixture(autouse=True)
+def cache_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr("lmtune.data.cache.cache_dir", lambda: tmp_path / "cache")
+
+
+def plan_json(tmp_path: Path, config: dict, *flags: str, capsys) -> dict:
+    path = write_yaml(tmp_path / "plan.yaml", config)
+    assert main(["plan", str(path), "--json", *flags]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_plan_matches_what_training_then_does(tmp_path, train_config, capsys):
+    config = train_config | {"max_steps": -1, "num_train_epochs": 2.0, "per_device_train_batch_size": 3,
+                             "gradient_accumulation_steps": 2, "warmup_ratio": 0.25, "val_size": 2}
+    plan = plan_json(tmp_path, config, capsys=capsys)
+    s = plan["schedule"]
+    # 6 training rows, 3 per micro-batch, 2 micro-batches per step: 1 step per epoch.
+    assert (s["train_rows"], s["effective_batch"], s["steps_per_epoch"], s["optimizer_steps"],
+            s["warmup_steps"]) == (6, 6, 1, 2, 0)
+    assert plan["data"]["val"]["rows"] == 2
+    assert main(["train", str(write_yaml(tmp_path / "run.yaml", config))]) == 0
+    results = json.loads((Path(config["output_dir"]) / "all_results.json").read_text())
+    assert results["global_step"] == s["optimizer_steps"]
+    assert results["train_rows"] == s["train_rows"]
+    assert (results["trainable_params"], results["total_params"]) == (
+        plan["model"]["trainable_params"], plan["model"]["total_params"])
+    report = json.loads((Path(config["output_dir"]) / "data_report.json").read_text())
+    assert [d.pop("cache") for d in report["datasets"]] == ["hit"]  # plan encoded, train reused it
+    assert [d.pop("cache") for d in plan["data"]["datasets"]] == ["built"]
+    assert report == plan["data"]
+    printed = capsys.readouterr().out
+    assert "dataset " in printed and "train: 6 rows" in printed  # the same summary, at train start
+
+
+def test_model_side_counts_without_weights(tiny_model_dir):
+    cfg = build_config({"model_name_or_path": tiny_model_dir, "lora_rank": 4})
+    meta = meta_model(tiny_model_dir, cfg)
+    assert all(p.device.type == "meta" for p in meta.parameters())
+    real = apply_method(AutoModelForCausalLM.from_pretrained(tiny_model_dir), cfg)
+    assert count_parameters(apply_method(meta, cfg)) == count_parameters(real)
+    assert meta.generation_config.eos_token_id == real.generation_config.eos_token_id
+
+
+def test_memory_estimate_parts(tiny_model_dir):
+    cfg = build_config({"finetuning_type": "full"})
+    model = apply_method(meta_model(tiny_model_dir, cfg), cfg)
+    n = sum(p.numel() for p in model.parameters())
+    gib = 2**30
+    m = memory_estimate(model, cfg, micro_batch_tokens=1024, micro_batch_targets=256)
+    assert m["weights"] == round(4 * n / gib, 3)  # fp32 weights
+    assert m["gradients"] == m["weights"]  # everything trains
+    assert m["optimizer"] == round(8 * n / gib, 3)  # two AdamW moments
+    assert m["total"] == pytest.approx(sum(m[k] for k in ("weights", "gradients", "optimizer",
+                                                          "activations")), abs=0.003)
+    more = memory_estimate(model, cfg, 2048, 512)
+    assert more["activations"] == pytest.approx(2 * m["activations"], rel=0.01)
+    lean = memory_estimate(model, build_config({"finetuning_type": "full", "gradient_checkpointing": True,
+                                                "bf16": True}), 1024, 256)
+    assert lean["activations"] < m["activations"]
+    lora = build_config({"lora_rank": 4})
+    adapter = memory_estimate(apply_method(meta_model(tiny_model_dir, lora), lora), lora, 1024, 256)
+    assert adapter["optimizer"] < m["optimizer"] / 10
+
+
+def test_plan_warnings_in_plain_words(tmp_path, tiny_model_dir, capsys):
+    data = tmp_path / "data"
+    write_json(data / "big.json", [{"instruction": f"question {i}", "output": "answer " * (1 + i % 40)}
+                                   for i in range(50)])
+    write_json(data / "small.json", ALPACA)
+    config = {"model_name_or_path": tiny_model_dir, "dataset": "big.json,small.json",
+              "dataset_dir": str(data), "max_samples": 20, "cutoff_len": 40, "val_size": 3}
+    path = write_yaml(tmp_path / "plan.yaml", config)
+    assert main(["plan", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert ("warning: max_samples=20 keeps the first 20 of 50 rows of big.json (40.0%); 28 of 58 in "
+            "all (48.3%)") in out
+    assert "warning: cutoff_len=40 truncates " in out and " rows of big.json (" in out
+    assert "warning: the val split has only 3 rows" in out
+    assert "records: 50 found, " in out and "(dropped: 30 max_samples" in out
+
+
+def test_examples_and_dump(tmp_path, train_config, tokenizer, capsys):
+    dump = tmp_path / "encoded.jsonl"
+    path = write_yaml(tmp_path / "plan.yaml", train_config | {"val_size": 2})
+    assert main(["plan", str(path), "--examples", "2", "--dump-encoded", str(dump)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("== example ") == 2
+    answers = {r["output"] for r in ALPACA}
+    shown = [line for line in out.splitlines() if line.startswith("«")]
+    assert shown and all(line.endswith("<|im_end|>»") for line in shown)
+    assert all(line[1:-len("<|im_end|>»")] in answers for line in shown)
+    rows = [json.loads(line) for line in dump.read_text().splitlines()]
+    assert [r["split"] for r in rows].count("val") == 2 and len(rows) == len(ALPACA)
+    for r in rows:
+        assert len(r["input_ids"]) == len(r["labels"])
+        trained = tokenizer.decode([t for t, label in zip(r["input_ids"], r["labels"]) if label != -100])
+        replies = trained.split("<|im_end|>")
+        assert replies[-1] == "" and replies[-2] in answers  # the history reply "Red." trains too
+        assert set(replies[:-2]) <= {"Red."}
+    assert f"wrote {len(ALPACA)} encoded rows to {dump}" in out
+
+
+def test_measure_runs_real_steps_in_a_scratch_folder(tmp_path, train_config, capsys):
+    plan = plan_json(tmp_path, train_config, "--measure", "--measure-steps", "2", capsys=capsys)
+    m = plan["measured"]
+    assert m["steps"] == 2 and m["tokens_per_second"] > 0
+    s = plan["schedule"]
+    run_tokens = plan["data"]["train"]["tokens"] * s["optimizer_steps"] / s["steps_per_epoch"]
+    assert m["estimated_train_seconds"] == pytest.approx(run_tokens / m["tokens_per_second"], rel=1e-2)
+    assert m["peak_memory_gib"] > 0
+    assert not Path(train_config["output_dir"]).exists()  # nothing written where training would go
+
+
+def test_plan_packing_and_errors(tmp_path, train_config, capsys):
+    plan = plan_json(tmp_path, train_config | {"packing": True, "cutoff_len": 96}, capsys=capsys)
+    p = plan["data"]["packing"]
+    assert p["samples"] == 8 and p["rows"] < 8 and p["samples_per_row"] == pytest.approx(8 / p["rows"])
+    assert plan["schedule"]["train_rows"] == p["rows"]
+    assert plan["schedule"]["samples_per_step"] == pytest.approx(2 * 8 / p["rows"], abs=0.05)
+    path = write_yaml(tmp_path / "none.yaml", {k: v for k, v in train_config.items() if k != "dataset"})
+    assert main(["plan", str(path)]) == 2
+    assert "lmtune plan needs a dataset" in capsys.readouterr().err
+
+
+def synthetic(path: Path, n: int, tag: str) -> Path:
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"instruction": f"{tag} task {i}: write a function that adds {i}.",
+                                "output": f"def add(x):\n    return x + {i}"}) + "\n")
+    return path
+
+
+def test_acceptance_plan_on_80k_and_260k_records(tmp_path):
+    """The issue's acceptance check: max_samples 1000 on 80,000 and 260,000 records, < 60 s."""
+    data = tmp_path / "data"
+    data.mkdir()
+    synthetic(data / "magicoder.jsonl", 80_000, "m")
+    synthetic(data / "codefeedback.jsonl", 260_000, "c")
+    write_json(data / "dataset_info.json", {"magicoder": {"file_name": "magicoder.jsonl"},
+                                            "codefeedback": {"file_name": "codefeedback.jsonl"}})
+    config = write_yaml(tmp_path / "plan.yaml", {
+        "model_name_or_path": "default", "dataset": "magicoder,codefeedback", "dataset_dir": str(data),
+        "max_samples": 1000, "cutoff_len": 1024, "overwrite_cache": True})  # time a real encoding
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "lmtune.cli", "plan", str(config), "--json"],
+                          capture_output=True, text=True)
+    elapsed = time.perf_counter() - started
+    assert done.returncode == 0, done.stderr
+    plan = json.loads(done.stdout)
+    assert elapsed < 60
+    assert [(d["name"], d["found"], d["kept"]) for d in plan["data"]["datasets"]] == [
+        ("magicoder", 80_000, 1000), ("codefeedback", 260_000, 1000)]
+    assert ("max_samples=1000 keeps the first 1,000 of 80,000 rows of magicoder (1.2%), 1,000 of "
+            "260,000 rows of codefeedback (0.4%); 2,000 of 340,000 in all (0.6%)") in plan["warnings"]
+    assert plan["schedule"]["train_rows"] == 2000
+
