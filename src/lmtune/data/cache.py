@@ -90,6 +90,26 @@ def _rows(arrays: dict[str, np.ndarray], cls: type, n: int) -> list[Any]:
     return [cls(**{name: values[i] for name, values in columns.items()}) for i in range(n)]
 
 
+def to_arrays(results: list[Result]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Results as flat int32 arrays plus offsets (and their metadata): what the cache file holds,
+    and what worker processes send back, since arrays pickle at memory speed and lists of ints do
+    not."""
+    rows = [row for row, _ in results if row is not None]
+    arrays = _arrays(rows)
+    arrays["status"] = np.array([STATUSES.index(s) for _, s in results], dtype=np.int8)
+    meta = {"row_type": type(rows[0]).__name__ if rows else "", "rows": str(len(rows)),
+            "version": str(CACHE_VERSION)}
+    return arrays, meta
+
+
+def from_arrays(arrays: dict[str, np.ndarray], meta: dict[str, str]) -> list[Result]:
+    arrays = dict(arrays)
+    statuses = [STATUSES[s] for s in arrays.pop("status").tolist()]
+    rows = iter(_rows(arrays, ROW_TYPES[meta["row_type"]], int(meta["rows"]))
+                if meta["row_type"] else [])
+    return [(next(rows) if s in ("kept", "truncated") else None, s) for s in statuses]
+
+
 def load(key: str) -> list[Result] | None:
     """The cached results of one dataset, or None when there is no (readable) entry."""
     path = cache_dir() / f"{key}.safetensors"
@@ -99,18 +119,11 @@ def load(key: str) -> list[Result] | None:
             arrays = {name: handle.get_tensor(name) for name in handle.keys()}
     except (OSError, SafetensorError):
         return None
-    statuses = [STATUSES[s] for s in arrays.pop("status").tolist()]
-    rows = iter(_rows(arrays, ROW_TYPES[meta["row_type"]], int(meta["rows"]))
-                if meta["row_type"] else [])
-    return [(next(rows) if s in ("kept", "truncated") else None, s) for s in statuses]
+    return from_arrays(arrays, meta)
 
 
 def save(key: str, results: list[Result]) -> None:
-    rows = [row for row, _ in results if row is not None]
-    arrays = _arrays(rows)
-    arrays["status"] = np.array([STATUSES.index(s) for _, s in results], dtype=np.int8)
-    meta = {"row_type": type(rows[0]).__name__ if rows else "", "rows": str(len(rows)),
-            "version": str(CACHE_VERSION)}
+    arrays, meta = to_arrays(results)
     folder = cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
     staging = folder / f".{key}.{uuid.uuid4().hex[:8]}.tmp"

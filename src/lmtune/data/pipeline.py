@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing
 from dataclasses import dataclass
+from typing import Any
 
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
@@ -53,38 +54,42 @@ def make_encoder(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, stop_ids: l
                        mask_history=cfg.mask_history, cutoff_policy=cfg.cutoff_policy), notes
 
 
-_worker_encoder: ChatEncoder | TextEncoder | None = None
+# What forked workers inherit: the encoder (tokenizer included) and the records, so only chunk
+# bounds travel to them, never pickled records or tokenizers.
+_worker: tuple[ChatEncoder | TextEncoder, list[Record]] | None = None
 
 
-def _set_worker_encoder(encoder: ChatEncoder | TextEncoder) -> None:
-    global _worker_encoder
-    _worker_encoder = encoder
+def _start_worker(encoder: ChatEncoder | TextEncoder, records: list[Record]) -> None:
+    global _worker
+    _worker = (encoder, records)
 
 
-def _encode_chunk(records: list[Record]) -> list[Result]:
-    assert _worker_encoder is not None  # set by the pool initializer
-    return _worker_encoder.encode_records(records)
+def _encode_chunk(bounds: tuple[int, int]) -> tuple[dict[str, Any], dict[str, str]]:
+    assert _worker is not None  # set by the pool initializer
+    encoder, records = _worker
+    return cache.to_arrays(encoder.encode_records(records[bounds[0]: bounds[1]]))
 
 
 def encode_all(encoder: ChatEncoder | TextEncoder, records: list[Record], workers: int,
                name: str) -> list[Result]:
     """Encode in chunks, in worker processes when asked. Workers are forked, so they share the
-    tokenizer without pickling it; results come back in order."""
-    chunks = [records[i: i + CHUNK] for i in range(0, len(records), CHUNK)]
+    tokenizer and the records without pickling them; each returns its rows as flat arrays."""
+    chunks = [(i, min(i + CHUNK, len(records))) for i in range(0, len(records), CHUNK)]
     progress = tqdm(total=len(records), desc=f"encode {name}", unit="record", mininterval=1.0,
                     disable=len(records) < 20 * CHUNK)
     results: list[Result] = []
     if workers > 1 and len(chunks) > 1 and "fork" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("fork")
-        with context.Pool(min(workers, len(chunks)), initializer=_set_worker_encoder,
-                          initargs=(encoder,)) as pool:
-            for part in pool.imap(_encode_chunk, chunks):
+        with context.Pool(min(workers, len(chunks)), initializer=_start_worker,
+                          initargs=(encoder, records)) as pool:
+            for arrays, meta in pool.imap(_encode_chunk, chunks):
+                part = cache.from_arrays(arrays, meta)
                 results += part
                 progress.update(len(part))
     else:
-        for chunk in chunks:
-            results += encoder.encode_records(chunk)
-            progress.update(len(chunk))
+        for start, end in chunks:
+            results += encoder.encode_records(records[start:end])
+            progress.update(end - start)
     progress.close()
     return results
 
