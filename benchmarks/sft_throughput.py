@@ -32,7 +32,7 @@ VARIANTS = {
 def full_logits_loss(model, batch):
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
-                           ignore_index=-100, reduction="sum")
+                           ignore_index=-100, reduction="sum"), {}
 
 
 def run_variant(variant: str, output_dir: str, steps: int) -> None:

@@ -66,7 +66,10 @@ class RunConfig(BaseModel):
         False, description="Run Python code shipped with the model. Off unless you trust its source.")
 
     # --- method ------------------------------------------------------------------------------
-    stage: Literal["sft"] = Field("sft", description="Training objective: sft (supervised fine-tuning).")
+    stage: Literal["pt", "sft", "rm", "ppo", "dpo", "kto"] = Field(
+        "sft", description="Training objective: pt (continued pre-training on plain text), sft "
+        "(supervised fine-tuning), rm (reward model), ppo (RLHF against a reward), dpo (DPO and kin "
+        "on preference pairs), kto (KTO on answers tagged desirable or not).")
     do_train: bool = Field(True, description="Train (true) or only load and check (false).")
     finetuning_type: Literal["full", "freeze", "lora", "adalora", "ia3", "prefix", "prompt",
                              "ptuning"] = Field(
@@ -147,6 +150,46 @@ class RunConfig(BaseModel):
     double_quantization: bool = Field(
         True, description="quantization_bit 4: quantize the per-block scales too (~0.4 bit per "
         "weight less).")
+
+    # --- preference and RL stages -------------------------------------------------------------
+    pref_beta: float = Field(
+        0.1, gt=0.0, description="dpo, kto: strength of the implicit KL to the reference (beta); "
+        "orpo: weight of the odds-ratio term; simpo: reward scale.")
+    pref_loss: Literal["sigmoid", "ipo", "hinge", "orpo", "simpo"] = Field(
+        "sigmoid", description="dpo: sigmoid (DPO), ipo, hinge, orpo (odds ratio + SFT, no "
+        "reference) or simpo (length-normalised, no reference).")
+    pref_ftx: float = Field(
+        0.0, ge=0.0, description="dpo: add this x the SFT loss of the chosen answer (keeps the model "
+        "fluent while it learns the preference).")
+    dpo_label_smoothing: float = Field(
+        0.0, ge=0.0, lt=0.5, description="dpo with pref_loss sigmoid: assumed share of pairs whose "
+        "label is flipped (robust/conservative DPO).")
+    simpo_gamma: float = Field(0.5, ge=0.0, description="dpo with pref_loss simpo: target reward margin.")
+    kto_chosen_weight: float = Field(1.0, gt=0.0, description="kto: weight of desirable answers' loss.")
+    kto_rejected_weight: float = Field(
+        1.0, gt=0.0, description="kto: weight of undesirable answers' loss.")
+    ref_model: str | None = Field(
+        None, description="dpo, kto, ppo: the reference model (folder, .gguf or 'default'); default "
+        "the policy as it is before its first update (ppo: with its adapter switched off).")
+    reward_model: str | None = Field(
+        None, description="ppo: an output_dir of stage rm, or a Python function 'module:function' "
+        "called as f(prompts, responses) -> list of floats (verifiable rewards).")
+    ppo_epochs: int = Field(4, ge=1, description="ppo: optimisation passes over each batch of rollouts.")
+    ppo_buffer_size: int = Field(
+        1, ge=1, description="ppo: rollout batches collected per iteration; each batch is "
+        "per_device_train_batch_size x gradient_accumulation_steps prompts.")
+    ppo_target: float | None = Field(
+        6.0, gt=0.0, description="ppo: target KL to the reference per response for the adaptive KL "
+        "coefficient; null keeps ppo_kl_coef fixed.")
+    ppo_kl_coef: float = Field(0.2, ge=0.0, description="ppo: starting KL penalty coefficient.")
+    ppo_score_norm: bool = Field(
+        False, description="ppo: normalise scores by their running mean and std before the KL penalty.")
+    ppo_whiten_rewards: bool = Field(
+        False, description="ppo: whiten per-token rewards over each batch before advantages.")
+    ppo_clip_range: float = Field(
+        0.2, gt=0.0, description="ppo: how far the policy ratio may move per update (and values, "
+        "around their rollout estimate).")
+    ppo_vf_coef: float = Field(0.1, ge=0.0, description="ppo: weight of the value loss.")
 
     # --- data --------------------------------------------------------------------------------
     dataset: str | None = Field(
@@ -400,6 +443,47 @@ def _check_method_combinations(cfg: RunConfig, explicitly_set: set[str]) -> None
                           "start the run again without resume_from_checkpoint.")
 
 
+# Stage keys and the stages they apply to; a key set for another stage would be ignored, so it is
+# refused.
+_STAGE_KEYS: dict[str, tuple[str, ...]] = {
+    "ref_model": ("dpo", "kto", "ppo"),
+    "pref_beta": ("dpo", "kto"),  # ppo weighs its KL with ppo_kl_coef
+    **dict.fromkeys(("pref_loss", "pref_ftx", "dpo_label_smoothing", "simpo_gamma"), ("dpo",)),
+    **dict.fromkeys(("kto_chosen_weight", "kto_rejected_weight"), ("kto",)),
+    **dict.fromkeys(("reward_model", "ppo_epochs", "ppo_buffer_size", "ppo_target", "ppo_kl_coef",
+                     "ppo_score_norm", "ppo_whiten_rewards", "ppo_clip_range", "ppo_vf_coef"),
+                    ("ppo",)),
+}
+
+
+def _check_stage_keys(cfg: RunConfig, explicitly_set: set[str]) -> None:
+    stray = sorted(k for k, stages in _STAGE_KEYS.items()
+                   if k in explicitly_set and cfg.stage not in stages)
+    if stray:
+        stages = _or(list(_STAGE_KEYS[stray[0]]))
+        raise ConfigError(f"{', '.join(stray)} appl{'ies' if len(stray) == 1 else 'y'} to stage "
+                          f"{stages}, but stage is {cfg.stage}, so {'it' if len(stray) == 1 else 'they'}"
+                          " would be ignored.", f"remove {', '.join(stray)} or change stage.")
+    if cfg.stage == "rm" and cfg.finetuning_type not in ("full", "freeze", "lora"):
+        raise ConfigError(f"stage rm trains a scalar head on the decoder's last hidden state; "
+                          f"finetuning_type: {cfg.finetuning_type} is not supported there.",
+                          "use finetuning_type: lora, full or freeze.")
+    if cfg.stage == "rm" and (cfg.pissa_init or cfg.finetuning_type == "adalora"):
+        raise ConfigError("stage rm saves its adapter beside the scalar head as plain LoRA; "
+                          "pissa_init would need converting it.", "remove pissa_init.")
+    if cfg.stage == "ppo" and cfg.finetuning_type in ("prefix", "prompt", "ptuning", "adalora"):
+        raise ConfigError(f"stage ppo with finetuning_type: {cfg.finetuning_type} is not supported: "
+                          "the value head reads the policy's hidden states token by token.",
+                          "use finetuning_type: lora (or full / freeze with enough memory).")
+    if cfg.stage == "ppo" and not cfg.reward_model:
+        raise ConfigError("stage ppo needs reward_model: the output_dir of a stage rm run, or a "
+                          "Python function 'module:function'.",
+                          "train one with stage: rm first, then set reward_model: saves/my-rm.")
+    if cfg.ref_model and cfg.stage == "dpo" and cfg.pref_loss in ("orpo", "simpo"):
+        raise ConfigError(f"ref_model is set, but pref_loss {cfg.pref_loss} uses no reference model.",
+                          "remove ref_model, or use pref_loss sigmoid, ipo or hinge.")
+
+
 def _check_data_combinations(cfg: RunConfig) -> None:
     if cfg.train_on_prompt and cfg.mask_history:
         raise ConfigError("train_on_prompt and mask_history are both set: one trains on every token, "
@@ -441,6 +525,7 @@ def check_combinations(cfg: RunConfig, explicitly_set: set[str]) -> None:
                           "recent GPUs).")
     _check_method_keys(cfg, explicitly_set)
     _check_method_combinations(cfg, explicitly_set)
+    _check_stage_keys(cfg, explicitly_set)
     if cfg.warmup_ratio > 0 and cfg.warmup_steps > 0:
         raise ConfigError("warmup_ratio and warmup_steps are both set.", "keep only one of them.")
     if cfg.warmup_steps >= 1 and cfg.warmup_steps != int(cfg.warmup_steps):

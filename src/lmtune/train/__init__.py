@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lmtune.config import RunConfig
-from lmtune.train import sft
+from lmtune.train import dpo, kto, pt, rm, sft
 
-STAGES: dict[str, Callable[[RunConfig], dict[str, Any]]] = {"sft": sft.run}
+STAGES: dict[str, Callable[[RunConfig], dict[str, Any]]] = {
+    "pt": pt.run, "sft": sft.run, "rm": rm.run, "dpo": dpo.run, "kto": kto.run}

@@ -23,6 +23,7 @@ from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from lmtune.errors import ConfigError, TrainingError
+from lmtune.models.scalar_head import HEAD_FILE, ScalarHeadModel
 
 COMPLETE_MARKER = "checkpoint_complete.json"
 TRAINER_STATE = "trainer_state.json"
@@ -177,12 +178,19 @@ def rotate_checkpoints(output_dir: Path, keep: int | None) -> list[Path]:
 
 
 def load_weights(model: torch.nn.Module, folder: Path) -> None:
-    """Load the trainable weights a checkpoint holds back into `model` (adapter or full model)."""
+    """Load the trainable weights a checkpoint holds back into `model` (adapter or full model, and
+    the scalar head of a reward model)."""
+    if isinstance(model, ScalarHeadModel):
+        load_weights(model.lm, folder)
+        model.load_head(folder)
+        return
     if isinstance(model, PeftModel):
         set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
         return
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(folder.glob("*.safetensors")):
+        if shard.name == HEAD_FILE:
+            continue
         state.update(load_file(shard))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {name for name, param in model.named_parameters(remove_duplicate=False)} - \

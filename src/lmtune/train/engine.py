@@ -1,8 +1,8 @@
 """The one training loop every stage shares.
 
-A stage hands `fit` its model (with the method applied), encoded rows and an `Objective`: the summed
-loss of a micro-batch and how many loss units (target tokens, pairs, ...) it holds. The loop does the
-rest, in the order it reads here: optimizer and schedule, resume, then for each optimizer step one
+A stage hands `fit` its model (with the method applied), its rows and an `Objective`: how rows become
+a batch, the summed loss of a micro-batch with any metrics the stage reports, and how many loss units
+(target tokens, pairs, ...) the batch holds. The loop does the rest, in the order it reads here: optimizer and schedule, resume, then for each optimizer step one
 accumulation window of micro-batches whose loss is normalised by the units in the WHOLE window (so
 batch 8 x accumulation 1 and 1 x 8 give the same gradients on rows of different lengths), clipping,
 the step, logs, eval and checkpoints; at the end the model, results and loss plot.
@@ -28,7 +28,6 @@ from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from lmtune.config import RunConfig
 from lmtune.data.batching import collate, micro_batches, steps_per_epoch
-from lmtune.data.encode import EncodedRow
 from lmtune.errors import ConfigError, RunInterrupted, TrainingError
 from lmtune.models.methods import (check_untouched_4bit, count_parameters, evaluation,
                                    learning_rate_of, training_hooks)
@@ -37,14 +36,35 @@ from lmtune.train.logs import PLOT_FILE, TrainerLog, plot_loss
 from lmtune.train.results import write_results
 
 Batch = dict[str, torch.Tensor]
+# Metric name -> (sum over the batch, how many values were summed); logged as sum / count.
+Metrics = dict[str, tuple[torch.Tensor | float, int]]
 
 
 @dataclass
 class Objective:
     """What a stage plugs into the loop."""
 
-    loss: Callable[[torch.nn.Module, Batch], torch.Tensor]  # summed over the batch's loss units
+    loss: Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, Metrics]]  # summed over loss units
     units: Callable[[Batch], int]  # loss units in the batch: the normaliser
+    collate: Callable[[list[Any], int], Batch] = collate  # rows, pad id -> batch
+    perplexity: bool = False  # also report exp(eval_loss): the loss is a mean token NLL
+
+
+class MetricTotals:
+    """Running sums of a stage's metrics between two log lines (or over an eval pass)."""
+
+    def __init__(self, sums: dict[str, list[float]] | None = None):
+        self.sums: dict[str, list[float]] = sums or {}
+
+    def add(self, metrics: Metrics) -> None:
+        for name, (total, count) in metrics.items():
+            entry = self.sums.setdefault(name, [0.0, 0])
+            entry[0] += float(total)
+            entry[1] += count
+
+    def means(self, prefix: str = "") -> dict[str, float]:
+        return {prefix + name: round(total / count, 6)
+                for name, (total, count) in self.sums.items() if count}
 
 
 def _windows(n_rows: int, cfg: RunConfig) -> Iterator[list[list[int]]]:
@@ -74,17 +94,24 @@ def _optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
         lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
 
 
-def evaluate(model, rows: list[EncodedRow], objective: Objective, cfg: RunConfig, pad_id: int,
-             accelerator: Accelerator) -> float:
-    """Mean loss per unit over `rows`."""
-    total, units = 0.0, 0
+def evaluate(model, rows: list[Any], objective: Objective, cfg: RunConfig, pad_id: int,
+             accelerator: Accelerator) -> dict[str, float]:
+    """eval_loss (mean per unit over `rows`), the stage's metrics as eval_<name>, and
+    eval_perplexity for token objectives."""
+    total, units, metrics = 0.0, 0, MetricTotals()
     with evaluation(model), torch.no_grad():
         for i in range(0, len(rows), cfg.per_device_eval_batch_size):
-            batch = _to(collate(rows[i: i + cfg.per_device_eval_batch_size], pad_id), accelerator)
+            batch = _to(objective.collate(rows[i: i + cfg.per_device_eval_batch_size], pad_id),
+                        accelerator)
             with accelerator.autocast():
-                total += objective.loss(model, batch).item()
+                loss, batch_metrics = objective.loss(model, batch)
+            total += loss.item()
             units += objective.units(batch)
-    return total / max(units, 1)
+            metrics.add(batch_metrics)
+    result = {"eval_loss": round(total / max(units, 1), 6)} | metrics.means("eval_")
+    if objective.perplexity:
+        result["eval_perplexity"] = round(math.exp(min(result["eval_loss"], 50.0)), 4)
+    return result
 
 
 def _to(batch: Batch, accelerator: Accelerator) -> Batch:
@@ -118,11 +145,14 @@ def _stop_requests() -> Iterator[list[int]]:
             signal.signal(sig, old)
 
 
-def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: list[EncodedRow],
-        eval_rows: list[EncodedRow], objective: Objective, output_dir: Path, resume_dir: Path | None,
+def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: list[Any],
+        eval_rows: list[Any], objective: Objective, output_dir: Path, resume_dir: Path | None,
         extra_results: dict[str, Any]) -> dict[str, Any]:
     """Train `model` on `train_rows`; write logs, checkpoints and the result into `output_dir`
     (already prepared by `checkpoint.prepare_run`), continuing from `resume_dir` if given."""
+    if not cfg.do_train:
+        print("do_train is false: data, model and method checked; nothing trained.")
+        return {}
     # accelerate keeps its precision settings in a process-wide singleton; a second run in the same
     # process (tests, comparisons) may ask for another precision, so start from a clean state.
     AcceleratorState._reset_state(reset_partial_state=False)
@@ -174,18 +204,20 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
                     mininterval=1.0)
     # Sums since the last log line; checkpointed so a resumed run logs exactly the same numbers.
     interval = state.pop("log_interval", {"loss": 0.0, "units": 0, "tokens": 0})
+    interval_metrics = MetricTotals(state.pop("log_metrics", None))
     interval_start = time.perf_counter()
     run_start, tokens_before = time.perf_counter(), state["tokens_seen"]
     with _stop_requests() as stop_requested:
         for step in range(state["global_step"] + 1, total_steps + 1):
             window = next(windows)
-            batches = [_to(collate([train_rows[i] for i in rows], pad_id), accelerator)
+            batches = [_to(objective.collate([train_rows[i] for i in rows], pad_id), accelerator)
                        for rows in window]
             window_units = sum(objective.units(b) for b in batches)
             step_loss, step_tokens = 0.0, 0
             for batch in batches:
                 with accelerator.autocast():
-                    loss = objective.loss(model, batch)
+                    loss, metrics = objective.loss(model, batch)
+                interval_metrics.add(metrics)
                 if not torch.isfinite(loss):
                     raise TrainingError(
                         f"step {step}: the loss is {loss.item()}; training stopped. The newest "
@@ -222,20 +254,23 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
                 record |= {"loss": round(interval["loss"] / interval["units"], 6), "lr": lr,
                            "grad_norm": round(grad_norm, 6),
                            "tokens_per_second": round(interval["tokens"] / elapsed, 2)}
+                record |= interval_metrics.means()
                 progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
                 interval = {"loss": 0.0, "units": 0, "tokens": 0}
+                interval_metrics = MetricTotals()
                 interval_start = time.perf_counter()
             end_of_epoch = step % per_epoch == 0
             if eval_rows and ((cfg.eval_strategy == "steps" and step % cfg.effective_eval_steps == 0)
                               or (cfg.eval_strategy == "epoch" and end_of_epoch)):
-                eval_loss = evaluate(model, eval_rows, objective, cfg, pad_id, accelerator)
-                record["eval_loss"] = round(eval_loss, 6)
+                record |= evaluate(model, eval_rows, objective, cfg, pad_id, accelerator)
             if record:
                 log.write({"step": step, "epoch": round(step / per_epoch, 4)} | record)
             interrupted = bool(stop_requested) and step < total_steps
             if interrupted or (step % cfg.save_steps == 0 and step < total_steps):
                 ckpt.save_checkpoint(output_dir, step, save_weights, optimizer, scheduler,
-                                     state | {"log_interval": interval}, cfg.to_yaml_dict())
+                                     state | {"log_interval": interval,
+                                              "log_metrics": interval_metrics.sums},
+                                     cfg.to_yaml_dict())
                 ckpt.rotate_checkpoints(output_dir, cfg.save_total_limit)
             if interrupted:
                 progress.close()
@@ -256,7 +291,7 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
         "global_step": state["global_step"], "epoch": round(state["global_step"] / per_epoch, 4),
     }
     if eval_rows:
-        results["eval_loss"] = evaluate(model, eval_rows, objective, cfg, pad_id, accelerator)
+        results |= evaluate(model, eval_rows, objective, cfg, pad_id, accelerator)
     trainable_count, total_count = count_parameters(accelerator.unwrap_model(model))
     results |= {"trainable_params": trainable_count, "total_params": total_count} | extra_results
     write_results(output_dir, results, cfg.to_yaml_dict())

@@ -1,27 +1,23 @@
 """stage: sft. Supervised fine-tuning on conversations: cross-entropy on the assistant replies only.
 
-Reads top to bottom: output folder -> tokenizer and model -> data (encoded, packed when asked) ->
-method -> the shared loop with the token-level objective below.
+Reads top to bottom: output folder, tokenizer, model and data (train/setup.py; encoded, packed when
+asked) -> method -> the shared loop with the token-level objective below.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
-from transformers import set_seed
 
 from lmtune.config import RunConfig
 from lmtune.data.batching import model_inputs
 from lmtune.data.encode import IGNORE_INDEX
-from lmtune.data.pipeline import prepare_data, training_rows
-from lmtune.models.load import load_model, load_tokenizer, resolve_model, stop_token_ids
 from lmtune.models.methods import apply_method
-from lmtune.train.checkpoint import prepare_run
-from lmtune.train.engine import Batch, Objective, fit
+from lmtune.train.engine import Batch, Metrics, Objective, fit
+from lmtune.train.setup import start_run
 
 
 def target_logits(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,27 +50,15 @@ def count_targets(batch: Batch) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-SFT_OBJECTIVE = Objective(loss=token_loss_sum, units=count_targets)
+def _sft_loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, Metrics]:
+    return token_loss_sum(model, batch), {}
+
+
+SFT_OBJECTIVE = Objective(loss=_sft_loss, units=count_targets)
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
-    output_dir = Path(cfg.output_dir)
-    resume_dir = prepare_run(output_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir,
-                             cfg.to_yaml_dict())
-    set_seed(cfg.seed)
-
-    model_path = resolve_model(cfg.model_name_or_path)
-    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
-    model = load_model(model_path, cfg.trust_remote_code)
-
-    data = prepare_data(cfg, tokenizer, stop_token_ids(tokenizer, model))
-    train_rows, val_rows = training_rows(data, cfg, model.config)
-    data.report.show()
-    data.report.save(output_dir / "data_report.json")
-
-    model = apply_method(model, cfg)
-    if not cfg.do_train:
-        print("do_train is false: data, model and method checked; nothing trained.")
-        return {}
-    return fit(cfg, model, tokenizer, train_rows, val_rows, SFT_OBJECTIVE, output_dir, resume_dir,
-               extra_results={"train_rows": len(train_rows), "val_rows": len(val_rows)})
+    inputs = start_run(cfg)
+    model = apply_method(inputs.model, cfg)
+    return fit(cfg, model, inputs.tokenizer, inputs.train_rows, inputs.val_rows, SFT_OBJECTIVE,
+               inputs.output_dir, inputs.resume_dir, extra_results=inputs.row_counts())

@@ -1,0 +1,80 @@
+"""A causal LM with a scalar head on its decoder: the reward model of stage rm, the value model of ppo.
+
+The head is one linear layer on the decoder's last hidden state, so the LM's own output head never
+runs. A reward model scores a sequence at its last real token; a value head scores every position.
+Saved, it is the LM in its usual format (a PEFT adapter or a full HF model) plus
+`scalar_head.safetensors` beside it, so the adapter stays loadable by anything that reads PEFT.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+
+from lmtune.errors import ModelError
+
+HEAD_FILE = "scalar_head.safetensors"
+
+
+def decoder_hidden(lm: torch.nn.Module, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor) -> torch.Tensor:
+    """Last hidden states (batch, length, hidden) of a causal LM, PEFT-wrapped or not."""
+    base = lm.get_base_model() if isinstance(lm, PeftModel) else lm
+    return base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                              use_cache=False).last_hidden_state
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last real token (rows are right-padded)."""
+    return attention_mask.sum(-1) - 1
+
+
+class ScalarHeadModel(torch.nn.Module):
+    """`lm` (with its method applied) and a linear head hidden -> 1."""
+
+    def __init__(self, lm: torch.nn.Module, init_std: float | None = None):
+        super().__init__()
+        self.lm = lm
+        hidden = lm.config.hidden_size
+        self.head = torch.nn.Linear(hidden, 1)
+        # A reward head starts small and random so the LM below gets gradients from the first step;
+        # a value head starts at zero (init_std 0) so early values do not swamp the advantages.
+        std = 1 / math.sqrt(hidden + 1) if init_std is None else init_std
+        if std > 0:
+            torch.nn.init.normal_(self.head.weight, std=std)
+        else:
+            torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
+        self.head.to(next(lm.parameters()).device)
+
+    @property
+    def config(self):
+        return self.lm.config
+
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """A scalar at every position: (batch, length)."""
+        hidden = decoder_hidden(self.lm, input_ids, attention_mask)
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """One score per sequence, read at its last real token: (batch,)."""
+        hidden = decoder_hidden(self.lm, input_ids, attention_mask)
+        last = hidden[torch.arange(len(hidden), device=hidden.device), last_token_index(attention_mask)]
+        return self.head(last.to(self.head.weight.dtype)).squeeze(-1).float()
+
+    def save_pretrained(self, folder: Path, **kwargs) -> None:
+        self.lm.save_pretrained(folder, **kwargs)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()},
+                  Path(folder) / HEAD_FILE)
+
+    def load_head(self, folder: Path) -> None:
+        path = Path(folder) / HEAD_FILE
+        if not path.is_file():
+            raise ModelError(f"{folder} has no {HEAD_FILE}: it is not a reward model of stage rm.",
+                             "point reward_model at the output_dir of an `lmtune train` run with "
+                             "stage: rm.")
+        self.head.load_state_dict(load_file(path, device=str(self.head.weight.device)))

@@ -1,0 +1,119 @@
+"""What the preference stages (rm, dpo, kto) share: batches of replies to one prompt, the log-prob
+of each reply under a model, and the reference model's log-probs, computed once.
+
+A pair's chosen and rejected rows go into ONE batch (chosen rows first, then rejected), so the model
+runs once per micro-batch. The reference log-probs are computed before the first update and stored
+with each row: the reference cannot drift, no second model stays in memory, and each step runs one
+forward instead of two.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from lmtune.config import RunConfig
+from lmtune.data.batching import collate
+from lmtune.data.encode import IGNORE_INDEX, EncodedRow, PreferenceRow
+from lmtune.errors import ModelError
+from lmtune.models.load import is_quantized, load_model, load_tokenizer, resolve_model
+from lmtune.models.methods import evaluation
+from lmtune.train.engine import Batch
+from lmtune.train.sft import target_logits
+
+
+def response_logps(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: (sum of log p of its target tokens, number of target tokens)."""
+    logits, labels = target_logits(model, batch)  # only at target positions, flattened
+    token_logps = -F.cross_entropy(logits.float(), labels, reduction="none")
+    mask = batch["labels"][:, 1:] != IGNORE_INDEX
+    row_of_token = mask.nonzero()[:, 0]  # same row-major order as target_logits' selection
+    sums = torch.zeros(len(mask), dtype=token_logps.dtype, device=token_logps.device)
+    return sums.index_add(0, row_of_token, token_logps), mask.sum(-1)
+
+
+# --- pairs ----------------------------------------------------------------------------------------
+
+@dataclass
+class ScoredPair:
+    """A preference pair and its reference log-probs (0 where the loss uses no reference)."""
+
+    pair: PreferenceRow
+    ref_chosen: float = 0.0
+    ref_rejected: float = 0.0
+
+
+def collate_pairs(pairs: list[ScoredPair], pad_id: int) -> Batch:
+    rows = [p.pair.chosen_row() for p in pairs] + [p.pair.rejected_row() for p in pairs]
+    batch = collate(rows, pad_id)
+    batch["ref_chosen"] = torch.tensor([p.ref_chosen for p in pairs])
+    batch["ref_rejected"] = torch.tensor([p.ref_rejected for p in pairs])
+    return batch
+
+
+def count_pairs(batch: Batch) -> int:
+    return len(batch["ref_chosen"])
+
+
+# --- the reference model --------------------------------------------------------------------------
+
+@contextmanager
+def reference_of(cfg: RunConfig, policy: torch.nn.Module,
+                 tokenizer: PreTrainedTokenizerBase) -> Iterator[torch.nn.Module]:
+    """The reference model: ref_model when set (loaded for this block only), else the policy as it is
+    now, before its first update. Always in eval mode (no dropout)."""
+    if cfg.ref_model is None:
+        with evaluation(policy):
+            yield policy
+        return
+    path = resolve_model(cfg.ref_model)
+    if load_tokenizer(path, cfg.trust_remote_code).get_vocab() != tokenizer.get_vocab():
+        raise ModelError(f"ref_model {cfg.ref_model} has another tokenizer than "
+                         f"{cfg.model_name_or_path}; their log-probs cannot be compared.",
+                         "use a reference with the same tokenizer (usually the SFT model you start "
+                         "from), or remove ref_model.")
+    reference = load_model(path, cfg.trust_remote_code)
+    reference.eval()
+    try:
+        yield reference
+    finally:
+        del reference
+
+
+def _device_for(model: torch.nn.Module) -> torch.device:
+    if torch.cuda.is_available() and not is_quantized(model):
+        model.cuda()
+    return next(model.parameters()).device
+
+
+def reference_logps(model: torch.nn.Module, rows: list[EncodedRow], cfg: RunConfig, pad_id: int,
+                    what: str) -> list[float]:
+    """Summed reply log-probs of `rows` under `model`, in the run's precision, without gradients."""
+    device = _device_for(model)
+    out: list[float] = []
+    size = cfg.per_device_eval_batch_size
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        for i in tqdm(range(0, len(rows), size), desc=f"reference {what}", unit="batch",
+                      mininterval=1.0, disable=len(rows) <= 4 * size):
+            batch = {k: v.to(device) for k, v in collate(rows[i: i + size], pad_id).items()}
+            out += response_logps(model, batch)[0].tolist()
+    return out
+
+
+def score_pairs(pairs: list[PreferenceRow], reference: torch.nn.Module | None, cfg: RunConfig,
+                pad_id: int, what: str) -> list[ScoredPair]:
+    """Attach reference log-probs to every pair (none when `reference` is None)."""
+    if reference is None or not pairs:
+        return [ScoredPair(p) for p in pairs]
+    chosen = reference_logps(reference, [p.chosen_row() for p in pairs], cfg, pad_id,
+                             f"{what} chosen")
+    rejected = reference_logps(reference, [p.rejected_row() for p in pairs], cfg, pad_id,
+                               f"{what} rejected")
+    return [ScoredPair(p, c, r) for p, c, r in zip(pairs, chosen, rejected)]
+

@@ -1,0 +1,27 @@
+"""stage: pt. Continued pre-training: next-token loss on every token of plain text.
+
+Documents end with EOS and are packed into rows of cutoff_len (packing is on by default for pt),
+with position ids restarting per document so no document attends to another (data/batching.py).
+The objective is SFT's token loss, with every token a target; eval reports perplexity,
+exp(mean token loss on the val split).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from lmtune.config import RunConfig
+from lmtune.models.methods import apply_method
+from lmtune.train.engine import fit
+from lmtune.train.setup import start_run
+from lmtune.train.sft import SFT_OBJECTIVE
+
+PT_OBJECTIVE = replace(SFT_OBJECTIVE, perplexity=True)
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+    inputs = start_run(cfg)
+    model = apply_method(inputs.model, cfg)
+    return fit(cfg, model, inputs.tokenizer, inputs.train_rows, inputs.val_rows, PT_OBJECTIVE,
+               inputs.output_dir, inputs.resume_dir, extra_results=inputs.row_counts())

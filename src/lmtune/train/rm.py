@@ -1,0 +1,90 @@
+"""stage: rm. A reward model from preference pairs: the LM with a scalar head, trained so the chosen
+reply scores above the rejected one (Bradley-Terry: -log sigmoid(r_chosen - r_rejected)).
+
+Reads top to bottom: setup -> method on the LM -> scalar head on top (models/scalar_head.py; it
+always trains) -> the shared loop. Logged per step and on the val split: accuracy (share of pairs
+scored chosen-first) and margin (mean r_chosen - r_rejected). The output folder holds the adapter
+(or full model) and scalar_head.safetensors; `load_reward_model` loads it by path for ppo and for
+scoring.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmtune.config import RunConfig
+from lmtune.data.batching import collate
+from lmtune.data.encode import ChatEncoder, EncodedRow
+from lmtune.data.formats import Message
+from lmtune.models.load import load_model, load_tokenizer, resolve_model, stop_token_ids
+from lmtune.models.methods import apply_method, load_adapters
+from lmtune.models.scalar_head import ScalarHeadModel
+from lmtune.train.checkpoint import saved_run_config
+from lmtune.train.engine import Batch, Metrics, Objective, fit
+from lmtune.train.losses import bradley_terry
+from lmtune.train.preference import ScoredPair, collate_pairs, count_pairs
+from lmtune.train.setup import start_run
+
+
+def _rm_loss(model: ScalarHeadModel, batch: Batch) -> tuple[torch.Tensor, Metrics]:
+    scores = model(batch["input_ids"], batch["attention_mask"])
+    n = count_pairs(batch)
+    chosen, rejected = scores[:n], scores[n:]
+    margin = (chosen - rejected).detach()
+    return bradley_terry(chosen, rejected).sum(), {"accuracy": ((margin > 0).float().sum(), n),
+                                                    "margin": (margin.sum(), n)}
+
+
+RM_OBJECTIVE = Objective(loss=_rm_loss, units=count_pairs, collate=collate_pairs)
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+    inputs = start_run(cfg)
+    model = ScalarHeadModel(apply_method(inputs.model, cfg))
+    train = [ScoredPair(p) for p in inputs.train_rows]
+    val = [ScoredPair(p) for p in inputs.val_rows]
+    return fit(cfg, model, inputs.tokenizer, train, val, RM_OBJECTIVE, inputs.output_dir,
+               inputs.resume_dir, extra_results=inputs.row_counts())
+
+
+# --- using a trained reward model -----------------------------------------------------------------
+
+class RewardModel:
+    """A trained stage-rm output, loaded by path, that scores (conversation, reply) pairs."""
+
+    def __init__(self, folder: str | Path, batch_size: int = 8):
+        folder = Path(folder)
+        run_config = saved_run_config(folder)
+        base = resolve_model(run_config["model_name_or_path"])
+        self.tokenizer = load_tokenizer(str(folder))
+        if (folder / "adapter_config.json").is_file():
+            # Merged: scoring runs at the speed of the plain model.
+            lm = load_adapters(load_model(base), [str(folder)], trainable_last=False, merge_last=True)
+        else:
+            lm = load_model(str(folder))
+        self.model = ScalarHeadModel(lm)
+        self.model.load_head(folder)
+        self.model.eval().requires_grad_(False)
+        self.encoder = ChatEncoder(self.tokenizer, stop_token_ids(self.tokenizer, lm),
+                                   cutoff_len=run_config["cutoff_len"])
+        self.batch_size = batch_size
+
+    def ids(self, prompt: list[Message], reply: str) -> list[int]:
+        """The ids training saw for prompt + reply; a long one keeps its end, where the score is read."""
+        return self.tokenizer(self.encoder.render(prompt + [{"role": "assistant", "content": reply}]),
+                              add_special_tokens=False)["input_ids"][-self.encoder.cutoff_len:]
+
+    @torch.no_grad()
+    def score(self, prompts: list[list[Message]], replies: list[str]) -> list[float]:
+        rows = [self.ids(p, r) for p, r in zip(prompts, replies)]
+        device = next(self.model.parameters()).device
+        out: list[float] = []
+        for i in range(0, len(rows), self.batch_size):
+            batch = collate([EncodedRow(ids, ids) for ids in rows[i: i + self.batch_size]],
+                            self.tokenizer.pad_token_id)
+            out += self.model(batch["input_ids"].to(device),
+                              batch["attention_mask"].to(device)).tolist()
+        return out

@@ -1,0 +1,44 @@
+"""What every stage does before its own part: the output folder, the seed, tokenizer and model,
+and the data with its report (printed and saved as data_report.json)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
+
+from lmtune.config import RunConfig
+from lmtune.data.pipeline import prepare_data, training_rows
+from lmtune.models.load import load_model, load_tokenizer, resolve_model, stop_token_ids
+from lmtune.train.checkpoint import prepare_run
+
+
+@dataclass
+class RunInputs:
+    output_dir: Path
+    resume_dir: Path | None  # the checkpoint to continue from, if resuming
+    tokenizer: PreTrainedTokenizerBase
+    model: PreTrainedModel  # as loaded; the stage applies the method
+    train_rows: list[Any]
+    val_rows: list[Any]
+
+    def row_counts(self) -> dict[str, int]:
+        return {"train_rows": len(self.train_rows), "val_rows": len(self.val_rows)}
+
+
+def start_run(cfg: RunConfig) -> RunInputs:
+    output_dir = Path(cfg.output_dir)
+    # The output folder is checked before anything heavy loads.
+    resume_dir = prepare_run(output_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir,
+                             cfg.to_yaml_dict())
+    set_seed(cfg.seed)
+    model_path = resolve_model(cfg.model_name_or_path)
+    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
+    model = load_model(model_path, cfg.trust_remote_code)
+    data = prepare_data(cfg, tokenizer, stop_token_ids(tokenizer, model))
+    train_rows, val_rows = training_rows(data, cfg, model.config)
+    data.report.show()
+    data.report.save(output_dir / "data_report.json")
+    return RunInputs(output_dir, resume_dir, tokenizer, model, train_rows, val_rows)

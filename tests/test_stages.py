@@ -1,0 +1,173 @@
+"""Stages pt, rm, dpo and kto through `lmtune train` on the tiny model: each learns what it exists
+for, logs its metrics, saves in the standard format, and the reference model stays fixed."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmtune.cli import main
+from lmtune.config import build_config
+from lmtune.errors import ConfigError
+from lmtune.train import dpo
+from lmtune.train.checkpoint import COMPLETE_MARKER
+from lmtune.train.logs import read_log
+from lmtune.train.preference import reference_logps
+from tests.conftest import write_json, write_yaml
+
+QUESTIONS = ["Is the sky blue?", "Do fish swim?", "Is fire hot?", "Can birds fly?", "Is snow cold?",
+             "Do cats purr?", "Is water wet?", "Do trees grow?", "Is sugar sweet?", "Do bees buzz?",
+             "Is ice solid?", "Do dogs bark?"]
+PAIRS = [{"instruction": q, "input": "", "chosen": "Yes.", "rejected": "No."} for q in QUESTIONS]
+KTO = [{"messages": [{"role": "user", "content": q},
+                     {"role": "assistant", "content": "Yes." if i % 2 == 0 else "No."}],
+        "label": i % 2 == 0} for i, q in enumerate(QUESTIONS)]
+TEXT = [f"The river Alder runs past the town of Merrow number {i} and the mill." for i in range(40)]
+
+
+@pytest.fixture
+def data_dir(tmp_path) -> Path:
+    folder = tmp_path / "data"
+    write_json(folder / "pairs.json", PAIRS)
+    write_json(folder / "kto.json", KTO)
+    (folder / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXT))
+    write_json(folder / "dataset_info.json", {
+        "pairs": {"file_name": "pairs.json", "ranking": True},
+        "kto": {"file_name": "kto.json", "formatting": "openai", "columns": {"kto_tag": "label"}},
+        "corpus": {"file_name": "corpus.jsonl", "columns": {"prompt": "text"}}})
+    return folder
+
+
+@pytest.fixture
+def stage_config(tmp_path, tiny_model_dir, data_dir) -> dict:
+    return {"model_name_or_path": tiny_model_dir, "dataset_dir": str(data_dir),
+            "output_dir": str(tmp_path / "out"), "finetuning_type": "lora", "lora_rank": 4,
+            "per_device_train_batch_size": 4, "learning_rate": 1e-2, "max_steps": 12,
+            "logging_steps": 1, "save_steps": 100, "seed": 0, "val_size": 4,
+            "eval_strategy": "steps", "eval_steps": 12, "plot_loss": True}
+
+
+def full(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k != "lora_rank"} | {"finetuning_type": "full"}
+
+
+def train(tmp_path: Path, config: dict) -> dict:
+    assert main(["train", str(write_yaml(tmp_path / "run.yaml", config))]) == 0
+    return json.loads((Path(config["output_dir"]) / "all_results.json").read_text())
+
+
+def test_pt_reports_perplexity_and_packs_documents(tmp_path, stage_config):
+    config = stage_config | {"stage": "pt", "dataset": "corpus", "cutoff_len": 64,
+                             "per_device_train_batch_size": 2, "learning_rate": 5e-3}
+    results = train(tmp_path, config)
+    out = Path(config["output_dir"])
+    assert results["eval_perplexity"] == pytest.approx(math.exp(results["eval_loss"]), rel=1e-4)
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["packing"]["rows"] < report["packing"]["samples"]  # documents share rows
+    first = next(r for r in read_log(out / "trainer_log.jsonl") if "loss" in r)
+    assert results["eval_loss"] < first["loss"]  # the repeated facts were learned
+    for name in ("adapter_model.safetensors", "training_loss.png", "trainer_log.jsonl"):
+        assert (out / name).is_file()
+
+
+def test_reward_model_learns_to_rank_and_reloads_by_path(tmp_path, stage_config):
+    from lmtune.train.rm import RewardModel
+
+    config = stage_config | {"stage": "rm", "dataset": "pairs"}
+    results = train(tmp_path, config)
+    out = Path(config["output_dir"])
+    assert results["eval_accuracy"] == 1.0 and results["eval_margin"] > 0
+    logged = [r for r in read_log(out / "trainer_log.jsonl") if "accuracy" in r]
+    assert len(logged) == 12 and {"margin", "loss"} <= set(logged[0])
+    assert (out / "adapter_model.safetensors").is_file() and (out / "scalar_head.safetensors").is_file()
+
+    reward = RewardModel(out)
+    held_out = [[{"role": "user", "content": q}] for q in ("Is grass green?", "Do owls hoot?")]
+    yes = reward.score(held_out, ["Yes.", "Yes."])
+    no = reward.score(held_out, ["No.", "No."])
+    assert all(y > n for y, n in zip(yes, no))
+
+
+def test_reward_model_resumes_exactly(tmp_path, stage_config):
+    config = full(stage_config) | {"stage": "rm", "dataset": "pairs", "learning_rate": 1e-3, "max_steps": 4, "save_steps": 2,
+                             "eval_strategy": "no", "val_size": 0}
+    train(tmp_path, config)
+    out = Path(config["output_dir"])
+    whole = load_file(out / "scalar_head.safetensors")
+    assert (out / "checkpoint-2" / COMPLETE_MARKER).is_file()
+    resumed = config | {"output_dir": str(tmp_path / "resumed")}
+    shutil.copytree(out / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    train(tmp_path, resumed | {"resume_from_checkpoint": "auto"})
+    again = load_file(tmp_path / "resumed" / "scalar_head.safetensors")
+    assert torch.equal(whole["weight"], again["weight"])
+
+
+@pytest.mark.parametrize("pref_loss", ["sigmoid", "ipo", "hinge", "orpo", "simpo"])
+def test_dpo_family_learns_the_preference(tmp_path, stage_config, pref_loss):
+    config = stage_config | {"stage": "dpo", "dataset": "pairs", "pref_loss": pref_loss}
+    if pref_loss in ("sigmoid", "hinge"):
+        config["pref_ftx"] = 0.1  # exercised on two losses; it must not stop the learning
+    results = train(tmp_path, config)
+    out = Path(config["output_dir"])
+    first = next(r for r in read_log(out / "trainer_log.jsonl") if "reward_margin" in r)
+    assert {"reward_accuracy", "reward_chosen", "reward_rejected"} <= set(first)
+    assert results["eval_reward_accuracy"] == 1.0
+    assert results["eval_reward_margin"] > first["reward_margin"]
+
+
+def test_dpo_reference_is_the_starting_policy_and_stays_fixed(tmp_path, stage_config, tiny_model_dir,
+                                                              monkeypatch):
+    seen = {}
+    real_fit = dpo.fit
+
+    def spy(cfg, model, tokenizer, train_rows, *args, **kwargs):
+        seen["rows"], seen["model"], seen["pad"] = train_rows, model, tokenizer.pad_token_id
+        return real_fit(cfg, model, tokenizer, train_rows, *args, **kwargs)
+
+    monkeypatch.setattr(dpo, "fit", spy)
+    config = stage_config | {"stage": "dpo", "dataset": "pairs"}
+    train(tmp_path, config)
+    cfg = build_config(config)
+    rows = [p.pair.chosen_row() for p in seen["rows"]]
+    stored = torch.tensor([p.ref_chosen for p in seen["rows"]])
+
+    from transformers import AutoModelForCausalLM
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    fresh = torch.tensor(reference_logps(base, rows, cfg, seen["pad"], "check"))
+    assert torch.allclose(stored, fresh, atol=1e-4)  # the untouched base, computed before training
+    trained = torch.tensor(reference_logps(seen["model"].eval(), rows, cfg, seen["pad"], "check"))
+    assert (trained - fresh).abs().max() > 0.1  # while the policy itself moved
+
+
+def test_dpo_with_ref_model(tmp_path, stage_config, tiny_model_dir):
+    config = full(stage_config) | {"stage": "dpo", "dataset": "pairs", "ref_model": tiny_model_dir,
+                                   "learning_rate": 1e-3}
+    results = train(tmp_path, config)
+    assert results["eval_reward_accuracy"] == 1.0
+
+
+def test_kto_separates_desirable_from_undesirable(tmp_path, stage_config):
+    config = stage_config | {"stage": "kto", "dataset": "kto", "kto_rejected_weight": 1.5}
+    results = train(tmp_path, config)
+    assert results["eval_reward_desirable"] > 0 > results["eval_reward_undesirable"]
+    records = read_log(Path(config["output_dir"]) / "trainer_log.jsonl")
+    assert all(r["kl"] >= 0 for r in records if "kl" in r)
+
+
+@pytest.mark.parametrize("values, words", [
+    ({"stage": "sft", "pref_beta": 0.2}, "pref_beta applies to stage dpo or kto, but stage is sft"),
+    ({"stage": "dpo", "kto_chosen_weight": 2.0}, "kto_chosen_weight applies to stage kto"),
+    ({"stage": "ppo"}, "stage ppo needs reward_model"),
+    ({"stage": "rm", "finetuning_type": "prefix"}, "finetuning_type: prefix is not supported"),
+    ({"stage": "dpo", "pref_loss": "simpo", "ref_model": "default"}, "uses no reference model"),
+])
+def test_stage_keys_are_refused_where_they_would_be_ignored(values, words):
+    with pytest.raises(ConfigError) as info:
+        build_config({"dataset": "x", "output_dir": "out"} | values)
+    assert words in info.value.message
