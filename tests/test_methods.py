@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
-from safetensors.torch import load_file
+from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
 import lmtune.train.sft as sft
@@ -20,7 +19,7 @@ from lmtune.infer.chat import ChatSession
 from lmtune.models.load import load_model, quantization_config
 from lmtune.models.methods import (AdaLoraHooks, apply_method, check_untouched_4bit,
                                    count_parameters, evaluation, load_adapters)
-from lmtune.train.engine import _optimizer
+from lmtune.train.engine import build_optimizer
 from tests.conftest import write_yaml
 
 # The tiny model (conftest): 2 layers, hidden 64, MLP 128, 4 query heads and 2 key/value heads of
@@ -205,7 +204,7 @@ def test_loraplus_groups_carry_their_learning_rates(tiny_model_dir):
     cfg = _cfg(tiny_model_dir, lora_target="q_proj,embed_tokens", lora_rank=2, learning_rate=1e-4,
                loraplus_lr_ratio=16, loraplus_lr_embedding=1e-6, weight_decay=0.1)
     model = apply_method(_fresh(tiny_model_dir), cfg)
-    optimizer = _optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg)
     lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
     expected = {"lora_A": 1e-4, "lora_B": 16e-4, "lora_embedding_A": 1e-6, "lora_embedding_B": 1e-6}
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -216,7 +215,7 @@ def test_loraplus_groups_carry_their_learning_rates(tiny_model_dir):
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)  # the logged lr is the base one
     assert all(g["weight_decay"] == 0.1 for g in optimizer.param_groups)  # all are matrices
 
-    plain = _optimizer(model, _cfg(tiny_model_dir, lora_rank=2, learning_rate=1e-4))
+    plain = build_optimizer(model, _cfg(tiny_model_dir, lora_rank=2, learning_rate=1e-4))
     assert {g["lr"] for g in plain.param_groups} == {1e-4}
 
 

@@ -171,3 +171,16 @@ def test_stage_keys_are_refused_where_they_would_be_ignored(values, words):
     with pytest.raises(ConfigError) as info:
         build_config({"dataset": "x", "output_dir": "out"} | values)
     assert words in info.value.message
+
+
+def test_eval_dataset_is_the_val_split(tmp_path, stage_config, data_dir):
+    write_json(data_dir / "held_out.json", PAIRS[:3])
+    config = {k: v for k, v in stage_config.items() if k != "val_size"} | {
+        "stage": "rm", "dataset": "pairs", "eval_dataset": str(data_dir / "held_out.json"),
+        "max_steps": 2}
+    results = train(tmp_path, config)
+    assert (results["train_rows"], results["val_rows"]) == (len(PAIRS), 3)
+    report = json.loads((Path(config["output_dir"]) / "data_report.json").read_text())
+    assert [d["name"] for d in report["datasets"]] == ["pairs", f"{data_dir / 'held_out.json'} (eval)"]
+    with pytest.raises(ConfigError, match="eval_dataset and val_size"):
+        build_config(config | {"val_size": 0.1})

@@ -195,6 +195,9 @@ class RunConfig(BaseModel):
     dataset: str | None = Field(
         None, description="Comma list of dataset names from dataset_info.json, or paths to data "
         "files (json, jsonl, csv, parquet, txt, arrow) or folders of them.")
+    eval_dataset: str | None = Field(
+        None, description="Comma list of datasets (names or paths) used whole as the val split, "
+        "instead of splitting val_size rows off `dataset`.")
     dataset_dir: str = Field("data", description="Folder holding dataset_info.json and dataset files.")
     data_vars: dict[str, str] = Field(
         default_factory=dict, description="Values for {{key}} placeholders in dataset text, e.g. "
@@ -535,9 +538,14 @@ def check_combinations(cfg: RunConfig, explicitly_set: set[str]) -> None:
     if cfg.val_size >= 1 and cfg.val_size != int(cfg.val_size):
         raise ConfigError(f"val_size: {cfg.val_size} is neither a fraction below 1 nor a row count.",
                           "use e.g. val_size: 0.1 or val_size: 50.")
-    if cfg.eval_strategy != "no" and cfg.val_size == 0:
-        raise ConfigError(f"eval_strategy: {cfg.eval_strategy} but val_size is 0, so there is "
-                          "nothing to evaluate on.", "set val_size: 0.1 (or eval_strategy: no).")
+    if cfg.eval_dataset and cfg.val_size > 0:
+        raise ConfigError("eval_dataset and val_size are both set: the val split comes from one "
+                          "of them.", "keep eval_dataset (held-out files) or val_size (a split of "
+                          "dataset).")
+    if cfg.eval_strategy != "no" and cfg.val_size == 0 and not cfg.eval_dataset:
+        raise ConfigError(f"eval_strategy: {cfg.eval_strategy} but val_size is 0 and no "
+                          "eval_dataset is set, so there is nothing to evaluate on.",
+                          "set val_size: 0.1 or eval_dataset (or eval_strategy: no).")
     if cfg.resume_from_checkpoint and cfg.overwrite_output_dir:
         raise ConfigError("resume_from_checkpoint and overwrite_output_dir are both set: "
                           "overwriting would delete the checkpoint to resume from.",

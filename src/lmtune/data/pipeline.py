@@ -123,15 +123,20 @@ def prepare_data(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, stop_ids: l
                 "packing": cfg.packing_enabled if kind == "text" else None}
     stops = sorted(encoder.stop_ids) if isinstance(encoder, ChatEncoder) else []
     fingerprint = cache.tokenizer_fingerprint(tokenizer, stops)
-    encoded: list[list[Row]] = []
-    for records, counts in zip(per_dataset, report.datasets):
-        key = cache.cache_key(records, fingerprint, settings)
-        results = None if cfg.overwrite_cache else cache.load(key)
-        counts.cache = "hit" if results is not None else "built"
-        if results is None:
-            results = encode_all(encoder, records, cfg.preprocessing_num_workers or 1, counts.name)
-            cache.save(key, results)
-        encoded.append(_tally(results, counts))
+
+    def encode_datasets(per_dataset: list[list[Record]], counts_list: list[DatasetCounts]) -> list[list[Row]]:
+        encoded: list[list[Row]] = []
+        for records, counts in zip(per_dataset, counts_list):
+            key = cache.cache_key(records, fingerprint, settings)
+            results = None if cfg.overwrite_cache else cache.load(key)
+            counts.cache = "hit" if results is not None else "built"
+            if results is None:
+                results = encode_all(encoder, records, cfg.preprocessing_num_workers or 1, counts.name)
+                cache.save(key, results)
+            encoded.append(_tally(results, counts))
+        return encoded
+
+    encoded = encode_datasets(per_dataset, report.datasets)
     if not any(encoded):
         raise DataError(f"no row of {', '.join(d.name for d in report.datasets)} has a trained token "
                         f"left within cutoff_len={cfg.cutoff_len}.",
@@ -140,7 +145,15 @@ def prepare_data(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, stop_ids: l
     if cfg.mix_strategy != "concat":
         for counts, n in zip(report.datasets, taken):
             counts.mixed = n
-    train, val = split_validation(rows, cfg.val_size, cfg.seed)
+    if cfg.eval_dataset:  # held-out files: every row of `dataset` trains
+        per_eval, eval_report = load_records(cfg.model_copy(update={"dataset": cfg.eval_dataset}), kind)
+        for counts in eval_report.datasets:
+            counts.name = f"{counts.name} (eval)"
+        train, val = rows, [row for rows_ in encode_datasets(per_eval, eval_report.datasets)
+                            for row in rows_]
+        report.datasets += eval_report.datasets
+    else:
+        train, val = split_validation(rows, cfg.val_size, cfg.seed)
     report.train, report.val = _split_stats(train), _split_stats(val)
     return PreparedData(train, val, report, kind)
 

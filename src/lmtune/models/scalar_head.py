@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 
 from lmtune.errors import ModelError
 
-HEAD_FILE = "scalar_head.safetensors"
+HEAD_FILE = "scalar_head.safetensors"  # a reward model's head
+VALUE_HEAD_FILE = "value_head.safetensors"  # ppo's value head, kept apart so it is never taken for one
 
 
 def decoder_hidden(lm: torch.nn.Module, input_ids: torch.Tensor,
@@ -36,9 +37,10 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 class ScalarHeadModel(torch.nn.Module):
     """`lm` (with its method applied) and a linear head hidden -> 1."""
 
-    def __init__(self, lm: torch.nn.Module, init_std: float | None = None):
+    def __init__(self, lm: torch.nn.Module, init_std: float | None = None, head_file: str = HEAD_FILE):
         super().__init__()
         self.lm = lm
+        self.head_file = head_file
         hidden = lm.config.hidden_size
         self.head = torch.nn.Linear(hidden, 1)
         # A reward head starts small and random so the LM below gets gradients from the first step;
@@ -69,12 +71,12 @@ class ScalarHeadModel(torch.nn.Module):
     def save_pretrained(self, folder: Path, **kwargs) -> None:
         self.lm.save_pretrained(folder, **kwargs)
         save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()},
-                  Path(folder) / HEAD_FILE)
+                  Path(folder) / self.head_file)
 
     def load_head(self, folder: Path) -> None:
-        path = Path(folder) / HEAD_FILE
+        path = Path(folder) / self.head_file
         if not path.is_file():
-            raise ModelError(f"{folder} has no {HEAD_FILE}: it is not a reward model of stage rm.",
+            raise ModelError(f"{folder} has no {self.head_file}: it is not a reward model of stage rm.",
                              "point reward_model at the output_dir of an `lmtune train` run with "
                              "stage: rm.")
         self.head.load_state_dict(load_file(path, device=str(self.head.weight.device)))

@@ -23,7 +23,7 @@ from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from lmtune.errors import ConfigError, TrainingError
-from lmtune.models.scalar_head import HEAD_FILE, ScalarHeadModel
+from lmtune.models.scalar_head import HEAD_FILE, VALUE_HEAD_FILE, ScalarHeadModel
 
 COMPLETE_MARKER = "checkpoint_complete.json"
 TRAINER_STATE = "trainer_state.json"
@@ -189,7 +189,7 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
         return
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(folder.glob("*.safetensors")):
-        if shard.name == HEAD_FILE:
+        if shard.name in (HEAD_FILE, VALUE_HEAD_FILE):
             continue
         state.update(load_file(shard))
     missing, unexpected = model.load_state_dict(state, strict=False)

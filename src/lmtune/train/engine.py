@@ -77,7 +77,7 @@ def _windows(n_rows: int, cfg: RunConfig) -> Iterator[list[list[int]]]:
         epoch += 1
 
 
-def _optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     """AdamW with one parameter group per (learning rate, decayed or not). The rate is the method's
     choice (LoRA+ gives B matrices their own); groups at learning_rate come first, so the logged lr
     is the base rate."""
@@ -126,7 +126,7 @@ def _check_finite_weights(model: torch.nn.Module, step: int) -> None:
 
 
 @contextmanager
-def _stop_requests() -> Iterator[list[int]]:
+def stop_requests() -> Iterator[list[int]]:
     """Turn Ctrl-C / SIGTERM into a request that the loop honours after the current step."""
     requested: list[int] = []
     if threading.current_thread() is not threading.main_thread():
@@ -169,7 +169,7 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
     if not trainable:
         raise TrainingError("no parameter is trainable.", "check finetuning_type and its keys.")
     check_untouched_4bit(model)
-    optimizer = _optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg)
     per_epoch = steps_per_epoch(len(train_rows), cfg.per_device_train_batch_size,
                                 cfg.gradient_accumulation_steps)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * per_epoch)
@@ -207,7 +207,7 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
     interval_metrics = MetricTotals(state.pop("log_metrics", None))
     interval_start = time.perf_counter()
     run_start, tokens_before = time.perf_counter(), state["tokens_seen"]
-    with _stop_requests() as stop_requested:
+    with stop_requests() as stop_requested:
         for step in range(state["global_step"] + 1, total_steps + 1):
             window = next(windows)
             batches = [_to(objective.collate([train_rows[i] for i in rows], pad_id), accelerator)

@@ -35,10 +35,10 @@ def read_log(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_loss(records: list[dict[str, Any]], path: Path, title: str) -> bool:
-    """Train loss (raw and smoothed) and eval loss against step. False when nothing to plot."""
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+def plot_loss(records: list[dict[str, Any]], path: Path, title: str, key: str = "loss") -> bool:
+    """Train `key` (raw and smoothed) and eval_`key` against step. False when nothing to plot."""
+    train = [(r["step"], r[key]) for r in records if key in r]
+    evals = [(r["step"], r[f"eval_{key}"]) for r in records if f"eval_{key}" in r]
     if not train and not evals:
         return False
     import matplotlib
@@ -49,17 +49,17 @@ def plot_loss(records: list[dict[str, Any]], path: Path, title: str) -> bool:
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     if train:
         steps, losses = zip(*train)
-        ax.plot(steps, losses, color="#9ab", linewidth=1, label="train loss")
+        ax.plot(steps, losses, color="#9ab", linewidth=1, label=f"train {key}")
         smoothed, value = [], losses[0]
         for loss in losses:
             value = 0.8 * value + 0.2 * loss
             smoothed.append(value)
-        ax.plot(steps, smoothed, color="#1f5fa8", linewidth=2, label="train loss (smoothed)")
+        ax.plot(steps, smoothed, color="#1f5fa8", linewidth=2, label=f"train {key} (smoothed)")
     if evals:
         steps, losses = zip(*evals)
-        ax.plot(steps, losses, "o-", color="#d2642a", label="eval loss")
+        ax.plot(steps, losses, "o-", color="#d2642a", label=f"eval {key}")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    ax.set_ylabel(key)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -73,13 +73,17 @@ class RewardModel:
         self.batch_size = batch_size
 
     def ids(self, prompt: list[Message], reply: str) -> list[int]:
-        """The ids training saw for prompt + reply; a long one keeps its end, where the score is read."""
+        """The ids training saw for prompt + reply."""
         return self.tokenizer(self.encoder.render(prompt + [{"role": "assistant", "content": reply}]),
-                              add_special_tokens=False)["input_ids"][-self.encoder.cutoff_len:]
+                              add_special_tokens=False)["input_ids"]
+
+    def score(self, prompts: list[list[Message]], replies: list[str]) -> list[float]:
+        return self.score_ids([self.ids(p, r) for p, r in zip(prompts, replies)])
 
     @torch.no_grad()
-    def score(self, prompts: list[list[Message]], replies: list[str]) -> list[float]:
-        rows = [self.ids(p, r) for p, r in zip(prompts, replies)]
+    def score_ids(self, rows: list[list[int]]) -> list[float]:
+        """Scores of rendered conversations; a long one keeps its end, where the score is read."""
+        rows = [ids[-self.encoder.cutoff_len:] for ids in rows]
         device = next(self.model.parameters()).device
         out: list[float] = []
         for i in range(0, len(rows), self.batch_size):

@@ -1,0 +1,428 @@
+"""stage: ppo. RLHF: optimise the policy against a reward, held close to a reference by a KL penalty.
+
+PPO needs its own loop (rollouts between updates), so this file holds it, reusing the shared parts:
+setup, method, optimizer, checkpoints, logs and plots. One iteration, as it reads below:
+
+  1. rollout   sample a reply for each of ppo_buffer_size x batch prompts from the policy
+  2. score     the reward model (a stage-rm output) or a Python function scores each reply
+  3. reference per-token log-probs of the replies under the reference: the policy with its adapter
+               switched off (no second copy in memory), or ref_model
+  4. rewards   -kl_coef x (log pi - log ref) on every reply token, plus the score on the last one;
+               GAE advantages from the value head's estimates (losses.py)
+  5. update    ppo_epochs passes of clipped policy + value updates over mini-batches
+  6. KL coef   moves toward ppo_target (adaptive) or stays at ppo_kl_coef
+
+The value head is a zero-initialised linear layer on the policy's last hidden state (one forward
+gives both log-probs and values). Held-out prompts are answered greedily and scored before the first
+iteration and at the end (eval_reward, eval_kl), so the gain and the KL it cost are both reported.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase, get_scheduler
+
+from lmtune.config import RunConfig
+from lmtune.data.batching import collate, epoch_order
+from lmtune.data.encode import IGNORE_INDEX, EncodedRow
+from lmtune.errors import ConfigError, ModelError, RunInterrupted, TrainingError
+from lmtune.models.load import is_quantized, load_model, resolve_model, stop_token_ids
+from lmtune.models.methods import apply_method, count_parameters, evaluation
+from lmtune.models.scalar_head import VALUE_HEAD_FILE, ScalarHeadModel, decoder_hidden
+from lmtune.train import checkpoint as ckpt
+from lmtune.train.engine import build_optimizer, stop_requests
+from lmtune.train.logs import PLOT_FILE, TrainerLog, plot_loss
+from lmtune.train.losses import (AdaptiveKL, gae, kl_penalised_rewards, masked_mean,
+                                 ppo_policy_loss, ppo_value_loss, whiten)
+from lmtune.train.results import write_results
+from lmtune.train.setup import start_run
+
+GAMMA, LAM = 1.0, 0.95  # no discount inside one reply; GAE's usual bias/variance trade-off
+REWARD_PLOT = "training_reward.png"
+Scorer = Callable[[list[list[int]], list[list[int]]], list[float]]  # prompt ids, reply ids -> scores
+
+
+# --- prompts and rewards --------------------------------------------------------------------------
+
+def prompt_of(row: EncodedRow) -> list[int]:
+    """The ids before the row's last reply: the prompt the policy answers."""
+    starts = [i for i in range(1, len(row.labels))
+              if row.labels[i] != IGNORE_INDEX and row.labels[i - 1] == IGNORE_INDEX]
+    return row.input_ids[: starts[-1]] if starts else row.input_ids
+
+
+def reply_suffix(tokenizer: PreTrainedTokenizerBase) -> str:
+    """What the chat template writes after a reply's text (e.g. '<|im_end|>\\n')."""
+    marker = "\x00REPLY\x00"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "q"},
+                                          {"role": "assistant", "content": marker}], tokenize=False)
+    return text.split(marker, 1)[1]
+
+
+def reward_scorer(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, stop_ids: list[int]) -> Scorer:
+    """Score replies with the stage-rm model at cfg.reward_model, or the function it names."""
+    spec = cfg.reward_model or ""
+    if ":" in spec and not Path(spec).exists():
+        return _function_scorer(spec, tokenizer, stop_ids)
+    from lmtune.train.rm import RewardModel
+
+    if not (Path(spec) / ckpt.RUN_CONFIG).is_file():
+        raise ConfigError(f"reward_model: {spec} is neither an output_dir of stage rm nor "
+                          "'module:function'.", "train one with stage: rm, or name a function.")
+    reward = RewardModel(spec, batch_size=cfg.per_device_eval_batch_size)
+    if reward.tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ModelError(f"reward_model {spec} uses another tokenizer than the policy.",
+                         "train the reward model on the same base model as the policy.")
+    suffix = tokenizer(reply_suffix(tokenizer), add_special_tokens=False)["input_ids"]
+
+    def score(prompts: list[list[int]], replies: list[list[int]]) -> list[float]:
+        # The reward model saw rendered conversations: prompt, reply text, the template's end.
+        rows = [p + [t for t in r if t not in stop_ids] + suffix for p, r in zip(prompts, replies)]
+        return reward.score_ids(rows)
+
+    return score
+
+
+def _function_scorer(spec: str, tokenizer: PreTrainedTokenizerBase, stop_ids: list[int]) -> Scorer:
+    module_name, _, name = spec.partition(":")
+    if "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")  # modules next to the config, as `python -m` would find them
+    try:
+        function = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"reward_model: cannot load {spec}: {exc}",
+                          "name an importable module and a function in it, e.g. my_rewards:score.") from None
+
+    def score(prompts: list[list[int]], replies: list[list[int]]) -> list[float]:
+        texts = [tokenizer.decode([t for t in r if t not in stop_ids]) for r in replies]
+        values = function([tokenizer.decode(p) for p in prompts], texts)
+        if len(values) != len(texts) or not all(math.isfinite(float(v)) for v in values):
+            raise TrainingError(f"reward function {spec} returned {values!r} for {len(texts)} replies.",
+                                "return one finite number per reply.")
+        return [float(v) for v in values]
+
+    return score
+
+
+class RunningMoments:
+    """Mean and std of all scores so far (ppo_score_norm), kept in checkpoints."""
+
+    def __init__(self, state: dict[str, float] | None = None):
+        self.count, self.mean, self.m2 = (state or {}).get("count", 0), (state or {}).get("mean", 0.0), \
+            (state or {}).get("m2", 0.0)
+
+    def update(self, values: torch.Tensor) -> None:
+        for v in values.tolist():  # Welford's update
+            self.count += 1
+            delta = v - self.mean
+            self.mean += delta / self.count
+            self.m2 += delta * (v - self.mean)
+
+    def normalise(self, values: torch.Tensor) -> torch.Tensor:
+        std = math.sqrt(self.m2 / max(self.count - 1, 1)) if self.count > 1 else 1.0
+        return (values - self.mean) / max(std, 1e-6)
+
+    def state(self) -> dict[str, float]:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+
+# --- the policy's forward and the reference -------------------------------------------------------
+
+@dataclass
+class Rollout:
+    batch: dict[str, torch.Tensor]  # prompt + reply rows, labels on the reply tokens
+    mask: torch.Tensor  # (rows, length - 1): position t predicts a reply token
+    logps: torch.Tensor
+    values: torch.Tensor
+    ref_logps: torch.Tensor
+    scores: torch.Tensor
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+    def rows(self, index: list[int]) -> "Rollout":
+        pick = lambda t: t[index]  # noqa: E731
+        return Rollout({k: pick(v) for k, v in self.batch.items()}, pick(self.mask), pick(self.logps),
+                       pick(self.values), pick(self.ref_logps), pick(self.scores),
+                       pick(self.advantages), pick(self.returns))
+
+
+def token_logps(model: ScalarHeadModel, batch: dict[str, torch.Tensor],
+                with_values: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per position t < length - 1: log p(token t + 1), the value, and the entropy; zero where no
+    reply token is predicted. The output head runs only at reply positions."""
+    hidden = decoder_hidden(model.lm, batch["input_ids"], batch["attention_mask"])[:, :-1]
+    mask = batch["labels"][:, 1:] != IGNORE_INDEX
+    base = model.lm.get_base_model() if isinstance(model.lm, PeftModel) else model.lm
+    logits = base.get_output_embeddings()(hidden[mask]).float()
+    logp_all = torch.log_softmax(logits, -1)
+    picked = logp_all.gather(-1, batch["labels"][:, 1:][mask].unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    dense = lambda v: torch.zeros(mask.shape, dtype=v.dtype, device=v.device).masked_scatter(mask, v)  # noqa: E731
+    values = model.head(hidden.to(model.head.weight.dtype)).squeeze(-1).float() * mask \
+        if with_values else torch.zeros(mask.shape, device=hidden.device)
+    return dense(picked), values, dense(entropy)
+
+
+@contextmanager
+def reference_forward(cfg: RunConfig, model: ScalarHeadModel) -> Iterator[ScalarHeadModel]:
+    """A model whose token_logps are the reference's: ref_model when set, else the policy with its
+    adapter switched off, else (full / freeze) a frozen copy of the starting policy."""
+    if cfg.ref_model is not None:
+        reference = ScalarHeadModel(load_model(resolve_model(cfg.ref_model), cfg.trust_remote_code))
+        reference.to(next(model.parameters()).device).eval()
+        yield reference
+    elif isinstance(model.lm, PeftModel):
+        yield model  # the adapter is switched off around each use (see `reference_logps`)
+    else:
+        frozen = copy.deepcopy(model).eval().requires_grad_(False)
+        yield frozen
+
+
+def reference_logps(reference: ScalarHeadModel, policy: ScalarHeadModel,
+                    batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    adapter_off = reference.lm.disable_adapter() if reference is policy else nullcontext()
+    with adapter_off, evaluation(reference), torch.no_grad():
+        return token_logps(reference, batch, with_values=False)[0]
+
+
+# --- rollouts -------------------------------------------------------------------------------------
+
+def generate(model: ScalarHeadModel, prompts: list[list[int]], cfg: RunConfig, pad_id: int,
+             stop_ids: list[int], greedy: bool) -> list[list[int]]:
+    """Replies (ids, ending with a stop id unless cut at max_new_tokens) to left-padded prompts."""
+    width = max(len(p) for p in prompts)
+    device = next(model.parameters()).device
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    sampling = {"do_sample": False} if greedy else {
+        "do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k}
+    with evaluation(model), torch.no_grad():
+        out = model.lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens,
+                                eos_token_id=stop_ids, pad_token_id=pad_id,
+                                repetition_penalty=cfg.repetition_penalty, **sampling)
+    replies = []
+    for row in out[:, width:].tolist():
+        end = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
+        replies.append(row[:max(end, 1)])
+    return replies
+
+
+def rollout_batch(prompts: list[list[int]], replies: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    rows = [EncodedRow(p + r, [IGNORE_INDEX] * len(p) + r) for p, r in zip(prompts, replies)]
+    return collate(rows, pad_id)
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+    inputs = start_run(cfg)
+    tokenizer, output_dir = inputs.tokenizer, inputs.output_dir
+    stop_ids = stop_token_ids(tokenizer, inputs.model)
+    prompts = [prompt_of(r) for r in inputs.train_rows]
+    val_prompts = [prompt_of(r) for r in inputs.val_rows]
+    pad_id = tokenizer.pad_token_id
+    model = ScalarHeadModel(apply_method(inputs.model, cfg), init_std=0.0, head_file=VALUE_HEAD_FILE)
+    if not cfg.do_train:
+        print("do_train is false: data, model and method checked; nothing trained.")
+        return {}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not is_quantized(model.lm):
+        model.to(device)
+    score = reward_scorer(cfg, tokenizer, stop_ids)
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)  # noqa: E731
+
+    # --- schedule: iterations of (buffer x batch) prompts, each trained ppo_epochs times ----------
+    batch_size = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    per_iteration = batch_size * cfg.ppo_buffer_size
+    per_epoch = max(1, len(prompts) // per_iteration)
+    iterations = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * per_epoch)
+    optimizer_steps = iterations * cfg.ppo_epochs * cfg.ppo_buffer_size
+    optimizer = build_optimizer(model, cfg)
+    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer,
+                              num_warmup_steps=cfg.warmup_for(optimizer_steps),
+                              num_training_steps=optimizer_steps)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    state: dict[str, Any] = {"global_step": 0, "kl_coef": cfg.ppo_kl_coef, "score_moments": None,
+                             "eval_reward_start": None}
+    if inputs.resume_dir is not None:
+        ckpt.load_weights(model, inputs.resume_dir)
+        state = ckpt.load_training_state(inputs.resume_dir, optimizer, scheduler)
+        print(f"resuming from {inputs.resume_dir} at iteration {state['global_step']}")
+    kl_control = AdaptiveKL(state["kl_coef"], cfg.ppo_target, horizon=10_000)
+    moments = RunningMoments(state["score_moments"])
+    log = TrainerLog(output_dir, resume_step=state["global_step"])
+
+    def order(iteration: int) -> list[int]:
+        """The prompts of `iteration` (0-based): a seeded permutation per epoch, so resume replays it."""
+        epoch, slot = divmod(iteration, per_epoch)
+        perm = epoch_order(len(prompts), cfg.seed, epoch)
+        return perm[slot * per_iteration: (slot + 1) * per_iteration]
+
+    with reference_forward(cfg, model) as reference:
+
+        def held_out_eval() -> dict[str, float]:
+            """Greedy replies to the val prompts: mean score, KL to the reference, reply length."""
+            if not val_prompts:
+                return {}
+            scores, kls, lengths = [], [], []
+            for i in range(0, len(val_prompts), cfg.per_device_eval_batch_size):
+                chunk = val_prompts[i: i + cfg.per_device_eval_batch_size]
+                with autocast():
+                    replies = generate(model, chunk, cfg, pad_id, stop_ids, greedy=True)
+                    batch = {k: v.to(device) for k, v in rollout_batch(chunk, replies, pad_id).items()}
+                    with evaluation(model), torch.no_grad():
+                        logps = token_logps(model, batch, with_values=False)[0]
+                    ref = reference_logps(reference, model, batch)
+                scores += score(chunk, replies)
+                kls += (logps - ref).sum(-1).tolist()
+                lengths += [len(r) for r in replies]
+            n = len(scores)
+            return {"eval_reward": round(sum(scores) / n, 6), "eval_kl": round(sum(kls) / n, 6),
+                    "eval_response_length": round(sum(lengths) / n, 2)}
+
+        if state["eval_reward_start"] is None and val_prompts:
+            start = held_out_eval()
+            state["eval_reward_start"] = start["eval_reward"]
+            log.write({"step": 0, "epoch": 0.0} | start)
+            print(f"held-out reward before training: {start['eval_reward']:.4f}")
+
+        def save_weights(folder: Path, final: bool = False) -> None:
+            model.save_pretrained(folder, safe_serialization=True)
+            tokenizer.save_pretrained(folder)
+
+        progress = tqdm(total=iterations, initial=state["global_step"], desc="ppo", unit="iter",
+                        mininterval=1.0)
+        run_start = time.perf_counter()
+        with stop_requests() as stop_requested:
+            for iteration in range(state["global_step"] + 1, iterations + 1):
+                started = time.perf_counter()
+                chosen = [prompts[i] for i in order(iteration - 1)]
+
+                # 1-4: rollouts, scores, reference, rewards and advantages, batch by batch
+                rollouts: list[Rollout] = []
+                for b in range(0, len(chosen), batch_size):
+                    group = chosen[b: b + batch_size]
+                    with autocast():
+                        replies = generate(model, group, cfg, pad_id, stop_ids, greedy=False)
+                        batch = {k: v.to(device) for k, v in rollout_batch(group, replies, pad_id).items()}
+                        with evaluation(model), torch.no_grad():
+                            logps, values, _ = token_logps(model, batch)
+                        ref = reference_logps(reference, model, batch)
+                    raw = torch.tensor(score(group, replies), device=device)
+                    mask = (batch["labels"][:, 1:] != IGNORE_INDEX).float()
+                    rollouts.append(Rollout(batch, mask, logps, values, ref, raw))
+                raw_scores = torch.cat([r.scores for r in rollouts])
+                if cfg.ppo_score_norm:
+                    moments.update(raw_scores)
+                kls = []
+                for r in rollouts:
+                    scores = moments.normalise(r.scores) if cfg.ppo_score_norm else r.scores
+                    rewards, kl = kl_penalised_rewards(scores, r.logps, r.ref_logps, r.mask,
+                                                       kl_control.value)
+                    if cfg.ppo_whiten_rewards:
+                        rewards = whiten(rewards, r.mask, shift_mean=False)
+                    advantages, r.returns = gae(rewards, r.values, r.mask, GAMMA, LAM)
+                    r.advantages = whiten(advantages, r.mask)
+                    kls.append(kl.sum(-1))
+
+                # 5: ppo_epochs of clipped updates over mini-batches
+                totals = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0, "entropy": 0.0}
+                micro = cfg.per_device_train_batch_size
+                updates, grad_norm = 0, 0.0
+                for _ in range(cfg.ppo_epochs):
+                    for r in rollouts:
+                        perm = torch.randperm(len(r.scores)).tolist()
+                        parts = [perm[i: i + micro] for i in range(0, len(perm), micro)]
+                        for part in parts:
+                            mb = r.rows(part)
+                            with autocast():
+                                logps, values, entropy = token_logps(model, mb.batch)
+                            policy_loss, clip_fraction = ppo_policy_loss(
+                                logps, mb.logps, mb.advantages, mb.mask, cfg.ppo_clip_range)
+                            value_loss = ppo_value_loss(values, mb.values, mb.returns, mb.mask,
+                                                        cfg.ppo_clip_range)
+                            loss = (policy_loss + cfg.ppo_vf_coef * value_loss) / len(parts)
+                            if not torch.isfinite(loss):
+                                raise TrainingError(f"iteration {iteration}: the PPO loss is "
+                                                    f"{loss.item()}; training stopped.",
+                                                    "lower learning_rate or ppo_kl_coef.")
+                            loss.backward()
+                            weight = 1 / (len(parts) * cfg.ppo_epochs * len(rollouts))
+                            totals["policy_loss"] += policy_loss.item() * weight
+                            totals["value_loss"] += value_loss.item() * weight
+                            totals["clip_fraction"] += clip_fraction.item() * weight
+                            totals["entropy"] += masked_mean(entropy, mb.mask).item() * weight
+                        grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                            trainable, cfg.max_grad_norm or float("inf")))
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                        updates += 1
+
+                # 6: the KL coefficient, logs, checkpoints
+                mean_kl = torch.cat(kls).mean().item()
+                lr = scheduler.get_last_lr()[0]
+                kl_control.update(mean_kl, len(raw_scores))
+                state.update(global_step=iteration, kl_coef=kl_control.value, kl=mean_kl,
+                             reward=raw_scores.mean().item(), score_moments=moments.state())
+                progress.update(1)
+                reward = state["reward"]
+                progress.set_postfix(reward=f"{reward:.3f}", kl=f"{mean_kl:.3f}")
+                if iteration % cfg.logging_steps == 0 or iteration == iterations:
+                    record = {"step": iteration, "epoch": round(iteration / per_epoch, 4),
+                              "reward": round(reward, 6), "kl": round(mean_kl, 6),
+                              "kl_coef": round(kl_control.value, 6),
+                              "loss": round(totals["policy_loss"] + cfg.ppo_vf_coef * totals["value_loss"], 6),
+                              **{k: round(v, 6) for k, v in totals.items()},
+                              "response_length": round(
+                                  sum(r.mask.sum().item() for r in rollouts) / len(raw_scores), 2),
+                              "lr": lr, "grad_norm": round(grad_norm, 6),
+                              "seconds": round(time.perf_counter() - started, 2)}
+                    if cfg.eval_strategy == "steps" and iteration % cfg.effective_eval_steps == 0 \
+                            and iteration < iterations:
+                        record |= held_out_eval()
+                    log.write(record)
+                interrupted = bool(stop_requested) and iteration < iterations
+                if interrupted or (iteration % cfg.save_steps == 0 and iteration < iterations):
+                    ckpt.save_checkpoint(output_dir, iteration, save_weights, optimizer, scheduler,
+                                         state, cfg.to_yaml_dict())
+                    ckpt.rotate_checkpoints(output_dir, cfg.save_total_limit)
+                if interrupted:
+                    progress.close()
+                    raise RunInterrupted(
+                        f"stopped at iteration {iteration} of {iterations}; checkpoint-{iteration} "
+                        f"saved in {output_dir}.",
+                        "run the same command with resume_from_checkpoint=auto to continue.")
+        progress.close()
+        runtime = time.perf_counter() - run_start
+        final = held_out_eval()
+
+    save_weights(output_dir, final=True)
+    trainable_count, total_count = count_parameters(model)
+    results = {"train_runtime": round(runtime, 2), "global_step": state["global_step"],
+               "epoch": round(state["global_step"] / per_epoch, 4), "kl_coef": state["kl_coef"],
+               # the last iteration's mean reward and KL to the reference (summed over a reply)
+               "reward": state.get("reward"), "kl": state.get("kl"),
+               "trainable_params": trainable_count, "total_params": total_count,
+               "train_prompts": len(prompts), "val_prompts": len(val_prompts)} | final
+    if state["eval_reward_start"] is not None:
+        results["eval_reward_start"] = state["eval_reward_start"]
+    write_results(output_dir, results, cfg.to_yaml_dict())
+    if cfg.plot_loss:
+        plot_loss(log.records, output_dir / PLOT_FILE, f"ppo / {cfg.finetuning_type}")
+        plot_loss(log.records, output_dir / REWARD_PLOT, f"ppo / {cfg.finetuning_type}", key="reward")
+    return results
