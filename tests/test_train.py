@@ -62,12 +62,14 @@ def test_lora_run_writes_peft_adapter_and_outputs(tmp_path, train_config, tiny_m
 
     records = log_of(out)
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
-    assert {"loss", "lr", "grad_norm", "tokens_per_second", "epoch"} <= set(records[0])
-    assert [r["step"] for r in records if "eval_loss" in r] == [2, 4]
+    assert {"loss", "lr", "grad_norm", "tokens_per_second", "epoch"} <= set(records[1])
+    # The val split is measured before the first update too: the baseline for the rest.
+    assert [r["step"] for r in records if "eval_loss" in r] == [0, 2, 4]
     results = json.loads((out / "all_results.json").read_text())
     assert results["global_step"] == 4 and results["train_rows"] == 6 and results["val_rows"] == 2
     assert results["trainable_params"] < results["total_params"]
     assert results["eval_loss"] > 0 and results["train_tokens"] > 0
+    assert results["eval_loss_start"] == records[0]["eval_loss"] > results["eval_loss"]
 
     # The adapter reloads with peft and changes the model's output.
     ids = torch.tensor([[1, 520, 3012, 2]])

@@ -198,6 +198,12 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
         hooks.save(unwrapped, folder, final)
         tokenizer.save_pretrained(folder)
 
+    # The val split's metrics before the first update: the baseline every later eval is read
+    # against (logged as step 0; all_results.json gets them as <name>_start).
+    if eval_rows and cfg.eval_strategy != "no" and state["global_step"] == 0:
+        log.write({"step": 0, "epoch": 0.0} | evaluate(model, eval_rows, objective, cfg, pad_id,
+                                                       accelerator))
+
     # --- the loop ---------------------------------------------------------------------------------
     model.train()
     progress = tqdm(total=total_steps, initial=state["global_step"], desc="train", unit="step",
@@ -292,6 +298,8 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
     }
     if eval_rows:
         results |= evaluate(model, eval_rows, objective, cfg, pad_id, accelerator)
+        start = next((r for r in log.records if r["step"] == 0), {})
+        results |= {f"{k}_start": v for k, v in start.items() if k.startswith("eval_")}
     trainable_count, total_count = count_parameters(accelerator.unwrap_model(model))
     results |= {"trainable_params": trainable_count, "total_params": total_count} | extra_results
     write_results(output_dir, results, cfg.to_yaml_dict())
