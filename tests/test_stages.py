@@ -18,7 +18,7 @@ from lmtune.errors import ConfigError
 from lmtune.train import dpo
 from lmtune.train.checkpoint import COMPLETE_MARKER
 from lmtune.train.logs import read_log
-from lmtune.train.preference import reference_logps
+from lmtune.train.preference import collate_pairs, reference_logps
 from tests.conftest import write_json, write_yaml
 
 QUESTIONS = ["Is the sky blue?", "Do fish swim?", "Is fire hot?", "Can birds fly?", "Is snow cold?",
@@ -119,6 +119,9 @@ def test_dpo_family_learns_the_preference(tmp_path, stage_config, pref_loss):
     assert {"reward_accuracy", "reward_chosen", "reward_rejected"} <= set(first)
     assert results["eval_reward_accuracy"] == 1.0
     assert results["eval_reward_margin"] > first["reward_margin"]
+    if pref_loss not in dpo.REFERENCE_FREE:
+        # Before the first update the policy is the reference: every implicit reward is exactly 0.
+        assert results["eval_reward_margin_start"] == 0 and results["eval_reward_accuracy_start"] == 0
 
 
 def test_dpo_reference_is_the_starting_policy_and_stays_fixed(tmp_path, stage_config, tiny_model_dir,
@@ -134,14 +137,14 @@ def test_dpo_reference_is_the_starting_policy_and_stays_fixed(tmp_path, stage_co
     config = stage_config | {"stage": "dpo", "dataset": "pairs"}
     train(tmp_path, config)
     cfg = build_config(config)
-    rows = [p.pair.chosen_row() for p in seen["rows"]]
-    stored = torch.tensor([p.ref_chosen for p in seen["rows"]])
+    stored = torch.tensor([[p.ref_chosen, p.ref_rejected] for p in seen["rows"]])
 
     from transformers import AutoModelForCausalLM
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    fresh = torch.tensor(reference_logps(base, rows, cfg, seen["pad"], "check"))
+    fresh = torch.tensor(reference_logps(base, seen["rows"], collate_pairs, cfg, seen["pad"], "check"))
     assert torch.allclose(stored, fresh, atol=1e-4)  # the untouched base, computed before training
-    trained = torch.tensor(reference_logps(seen["model"].eval(), rows, cfg, seen["pad"], "check"))
+    trained = torch.tensor(reference_logps(seen["model"].eval(), seen["rows"], collate_pairs, cfg,
+                                           seen["pad"], "check"))
     assert (trained - fresh).abs().max() > 0.1  # while the policy itself moved
 
 
@@ -156,6 +159,7 @@ def test_kto_separates_desirable_from_undesirable(tmp_path, stage_config):
     config = stage_config | {"stage": "kto", "dataset": "kto", "kto_rejected_weight": 1.5}
     results = train(tmp_path, config)
     assert results["eval_reward_desirable"] > 0 > results["eval_reward_undesirable"]
+    assert results["eval_reward_desirable_start"] == 0 == results["eval_reward_undesirable_start"]
     records = read_log(Path(config["output_dir"]) / "trainer_log.jsonl")
     assert all(r["kl"] >= 0 for r in records if "kl" in r)
 

@@ -50,12 +50,12 @@ def mismatched_rows(rows: list[KTORow], cutoff_len: int) -> list[EncodedRow]:
 
 def score_answers(rows: list[KTORow], reference: torch.nn.Module, cfg: RunConfig, pad_id: int,
                   what: str) -> list[ScoredAnswer]:
-    answers = [r.row() for r in rows]
-    mismatched = mismatched_rows(rows, cfg.cutoff_len)
-    ref = reference_logps(reference, answers, cfg, pad_id, f"{what} answers")
-    ref_mismatched = reference_logps(reference, mismatched, cfg, pad_id, f"{what} mismatched")
-    return [ScoredAnswer(a, m, r.desirable, x, y)
-            for a, m, r, x, y in zip(answers, mismatched, rows, ref, ref_mismatched)]
+    answers = [ScoredAnswer(r.row(), m, r.desirable, 0.0, 0.0)
+               for r, m in zip(rows, mismatched_rows(rows, cfg.cutoff_len))]
+    for item, (ref, ref_mismatched) in zip(answers, reference_logps(reference, answers, collate_answers,
+                                                                    cfg, pad_id, what)):
+        item.ref, item.ref_mismatched = ref, ref_mismatched
+    return answers
 
 
 def collate_answers(answers: list[ScoredAnswer], pad_id: int) -> Batch:

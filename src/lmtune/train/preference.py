@@ -9,9 +9,10 @@ forward instead of two.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lmtune.config import RunConfig
 from lmtune.data.batching import collate
-from lmtune.data.encode import IGNORE_INDEX, EncodedRow, PreferenceRow
+from lmtune.data.encode import IGNORE_INDEX, PreferenceRow
 from lmtune.errors import ModelError
 from lmtune.models.load import is_quantized, load_model, load_tokenizer, resolve_model
 from lmtune.models.methods import evaluation
@@ -92,28 +93,30 @@ def _device_for(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def reference_logps(model: torch.nn.Module, rows: list[EncodedRow], cfg: RunConfig, pad_id: int,
-                    what: str) -> list[float]:
-    """Summed reply log-probs of `rows` under `model`, in the run's precision, without gradients."""
+def reference_logps(model: torch.nn.Module, items: list[Any], collate_fn: Callable[[list[Any], int], Batch],
+                    cfg: RunConfig, pad_id: int, what: str) -> list[list[float]]:
+    """For each item, the summed reply log-probs under `model` of each row `collate_fn` makes of it
+    (a pair: chosen, rejected), in the run's precision, without gradients. Items are batched as eval
+    batches them, so on the val split the policy's first eval matches the reference exactly."""
     device = _device_for(model)
-    out: list[float] = []
+    out: list[list[float]] = []
     size = cfg.per_device_eval_batch_size
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-        for i in tqdm(range(0, len(rows), size), desc=f"reference {what}", unit="batch",
-                      mininterval=1.0, disable=len(rows) <= 4 * size):
-            batch = {k: v.to(device) for k, v in collate(rows[i: i + size], pad_id).items()}
-            out += response_logps(model, batch)[0].tolist()
+        for i in tqdm(range(0, len(items), size), desc=f"reference {what}", unit="batch",
+                      mininterval=1.0, disable=len(items) <= 4 * size):
+            chunk = items[i: i + size]
+            batch = {k: v.to(device) for k, v in collate_fn(chunk, pad_id).items()}
+            logps = response_logps(model, batch)[0].float()
+            out += logps.view(-1, len(chunk)).T.tolist()  # rows are laid out kind by kind
     return out
 
 
 def score_pairs(pairs: list[PreferenceRow], reference: torch.nn.Module | None, cfg: RunConfig,
                 pad_id: int, what: str) -> list[ScoredPair]:
     """Attach reference log-probs to every pair (none when `reference` is None)."""
-    if reference is None or not pairs:
-        return [ScoredPair(p) for p in pairs]
-    chosen = reference_logps(reference, [p.chosen_row() for p in pairs], cfg, pad_id,
-                             f"{what} chosen")
-    rejected = reference_logps(reference, [p.rejected_row() for p in pairs], cfg, pad_id,
-                               f"{what} rejected")
-    return [ScoredPair(p, c, r) for p, c, r in zip(pairs, chosen, rejected)]
-
+    scored = [ScoredPair(p) for p in pairs]
+    if reference is not None and pairs:
+        for item, (chosen, rejected) in zip(scored, reference_logps(reference, scored, collate_pairs,
+                                                                   cfg, pad_id, what)):
+            item.ref_chosen, item.ref_rejected = chosen, rejected
+    return scored

@@ -1,0 +1,58 @@
+"""The stage examples on the default model, each showing the effect it exists for on held-out data.
+Slow: each trains SmolLM2-135M-Instruct for a few minutes on CPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lmtune.cli import main
+from lmtune.train.logs import read_log
+
+pytestmark = pytest.mark.slow
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run_example(name: str, output_dir: Path, *overrides: str) -> dict:
+    assert main(["train", str(EXAMPLES / f"{name}.yaml"), f"output_dir={output_dir}",
+                 f"dataset_dir={EXAMPLES.parent / 'data'}", *overrides]) == 0
+    return json.loads((output_dir / "all_results.json").read_text())
+
+
+def test_pt_lowers_held_out_perplexity(tmp_path):
+    results = run_example("pt", tmp_path / "pt")
+    assert results["eval_perplexity"] < 0.7 * results["eval_perplexity_start"]
+
+
+@pytest.fixture(scope="module")
+def reward_model(tmp_path_factory) -> tuple[Path, dict]:
+    folder = tmp_path_factory.mktemp("stages") / "rm"
+    return folder, run_example("rm", folder)
+
+
+def test_rm_ranks_held_out_pairs(reward_model):
+    _, results = reward_model
+    assert results["eval_accuracy"] >= 0.85 and results["eval_margin"] > 0
+
+
+def test_ppo_raises_the_reward_of_held_out_answers(tmp_path, reward_model):
+    folder, _ = reward_model
+    results = run_example("ppo", tmp_path / "ppo", f"reward_model={folder}")
+    assert results["eval_reward"] > results["eval_reward_start"] + 1.0
+    assert results["kl"] > 0  # the price, reported
+    records = read_log(tmp_path / "ppo" / "trainer_log.jsonl")
+    assert all("kl" in r and "reward" in r for r in records if r["step"] > 0)
+
+
+def test_dpo_raises_held_out_reward_accuracy_and_margin(tmp_path):
+    results = run_example("dpo", tmp_path / "dpo")
+    assert results["eval_reward_accuracy"] >= 0.85
+    assert results["eval_reward_margin"] > results["eval_reward_margin_start"] + 1.0
+
+
+def test_kto_moves_the_policy_toward_desirable_answers(tmp_path):
+    results = run_example("kto", tmp_path / "kto")
+    assert results["eval_reward_desirable"] > 0 > results["eval_reward_undesirable"]
+    assert results["eval_reward_desirable"] - results["eval_reward_undesirable"] > 1.0
