@@ -174,3 +174,33 @@ def test_acceptance_plan_on_80k_and_260k_records(tmp_path):
             "260,000 rows of codefeedback (0.4%); 2,000 of 340,000 in all (0.6%)") in plan["warnings"]
     assert plan["schedule"]["train_rows"] == 2000
 
+
+
+def test_plan_counts_ppo_iterations_and_measures_them(tmp_path, tiny_model_dir, capsys):
+    data = write_json(tmp_path / "prompts.json", ALPACA * 3)  # 24 prompts
+    config = {"model_name_or_path": tiny_model_dir, "stage": "ppo", "dataset": str(data),
+              "reward_model": "tests.ppo_rewards:letter_share", "output_dir": str(tmp_path / "out"),
+              "lora_rank": 4, "per_device_train_batch_size": 4, "ppo_buffer_size": 2,
+              "ppo_epochs": 3, "num_train_epochs": 2.0, "max_new_tokens": 4, "logging_steps": 1}
+    plan = plan_json(tmp_path, config, "--measure", "--measure-steps", "2", capsys=capsys)
+    s = plan["schedule"]
+    # 8 prompts per iteration -> 3 iterations per epoch, 6 in all; each trains its 2 batches 3 times.
+    assert (s["effective_batch"], s["steps_per_epoch"], s["iterations"], s["optimizer_steps"]) == (
+        8, 3, 6, 36)
+    assert plan["measured"]["seconds_per_iteration"] > 0
+    assert plan["measured"]["estimated_train_seconds"] == pytest.approx(
+        6 * plan["measured"]["seconds_per_iteration"])
+    assert main(["train", str(write_yaml(tmp_path / "run.yaml", config))]) == 0
+    results = json.loads((tmp_path / "out" / "all_results.json").read_text())
+    assert results["global_step"] == s["iterations"]
+
+
+def test_plan_counts_both_rows_of_a_preference_pair(tmp_path, tiny_model_dir, capsys):
+    write_json(tmp_path / "pairs.json", [{"instruction": "Hi?", "chosen": "Hello.",
+                                      "rejected": "Go away, please."}] * 4)
+    write_json(tmp_path / "dataset_info.json", {"pairs": {"file_name": "pairs.json", "ranking": True}})
+    base = {"model_name_or_path": tiny_model_dir, "dataset": "pairs", "dataset_dir": str(tmp_path),
+            "output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 2}
+    dpo = plan_json(tmp_path, base | {"stage": "dpo"}, capsys=capsys)
+    length = dpo["data"]["train"]["max"]
+    assert dpo["model"]["micro_batch_tokens"] == 2 * 2 * length  # 2 pairs x (chosen + rejected)

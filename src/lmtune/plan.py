@@ -30,6 +30,7 @@ from lmtune.data.report import DataReport
 from lmtune.errors import ConfigError
 from lmtune.models.load import load_tokenizer, resolve_model, stop_token_ids
 from lmtune.models.methods import apply_method, count_parameters
+from lmtune.train import ppo
 
 GIB = 2**30
 
@@ -47,7 +48,15 @@ def meta_model(model_path: str, cfg: RunConfig) -> torch.nn.Module:
 
 
 def schedule(cfg: RunConfig, n_rows: int, report_packing: Any) -> dict[str, Any]:
-    """Steps as the training loop counts them (engine.fit): a shorter last window still steps."""
+    """Steps as the training loop counts them (engine.fit, or ppo's iterations): a shorter last
+    window still steps."""
+    if cfg.stage == "ppo":
+        plan = ppo.schedule(cfg, n_rows)
+        return {"train_rows": n_rows, "effective_batch": plan.prompts_per_iteration,
+                "steps_per_epoch": plan.iterations_per_epoch, "iterations": plan.iterations,
+                "optimizer_steps": plan.optimizer_steps,
+                "epochs": round(plan.iterations / plan.iterations_per_epoch, 3),
+                "warmup_steps": cfg.warmup_for(plan.optimizer_steps)}
     per_epoch = steps_per_epoch(n_rows, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps)
     total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * per_epoch)
     effective = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
@@ -100,9 +109,17 @@ def model_side(model: torch.nn.Module, cfg: RunConfig, train_rows: list[Row]) ->
                               f"what trains ({type(exc).__name__}); run with --measure"}
     trainable, total = count_parameters(model)
     # The largest micro-batch: packed rows fill cutoff_len; else the longest rows pad together.
+    # A preference pair is two rows (chosen, rejected), a KTO answer two (with its mismatched pair);
+    # a ppo row is a prompt and up to max_new_tokens of reply.
     longest = sorted((r.length for r in train_rows), reverse=True)[: cfg.per_device_train_batch_size]
     targets = sorted((r.n_targets for r in train_rows), reverse=True)[: cfg.per_device_train_batch_size]
-    tokens = len(longest) * (longest[0] if longest else 0)
+    if cfg.stage == "ppo":
+        longest = [n + cfg.max_new_tokens for n in longest]
+        targets = [cfg.max_new_tokens] * len(longest)
+    rows_per_item = 2 if cfg.stage in ("rm", "dpo", "kto") else 1
+    tokens = rows_per_item * len(longest) * (longest[0] if longest else 0)
+    if cfg.stage == "rm":
+        targets = []  # a scalar head instead of the output head
     out |= {"total_params": total, "trainable_params": trainable,
             "trainable_percent": round(100 * trainable / total, 4),
             "memory_gib": memory_estimate(model, cfg, tokens, sum(targets)),
@@ -110,8 +127,9 @@ def model_side(model: torch.nn.Module, cfg: RunConfig, train_rows: list[Row]) ->
     return out
 
 
-def measure(cfg: RunConfig, steps: int, train_tokens: int) -> dict[str, Any]:
-    """A few real optimizer steps of the stage, in a scratch output_dir: tokens/s and wall time."""
+def measure(cfg: RunConfig, steps: int) -> dict[str, Any]:
+    """A few real optimizer steps (ppo: iterations) of the stage, in a scratch output_dir: the speed
+    and peak memory."""
     from lmtune.train import STAGES
     from lmtune.train.logs import read_log
 
@@ -123,14 +141,16 @@ def measure(cfg: RunConfig, steps: int, train_tokens: int) -> dict[str, Any]:
         with contextlib.redirect_stdout(io.StringIO()):
             STAGES[cfg.stage](run_cfg)
         log = read_log(Path(scratch) / "trainer_log.jsonl")
-    speeds = [r["tokens_per_second"] for r in log[1:]]  # the first step warms up
-    tokens_per_second = statistics.median(speeds)
+    steps_run = [r for r in log if r["step"] > 1]  # the first step warms up; step 0 is eval
     peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"steps": len(speeds), "tokens_per_second": round(tokens_per_second, 1),
-            "estimated_train_seconds": round(train_tokens / tokens_per_second, 3),
-            "peak_memory_gib": round(peak / GIB, 3),
-            "peak_memory_kind": "cuda allocated" if torch.cuda.is_available() else "process RSS"}
+    out = {"steps": len(steps_run), "peak_memory_gib": round(peak / GIB, 3),
+           "peak_memory_kind": "cuda allocated" if torch.cuda.is_available() else "process RSS"}
+    if cfg.stage == "ppo":  # an iteration's time is mostly generation, not tokens trained
+        return out | {"seconds_per_iteration": round(
+            statistics.median(r["seconds"] for r in steps_run), 2)}
+    return out | {"tokens_per_second": round(
+        statistics.median(r["tokens_per_second"] for r in steps_run), 1)}
 
 
 def _trained_text(tokenizer: PreTrainedTokenizerBase, ids: list[int], labels: list[int]) -> str:
@@ -184,7 +204,7 @@ def build_plan(cfg: RunConfig, measure_steps: int = 0) -> tuple[dict[str, Any], 
     model = meta_model(model_path, cfg)
     data = prepare_data(cfg, tokenizer, stop_token_ids(tokenizer, model))
     train_rows, _ = training_rows(data, cfg, model.config)
-    plan: dict[str, Any] = {"stage": cfg.stage, "data": data.report.to_dict(),
+    plan: dict[str, Any] = {"stage": cfg.stage, "ppo_epochs": cfg.ppo_epochs, "data": data.report.to_dict(),
                             "schedule": schedule(cfg, len(train_rows), data.report.packing),
                             "model": model_side(model, cfg, train_rows)}
     warnings = data.report.warnings()
@@ -196,9 +216,14 @@ def build_plan(cfg: RunConfig, measure_steps: int = 0) -> tuple[dict[str, Any], 
         warnings.append(f"max_steps={cfg.max_steps} ends the run before one epoch "
                         f"({steps['steps_per_epoch']} steps) is done")
     if measure_steps:
-        train_tokens = sum(r.n_tokens for r in train_rows) * steps["optimizer_steps"] / max(
-            1, steps["steps_per_epoch"])
-        plan["measured"] = measure(cfg, measure_steps, round(train_tokens))
+        measured = measure(cfg, measure_steps)
+        if cfg.stage == "ppo":
+            seconds = measured["seconds_per_iteration"] * steps["iterations"]
+        else:
+            train_tokens = sum(r.n_tokens for r in train_rows) * steps["optimizer_steps"] / max(
+                1, steps["steps_per_epoch"])
+            seconds = train_tokens / measured["tokens_per_second"]
+        plan["measured"] = measured | {"estimated_train_seconds": round(seconds, 3)}
     plan["warnings"] = warnings
     return plan, data, tokenizer
 
@@ -208,9 +233,15 @@ def plan_lines(plan: dict[str, Any], report: DataReport) -> list[str]:
     lines = [f"== data (stage {plan['stage']}) =="] + report.lines()
     s = plan["schedule"]
     lines.append("== schedule ==")
-    lines.append(f"{s['train_rows']:,} training rows, effective batch {s['effective_batch']} -> "
-                 f"{s['steps_per_epoch']:,} steps per epoch; {s['optimizer_steps']:,} optimizer steps "
-                 f"({s['epochs']} epochs), {s['warmup_steps']:,} warmup")
+    if "iterations" in s:
+        lines.append(f"{s['train_rows']:,} prompts, {s['effective_batch']} per iteration -> "
+                     f"{s['steps_per_epoch']:,} iterations per epoch; {s['iterations']:,} iterations "
+                     f"({s['epochs']} epochs), {s['optimizer_steps']:,} optimizer steps "
+                     f"(ppo_epochs {plan['ppo_epochs']}), {s['warmup_steps']:,} warmup")
+    else:
+        lines.append(f"{s['train_rows']:,} training rows, effective batch {s['effective_batch']} -> "
+                     f"{s['steps_per_epoch']:,} steps per epoch; {s['optimizer_steps']:,} optimizer "
+                     f"steps ({s['epochs']} epochs), {s['warmup_steps']:,} warmup")
     if "samples_per_step" in s:
         lines.append(f"packing puts about {s['samples_per_step']} samples in each optimizer step")
     m = plan["model"]
@@ -227,8 +258,10 @@ def plan_lines(plan: dict[str, Any], report: DataReport) -> list[str]:
     if "measured" in plan:
         r = plan["measured"]
         lines.append(f"== measured ({r['steps']} steps) ==")
-        lines.append(f"{r['tokens_per_second']:,} tokens/s -> about {_duration(r['estimated_train_seconds'])}"
-                     f" of training; peak {r['peak_memory_kind']} {r['peak_memory_gib']:.2f} GiB")
+        speed = (f"{r['seconds_per_iteration']} s per iteration" if "seconds_per_iteration" in r
+                 else f"{r['tokens_per_second']:,} tokens/s")
+        lines.append(f"{speed} -> about {_duration(r['estimated_train_seconds'])} of training; "
+                     f"peak {r['peak_memory_kind']} {r['peak_memory_gib']:.2f} GiB")
     lines += [f"warning: {w}" for w in plan["warnings"]]
     return lines
 

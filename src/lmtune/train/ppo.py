@@ -227,6 +227,21 @@ def rollout_batch(prompts: list[list[int]], replies: list[list[int]], pad_id: in
 
 # --- the run --------------------------------------------------------------------------------------
 
+@dataclass
+class Schedule:
+    prompts_per_iteration: int  # ppo_buffer_size batches of batch x accumulation prompts
+    iterations_per_epoch: int
+    iterations: int  # max_steps counts iterations
+    optimizer_steps: int  # each batch of rollouts is trained ppo_epochs times, one step per pass
+
+
+def schedule(cfg: RunConfig, n_prompts: int) -> Schedule:
+    per_iteration = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * cfg.ppo_buffer_size
+    per_epoch = max(1, n_prompts // per_iteration)
+    iterations = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * per_epoch)
+    return Schedule(per_iteration, per_epoch, iterations, iterations * cfg.ppo_epochs * cfg.ppo_buffer_size)
+
+
 def run(cfg: RunConfig) -> dict[str, Any]:
     inputs = start_run(cfg)
     tokenizer, output_dir = inputs.tokenizer, inputs.output_dir
@@ -244,12 +259,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     score = reward_scorer(cfg, tokenizer, stop_ids)
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)  # noqa: E731
 
-    # --- schedule: iterations of (buffer x batch) prompts, each trained ppo_epochs times ----------
     batch_size = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
-    per_iteration = batch_size * cfg.ppo_buffer_size
-    per_epoch = max(1, len(prompts) // per_iteration)
-    iterations = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * per_epoch)
-    optimizer_steps = iterations * cfg.ppo_epochs * cfg.ppo_buffer_size
+    plan = schedule(cfg, len(prompts))
+    per_iteration, per_epoch, iterations, optimizer_steps = (
+        plan.prompts_per_iteration, plan.iterations_per_epoch, plan.iterations, plan.optimizer_steps)
     optimizer = build_optimizer(model, cfg)
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer,
                               num_warmup_steps=cfg.warmup_for(optimizer_steps),
