@@ -96,3 +96,27 @@ def test_reference_is_the_base_with_the_adapter_off(tiny_model_dir, tokenizer):
     assert torch.allclose(ref, expected, atol=1e-5)
     assert (moved - expected).abs().max() > 1e-3
     assert ref[0, :2].abs().sum() == 0 and (ref[0, 2:] < 0).all()  # only reply positions count
+
+
+@pytest.mark.parametrize("how", ["full", "ref_model"])
+def test_ppo_reference_without_an_adapter_to_switch_off(tmp_path, ppo_config, tiny_model_dir, how):
+    """full: a frozen copy of the starting policy; ref_model: that model, loaded."""
+    config = ppo_config | {"max_steps": 3}
+    if how == "full":
+        config = {k: v for k, v in config.items() if k != "lora_rank"} | {
+            "finetuning_type": "full", "learning_rate": 1e-4}
+    else:
+        config["ref_model"] = tiny_model_dir
+    train(tmp_path, config)
+    steps = [r for r in read_log(Path(config["output_dir"]) / "trainer_log.jsonl") if r["step"] > 0]
+    assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-4) and steps[-1]["kl"] != 0
+
+
+def test_a_reward_function_that_cannot_load_is_named(tmp_path, ppo_config, capsys):
+    from lmtune.cli import main
+    from tests.conftest import write_yaml
+
+    config = ppo_config | {"reward_model": "no_such_module:score"}
+    assert main(["train", str(write_yaml(tmp_path / "bad.yaml", config))]) == 2
+    err = capsys.readouterr().err
+    assert "reward_model: cannot load no_such_module:score" in err and "my_rewards:score" in err

@@ -106,6 +106,9 @@ def test_reward_model_resumes_exactly(tmp_path, stage_config):
     train(tmp_path, resumed | {"resume_from_checkpoint": "auto"})
     again = load_file(tmp_path / "resumed" / "scalar_head.safetensors")
     assert torch.equal(whole["weight"], again["weight"])
+    # A fully fine-tuned reward model loads by path as well as a LoRA one.
+    from lmtune.train.rm import RewardModel
+    assert len(RewardModel(out).score([[{"role": "user", "content": "Is ice cold?"}]], ["Yes."])) == 1
 
 
 @pytest.mark.parametrize("pref_loss", ["sigmoid", "ipo", "hinge", "orpo", "simpo"])
