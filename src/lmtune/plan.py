@@ -223,7 +223,7 @@ def build_plan(cfg: RunConfig, measure_steps: int = 0) -> tuple[dict[str, Any], 
             train_tokens = sum(r.n_tokens for r in train_rows) * steps["optimizer_steps"] / max(
                 1, steps["steps_per_epoch"])
             seconds = train_tokens / measured["tokens_per_second"]
-        plan["measured"] = measured | {"estimated_train_seconds": round(seconds, 3)}
+        plan["measured"] = measured | {"estimated_train_seconds": round(seconds, 6)}
     plan["warnings"] = warnings
     return plan, data, tokenizer
 
