@@ -93,6 +93,13 @@ def test_reward_model_learns_to_rank_and_reloads_by_path(tmp_path, stage_config)
     no = reward.score(held_out, ["No.", "No."])
     assert all(y > n for y, n in zip(yes, no))
 
+    # Exported, the adapter is merged and the head goes with it: the same scores, standalone.
+    export_dir = tmp_path / "merged"
+    assert main(["export", str(tmp_path / "run.yaml"), f"export_dir={export_dir}"]) == 0
+    assert not (export_dir / "adapter_config.json").exists()
+    assert RewardModel(export_dir).score(held_out, ["Yes.", "No."]) == pytest.approx(
+        [yes[0], no[1]], abs=1e-4)
+
 
 def test_reward_model_resumes_exactly(tmp_path, stage_config):
     config = full(stage_config) | {"stage": "rm", "dataset": "pairs", "learning_rate": 1e-3, "max_steps": 4, "save_steps": 2,

@@ -6,12 +6,13 @@ used as adapters. A full or freeze run's model is written as it is. Merging into
 would round the merged weights back to 4 or 8 bits, so a quantized base is refused unless
 export_full_precision asks for the base in full precision. The merged folder holds safetensors
 weights, the tokenizer and its chat template, so any HF loader (and vLLM) uses it with the template
-it was trained with.
+it was trained with. A reward model (stage rm) keeps its scalar head beside the merged weights.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -21,6 +22,8 @@ from lmtune.errors import ConfigError, ModelError, TrainingError
 from lmtune.infer.chat import trained_output
 from lmtune.models.load import is_quantized, load_model, load_tokenizer, resolve_model, tokenizer_source
 from lmtune.models.methods import MERGEABLE, adapter_type, load_adapters
+from lmtune.models.scalar_head import HEAD_FILE
+from lmtune.train.checkpoint import RUN_CONFIG
 
 EXPORT_MARKER = "lmtune_export.json"
 
@@ -78,6 +81,12 @@ def export(cfg: RunConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True, max_shard_size=f"{cfg.export_size}GB")
     tokenizer.save_pretrained(out)
+    trained = Path(adapters[-1]) if adapters else Path(model_path)
+    if (trained / HEAD_FILE).is_file():
+        # A reward model: its scalar head (and the run config that says how it encodes) go with
+        # it, so the merged folder scores as the adapter did (lmtune.train.rm.RewardModel).
+        for name in (HEAD_FILE, RUN_CONFIG):
+            shutil.copyfile(trained / name, out / name)
     (out / EXPORT_MARKER).write_text(json.dumps({"base": cfg.model_name_or_path, "adapters": adapters},
                                                 indent=2))
     print(f"exported {model_name}" + (f" + {', '.join(adapters)}" if adapters else "") + f" to {out}")
