@@ -198,3 +198,15 @@ def test_eval_dataset_is_the_val_split(tmp_path, stage_config, data_dir):
     assert [d["name"] for d in report["datasets"]] == ["pairs", f"{data_dir / 'held_out.json'} (eval)"]
     with pytest.raises(ConfigError, match="eval_dataset and val_size"):
         build_config(config | {"val_size": 0.1})
+
+
+def test_reward_model_with_frozen_layers_trains_the_head_and_the_last_layer(tmp_path, stage_config):
+    config = {k: v for k, v in stage_config.items() if k != "lora_rank"} | {
+        "stage": "rm", "dataset": "pairs", "finetuning_type": "freeze", "freeze_trainable_layers": 1,
+        "max_steps": 3, "eval_strategy": "no", "val_size": 0}
+    results = train(tmp_path, config)
+    out = Path(config["output_dir"])
+    head = load_file(out / "scalar_head.safetensors")
+    assert head["weight"].shape[-1] == 64 and (out / "model.safetensors").is_file()
+    # The last decoder layer and the head train; everything below stays frozen.
+    assert 0 < results["trainable_params"] < results["total_params"] / 2
