@@ -120,3 +120,26 @@ def test_a_reward_function_that_cannot_load_is_named(tmp_path, ppo_config, capsy
     assert main(["train", str(write_yaml(tmp_path / "bad.yaml", config))]) == 2
     err = capsys.readouterr().err
     assert "reward_model: cannot load no_such_module:score" in err and "my_rewards:score" in err
+
+
+def test_ppo_stop_request_saves_a_checkpoint_and_resumes(tmp_path, ppo_config, monkeypatch):
+    from contextlib import contextmanager
+
+    from lmtune.cli import main
+    from lmtune.train import ppo
+    from tests.conftest import write_yaml
+
+    @contextmanager
+    def ctrl_c_at_once():
+        yield [2]  # as if SIGINT arrived during the first iteration
+
+    config = ppo_config | {"max_steps": 3}
+    monkeypatch.setattr(ppo, "stop_requests", ctrl_c_at_once)
+    assert main(["train", str(write_yaml(tmp_path / "run.yaml", config))]) == 130
+    out = Path(config["output_dir"])
+    assert (out / "checkpoint-1" / "value_head.safetensors").is_file()
+    assert not (out / "all_results.json").exists()
+    monkeypatch.undo()
+    results = train(tmp_path, config | {"resume_from_checkpoint": "auto"})
+    assert results["global_step"] == 3
+    assert [r["step"] for r in read_log(out / "trainer_log.jsonl")] == [0, 1, 2, 3]
