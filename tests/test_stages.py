@@ -93,6 +93,8 @@ def test_reward_model_learns_to_rank_and_reloads_by_path(tmp_path, stage_config)
     no = reward.score(held_out, ["No.", "No."])
     assert all(y > n for y, n in zip(yes, no))
 
+    assert main(["chat", str(tmp_path / "run.yaml"), "--prompt", "Hi"]) == 2  # it does not chat
+
     # Exported, the adapter is merged and the head goes with it: the same scores, standalone.
     export_dir = tmp_path / "merged"
     assert main(["export", str(tmp_path / "run.yaml"), f"export_dir={export_dir}"]) == 0

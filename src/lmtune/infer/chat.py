@@ -17,10 +17,11 @@ from transformers import PreTrainedTokenizerBase, TextStreamer
 from lmtune.config import RunConfig
 from lmtune.data.encode import ChatEncoder
 from lmtune.data.formats import Message, fill_placeholders, Conversation
-from lmtune.errors import DataError
+from lmtune.errors import DataError, ModelError
 from lmtune.models.load import (load_model, load_tokenizer, resolve_model, stop_token_ids,
                                 tokenizer_source)
 from lmtune.models.methods import load_adapters
+from lmtune.models.scalar_head import HEAD_FILE
 
 
 def trained_output(cfg: RunConfig) -> tuple[str | None, list[str]]:
@@ -48,6 +49,11 @@ class ChatSession:
         if use_trained and not adapters:
             full, trained_adapters = trained_output(cfg)
             model_name, adapters = full or model_name, trained_adapters
+            if (Path(cfg.output_dir or "") / HEAD_FILE).is_file():
+                raise ModelError(f"{cfg.output_dir} holds a reward model: it scores answers, it "
+                                 "does not write them.",
+                                 "score with lmtune.train.rm.RewardModel(output_dir).score(prompts, "
+                                 "replies), use it as reward_model of stage ppo, or chat with --base.")
         model_path = resolve_model(model_name)
         tokenizer = load_tokenizer(tokenizer_source(model_path, adapters), cfg.trust_remote_code)
         model = load_model(model_path, cfg.trust_remote_code)
