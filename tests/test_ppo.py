@@ -52,14 +52,24 @@ def test_ppo_raises_the_held_out_reward_and_reports_what_it_paid(tmp_path, ppo_c
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out)
 
 
-def test_ppo_resumes_exactly(tmp_path, ppo_config):
+@pytest.mark.parametrize("method", ["lora", "full", "ref_model"])
+def test_ppo_resumes_exactly(tmp_path, ppo_config, tiny_model_dir, method):
+    """The reference stays the START across a resume: for full fine-tuning a frozen copy made before
+    the checkpoint's weights load; a loaded ref_model draws no random numbers, so sampling after a
+    resume continues exactly."""
     config = ppo_config | {"max_steps": 4, "save_steps": 2}
+    if method == "full":
+        config = {k: v for k, v in config.items() if k != "lora_rank"} | {
+            "finetuning_type": "full", "learning_rate": 1e-4}
+    if method == "ref_model":
+        config["ref_model"] = tiny_model_dir
     train(tmp_path, config)
     out = Path(config["output_dir"])
     resumed = config | {"output_dir": str(tmp_path / "resumed"), "resume_from_checkpoint": "auto"}
     shutil.copytree(out / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
     train(tmp_path, resumed)
-    for name in ("adapter_model.safetensors", "value_head.safetensors"):
+    weights = "model.safetensors" if method == "full" else "adapter_model.safetensors"
+    for name in (weights, "value_head.safetensors"):
         a, b = load_file(out / name), load_file(tmp_path / "resumed" / name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
     first = read_log(out / "trainer_log.jsonl")

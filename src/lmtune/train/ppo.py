@@ -24,8 +24,8 @@ import importlib
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,19 +176,19 @@ def token_logps(model: ScalarHeadModel, batch: dict[str, torch.Tensor],
     return dense(picked), values, dense(entropy)
 
 
-@contextmanager
-def reference_forward(cfg: RunConfig, model: ScalarHeadModel) -> Iterator[ScalarHeadModel]:
-    """A model whose token_logps are the reference's: ref_model when set, else the policy with its
-    adapter switched off, else (full / freeze) a frozen copy of the starting policy."""
+def reference_model(cfg: RunConfig, model: ScalarHeadModel) -> ScalarHeadModel:
+    """A model whose token_logps are the reference's: ref_model when set, else the policy itself
+    (its adapter is switched off around each use, see `reference_logps`), else (full / freeze) a
+    frozen copy of the starting policy. Made before a resumed run loads its weights, so the
+    reference is always the start."""
     if cfg.ref_model is not None:
-        reference = ScalarHeadModel(load_model(resolve_model(cfg.ref_model), cfg.trust_remote_code))
-        reference.to(next(model.parameters()).device).eval()
-        yield reference
-    elif isinstance(model.lm, PeftModel):
-        yield model  # the adapter is switched off around each use (see `reference_logps`)
-    else:
-        frozen = copy.deepcopy(model).eval().requires_grad_(False)
-        yield frozen
+        # Its head is never used; a zero init draws no random numbers.
+        reference = ScalarHeadModel(load_model(resolve_model(cfg.ref_model), cfg.trust_remote_code),
+                                    init_std=0.0)
+        return reference.to(next(model.parameters()).device).eval()
+    if isinstance(model.lm, PeftModel):
+        return model
+    return copy.deepcopy(model).eval().requires_grad_(False)
 
 
 def reference_logps(reference: ScalarHeadModel, policy: ScalarHeadModel,
@@ -256,6 +256,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not is_quantized(model.lm):
         model.to(device)
+    reference = reference_model(cfg, model)
     score = reward_scorer(cfg, tokenizer, stop_ids)
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)  # noqa: E731
 
@@ -285,144 +286,143 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         perm = epoch_order(len(prompts), cfg.seed, epoch)
         return perm[slot * per_iteration: (slot + 1) * per_iteration]
 
-    with reference_forward(cfg, model) as reference:
 
-        def held_out_eval() -> dict[str, float]:
-            """Greedy replies to the val prompts: mean score, KL to the reference, reply length."""
-            if not val_prompts:
-                return {}
-            scores, kls, lengths = [], [], []
-            for i in range(0, len(val_prompts), cfg.per_device_eval_batch_size):
-                chunk = val_prompts[i: i + cfg.per_device_eval_batch_size]
+    def held_out_eval() -> dict[str, float]:
+        """Greedy replies to the val prompts: mean score, KL to the reference, reply length."""
+        if not val_prompts:
+            return {}
+        scores, kls, lengths = [], [], []
+        for i in range(0, len(val_prompts), cfg.per_device_eval_batch_size):
+            chunk = val_prompts[i: i + cfg.per_device_eval_batch_size]
+            with autocast():
+                replies = generate(model, chunk, cfg, pad_id, stop_ids, greedy=True)
+                batch = {k: v.to(device) for k, v in rollout_batch(chunk, replies, pad_id).items()}
+                with evaluation(model), torch.no_grad():
+                    logps = token_logps(model, batch, with_values=False)[0]
+                ref = reference_logps(reference, model, batch)
+            scores += score(chunk, replies)
+            kls += (logps - ref).sum(-1).tolist()
+            lengths += [len(r) for r in replies]
+        n = len(scores)
+        return {"eval_reward": round(sum(scores) / n, 6), "eval_kl": round(sum(kls) / n, 6),
+                "eval_response_length": round(sum(lengths) / n, 2)}
+
+    if state["eval_reward_start"] is None and val_prompts:
+        start = held_out_eval()
+        state["eval_reward_start"] = start["eval_reward"]
+        log.write({"step": 0, "epoch": 0.0} | start)
+        print(f"held-out reward before training: {start['eval_reward']:.4f}")
+
+    def save_weights(folder: Path, final: bool = False) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+
+    progress = tqdm(total=iterations, initial=state["global_step"], desc="ppo", unit="iter",
+                    mininterval=1.0)
+    run_start = time.perf_counter()
+    with stop_requests() as stop_requested:
+        for iteration in range(state["global_step"] + 1, iterations + 1):
+            started = time.perf_counter()
+            chosen = [prompts[i] for i in order(iteration - 1)]
+
+            # 1-4: rollouts, scores, reference, rewards and advantages, batch by batch
+            rollouts: list[Rollout] = []
+            for b in range(0, len(chosen), batch_size):
+                group = chosen[b: b + batch_size]
                 with autocast():
-                    replies = generate(model, chunk, cfg, pad_id, stop_ids, greedy=True)
-                    batch = {k: v.to(device) for k, v in rollout_batch(chunk, replies, pad_id).items()}
+                    replies = generate(model, group, cfg, pad_id, stop_ids, greedy=False)
+                    batch = {k: v.to(device) for k, v in rollout_batch(group, replies, pad_id).items()}
                     with evaluation(model), torch.no_grad():
-                        logps = token_logps(model, batch, with_values=False)[0]
+                        logps, values, _ = token_logps(model, batch)
                     ref = reference_logps(reference, model, batch)
-                scores += score(chunk, replies)
-                kls += (logps - ref).sum(-1).tolist()
-                lengths += [len(r) for r in replies]
-            n = len(scores)
-            return {"eval_reward": round(sum(scores) / n, 6), "eval_kl": round(sum(kls) / n, 6),
-                    "eval_response_length": round(sum(lengths) / n, 2)}
+                raw = torch.tensor(score(group, replies), device=device)
+                mask = (batch["labels"][:, 1:] != IGNORE_INDEX).float()
+                rollouts.append(Rollout(batch, mask, logps, values, ref, raw))
+            raw_scores = torch.cat([r.scores for r in rollouts])
+            if cfg.ppo_score_norm:
+                moments.update(raw_scores)
+            kls = []
+            for r in rollouts:
+                scores = moments.normalise(r.scores) if cfg.ppo_score_norm else r.scores
+                rewards, kl = kl_penalised_rewards(scores, r.logps, r.ref_logps, r.mask,
+                                                   kl_control.value)
+                if cfg.ppo_whiten_rewards:
+                    rewards = whiten(rewards, r.mask, shift_mean=False)
+                advantages, r.returns = gae(rewards, r.values, r.mask, GAMMA, LAM)
+                r.advantages = whiten(advantages, r.mask)
+                kls.append(kl.sum(-1))
 
-        if state["eval_reward_start"] is None and val_prompts:
-            start = held_out_eval()
-            state["eval_reward_start"] = start["eval_reward"]
-            log.write({"step": 0, "epoch": 0.0} | start)
-            print(f"held-out reward before training: {start['eval_reward']:.4f}")
-
-        def save_weights(folder: Path, final: bool = False) -> None:
-            model.save_pretrained(folder, safe_serialization=True)
-            tokenizer.save_pretrained(folder)
-
-        progress = tqdm(total=iterations, initial=state["global_step"], desc="ppo", unit="iter",
-                        mininterval=1.0)
-        run_start = time.perf_counter()
-        with stop_requests() as stop_requested:
-            for iteration in range(state["global_step"] + 1, iterations + 1):
-                started = time.perf_counter()
-                chosen = [prompts[i] for i in order(iteration - 1)]
-
-                # 1-4: rollouts, scores, reference, rewards and advantages, batch by batch
-                rollouts: list[Rollout] = []
-                for b in range(0, len(chosen), batch_size):
-                    group = chosen[b: b + batch_size]
-                    with autocast():
-                        replies = generate(model, group, cfg, pad_id, stop_ids, greedy=False)
-                        batch = {k: v.to(device) for k, v in rollout_batch(group, replies, pad_id).items()}
-                        with evaluation(model), torch.no_grad():
-                            logps, values, _ = token_logps(model, batch)
-                        ref = reference_logps(reference, model, batch)
-                    raw = torch.tensor(score(group, replies), device=device)
-                    mask = (batch["labels"][:, 1:] != IGNORE_INDEX).float()
-                    rollouts.append(Rollout(batch, mask, logps, values, ref, raw))
-                raw_scores = torch.cat([r.scores for r in rollouts])
-                if cfg.ppo_score_norm:
-                    moments.update(raw_scores)
-                kls = []
+            # 5: ppo_epochs of clipped updates over mini-batches
+            totals = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0, "entropy": 0.0}
+            micro = cfg.per_device_train_batch_size
+            updates, grad_norm = 0, 0.0
+            for _ in range(cfg.ppo_epochs):
                 for r in rollouts:
-                    scores = moments.normalise(r.scores) if cfg.ppo_score_norm else r.scores
-                    rewards, kl = kl_penalised_rewards(scores, r.logps, r.ref_logps, r.mask,
-                                                       kl_control.value)
-                    if cfg.ppo_whiten_rewards:
-                        rewards = whiten(rewards, r.mask, shift_mean=False)
-                    advantages, r.returns = gae(rewards, r.values, r.mask, GAMMA, LAM)
-                    r.advantages = whiten(advantages, r.mask)
-                    kls.append(kl.sum(-1))
+                    perm = torch.randperm(len(r.scores)).tolist()
+                    parts = [perm[i: i + micro] for i in range(0, len(perm), micro)]
+                    for part in parts:
+                        mb = r.rows(part)
+                        with autocast():
+                            logps, values, entropy = token_logps(model, mb.batch)
+                        policy_loss, clip_fraction = ppo_policy_loss(
+                            logps, mb.logps, mb.advantages, mb.mask, cfg.ppo_clip_range)
+                        value_loss = ppo_value_loss(values, mb.values, mb.returns, mb.mask,
+                                                    cfg.ppo_clip_range)
+                        loss = (policy_loss + cfg.ppo_vf_coef * value_loss) / len(parts)
+                        if not torch.isfinite(loss):
+                            raise TrainingError(f"iteration {iteration}: the PPO loss is "
+                                                f"{loss.item()}; training stopped.",
+                                                "lower learning_rate or ppo_kl_coef.")
+                        loss.backward()
+                        weight = 1 / (len(parts) * cfg.ppo_epochs * len(rollouts))
+                        totals["policy_loss"] += policy_loss.item() * weight
+                        totals["value_loss"] += value_loss.item() * weight
+                        totals["clip_fraction"] += clip_fraction.item() * weight
+                        totals["entropy"] += masked_mean(entropy, mb.mask).item() * weight
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                        trainable, cfg.max_grad_norm or float("inf")))
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    updates += 1
 
-                # 5: ppo_epochs of clipped updates over mini-batches
-                totals = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0, "entropy": 0.0}
-                micro = cfg.per_device_train_batch_size
-                updates, grad_norm = 0, 0.0
-                for _ in range(cfg.ppo_epochs):
-                    for r in rollouts:
-                        perm = torch.randperm(len(r.scores)).tolist()
-                        parts = [perm[i: i + micro] for i in range(0, len(perm), micro)]
-                        for part in parts:
-                            mb = r.rows(part)
-                            with autocast():
-                                logps, values, entropy = token_logps(model, mb.batch)
-                            policy_loss, clip_fraction = ppo_policy_loss(
-                                logps, mb.logps, mb.advantages, mb.mask, cfg.ppo_clip_range)
-                            value_loss = ppo_value_loss(values, mb.values, mb.returns, mb.mask,
-                                                        cfg.ppo_clip_range)
-                            loss = (policy_loss + cfg.ppo_vf_coef * value_loss) / len(parts)
-                            if not torch.isfinite(loss):
-                                raise TrainingError(f"iteration {iteration}: the PPO loss is "
-                                                    f"{loss.item()}; training stopped.",
-                                                    "lower learning_rate or ppo_kl_coef.")
-                            loss.backward()
-                            weight = 1 / (len(parts) * cfg.ppo_epochs * len(rollouts))
-                            totals["policy_loss"] += policy_loss.item() * weight
-                            totals["value_loss"] += value_loss.item() * weight
-                            totals["clip_fraction"] += clip_fraction.item() * weight
-                            totals["entropy"] += masked_mean(entropy, mb.mask).item() * weight
-                        grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                            trainable, cfg.max_grad_norm or float("inf")))
-                        optimizer.step()
-                        scheduler.step()
-                        optimizer.zero_grad(set_to_none=True)
-                        updates += 1
-
-                # 6: the KL coefficient, logs, checkpoints
-                mean_kl = torch.cat(kls).mean().item()
-                lr = scheduler.get_last_lr()[0]
-                kl_control.update(mean_kl, len(raw_scores))
-                state.update(global_step=iteration, kl_coef=kl_control.value, kl=mean_kl,
-                             reward=raw_scores.mean().item(), score_moments=moments.state())
-                progress.update(1)
-                reward = state["reward"]
-                progress.set_postfix(reward=f"{reward:.3f}", kl=f"{mean_kl:.3f}")
-                if iteration % cfg.logging_steps == 0 or iteration == iterations:
-                    record = {"step": iteration, "epoch": round(iteration / per_epoch, 4),
-                              "reward": round(reward, 6), "kl": round(mean_kl, 6),
-                              "kl_coef": round(kl_control.value, 6),
-                              "loss": round(totals["policy_loss"] + cfg.ppo_vf_coef * totals["value_loss"], 6),
-                              **{k: round(v, 6) for k, v in totals.items()},
-                              "response_length": round(
-                                  sum(r.mask.sum().item() for r in rollouts) / len(raw_scores), 2),
-                              "lr": lr, "grad_norm": round(grad_norm, 6),
-                              "seconds": round(time.perf_counter() - started, 2)}
-                    if cfg.eval_strategy == "steps" and iteration % cfg.effective_eval_steps == 0 \
-                            and iteration < iterations:
-                        record |= held_out_eval()
-                    log.write(record)
-                interrupted = bool(stop_requested) and iteration < iterations
-                if interrupted or (iteration % cfg.save_steps == 0 and iteration < iterations):
-                    ckpt.save_checkpoint(output_dir, iteration, save_weights, optimizer, scheduler,
-                                         state, cfg.to_yaml_dict())
-                    ckpt.rotate_checkpoints(output_dir, cfg.save_total_limit)
-                if interrupted:
-                    progress.close()
-                    raise RunInterrupted(
-                        f"stopped at iteration {iteration} of {iterations}; checkpoint-{iteration} "
-                        f"saved in {output_dir}.",
-                        "run the same command with resume_from_checkpoint=auto to continue.")
-        progress.close()
-        runtime = time.perf_counter() - run_start
-        final = held_out_eval()
+            # 6: the KL coefficient, logs, checkpoints
+            mean_kl = torch.cat(kls).mean().item()
+            lr = scheduler.get_last_lr()[0]
+            kl_control.update(mean_kl, len(raw_scores))
+            state.update(global_step=iteration, kl_coef=kl_control.value, kl=mean_kl,
+                         reward=raw_scores.mean().item(), score_moments=moments.state())
+            progress.update(1)
+            reward = state["reward"]
+            progress.set_postfix(reward=f"{reward:.3f}", kl=f"{mean_kl:.3f}")
+            if iteration % cfg.logging_steps == 0 or iteration == iterations:
+                record = {"step": iteration, "epoch": round(iteration / per_epoch, 4),
+                          "reward": round(reward, 6), "kl": round(mean_kl, 6),
+                          "kl_coef": round(kl_control.value, 6),
+                          "loss": round(totals["policy_loss"] + cfg.ppo_vf_coef * totals["value_loss"], 6),
+                          **{k: round(v, 6) for k, v in totals.items()},
+                          "response_length": round(
+                              sum(r.mask.sum().item() for r in rollouts) / len(raw_scores), 2),
+                          "lr": lr, "grad_norm": round(grad_norm, 6),
+                          "seconds": round(time.perf_counter() - started, 2)}
+                if cfg.eval_strategy == "steps" and iteration % cfg.effective_eval_steps == 0 \
+                        and iteration < iterations:
+                    record |= held_out_eval()
+                log.write(record)
+            interrupted = bool(stop_requested) and iteration < iterations
+            if interrupted or (iteration % cfg.save_steps == 0 and iteration < iterations):
+                ckpt.save_checkpoint(output_dir, iteration, save_weights, optimizer, scheduler,
+                                     state, cfg.to_yaml_dict())
+                ckpt.rotate_checkpoints(output_dir, cfg.save_total_limit)
+            if interrupted:
+                progress.close()
+                raise RunInterrupted(
+                    f"stopped at iteration {iteration} of {iterations}; checkpoint-{iteration} "
+                    f"saved in {output_dir}.",
+                    "run the same command with resume_from_checkpoint=auto to continue.")
+    progress.close()
+    runtime = time.perf_counter() - run_start
+    final = held_out_eval()
 
     save_weights(output_dir, final=True)
     trainable_count, total_count = count_parameters(model)

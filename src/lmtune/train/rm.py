@@ -65,7 +65,7 @@ class RewardModel:
             lm = load_adapters(load_model(base), [str(folder)], trainable_last=False, merge_last=True)
         else:
             lm = load_model(str(folder))
-        self.model = ScalarHeadModel(lm)
+        self.model = ScalarHeadModel(lm, init_std=0.0)  # zero init: loading draws no random numbers
         self.model.load_head(folder)
         self.model.eval().requires_grad_(False)
         self.encoder = ChatEncoder(self.tokenizer, stop_token_ids(self.tokenizer, lm),
