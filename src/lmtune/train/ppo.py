@@ -182,9 +182,11 @@ def reference_model(cfg: RunConfig, model: ScalarHeadModel) -> ScalarHeadModel:
     frozen copy of the starting policy. Made before a resumed run loads its weights, so the
     reference is always the start."""
     if cfg.ref_model is not None:
-        # Its head is never used; a zero init draws no random numbers.
-        reference = ScalarHeadModel(load_model(resolve_model(cfg.ref_model), cfg.trust_remote_code),
-                                    init_std=0.0)
+        # Loading draws random numbers (weight init before the checkpoint's weights arrive); the
+        # run's sampling must not depend on where its reference comes from.
+        with torch.random.fork_rng(devices=[]):
+            reference = ScalarHeadModel(load_model(resolve_model(cfg.ref_model),
+                                                   cfg.trust_remote_code), init_std=0.0)
         return reference.to(next(model.parameters()).device).eval()
     if isinstance(model.lm, PeftModel):
         return model
