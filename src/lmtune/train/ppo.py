@@ -227,6 +227,104 @@ def rollout_batch(prompts: list[list[int]], replies: list[list[int]], pad_id: in
     return collate(rows, pad_id)
 
 
+@dataclass
+class Sampler:
+    """Answers prompts with the policy and measures the answers: scores, log-probs, values and the
+    reference's log-probs, all without gradients."""
+
+    model: ScalarHeadModel
+    reference: ScalarHeadModel
+    score: Scorer
+    cfg: RunConfig
+    pad_id: int
+    stop_ids: list[int]
+    device: torch.device
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
+
+    def rollout(self, prompts: list[list[int]], greedy: bool) -> Rollout:
+        with self.autocast():
+            replies = generate(self.model, prompts, self.cfg, self.pad_id, self.stop_ids, greedy)
+            batch = {k: v.to(self.device)
+                     for k, v in rollout_batch(prompts, replies, self.pad_id).items()}
+            with evaluation(self.model), torch.no_grad():
+                logps, values, _ = token_logps(self.model, batch)
+            ref = reference_logps(self.reference, self.model, batch)
+        scores = torch.tensor(self.score(prompts, replies), device=self.device)
+        mask = (batch["labels"][:, 1:] != IGNORE_INDEX).float()
+        return Rollout(batch, mask, logps, values, ref, scores)
+
+    def held_out(self, prompts: list[list[int]]) -> dict[str, float]:
+        """Greedy replies to held-out prompts: mean score, summed log-ratio to the reference (eval_kl)
+        and reply length."""
+        if not prompts:
+            return {}
+        scores, kls, lengths = [], [], []
+        for i in range(0, len(prompts), self.cfg.per_device_eval_batch_size):
+            r = self.rollout(prompts[i: i + self.cfg.per_device_eval_batch_size], greedy=True)
+            scores += r.scores.tolist()
+            kls += ((r.logps - r.ref_logps) * r.mask).sum(-1).tolist()
+            lengths += r.mask.sum(-1).tolist()
+        n = len(scores)
+        return {"eval_reward": round(sum(scores) / n, 6), "eval_kl": round(sum(kls) / n, 6),
+                "eval_response_length": round(sum(lengths) / n, 2)}
+
+
+def set_advantages(rollouts: list[Rollout], cfg: RunConfig, kl_coef: float,
+                   moments: RunningMoments) -> torch.Tensor:
+    """Rewards (score minus the KL penalty), GAE advantages and returns of every rollout; -> the KL
+    of each reply to the reference, summed over its tokens."""
+    if cfg.ppo_score_norm:
+        moments.update(torch.cat([r.scores for r in rollouts]))
+    kls = []
+    for r in rollouts:
+        scores = moments.normalise(r.scores) if cfg.ppo_score_norm else r.scores
+        rewards, kl = kl_penalised_rewards(scores, r.logps, r.ref_logps, r.mask, kl_coef)
+        if cfg.ppo_whiten_rewards:
+            rewards = whiten(rewards, r.mask, shift_mean=False)
+        advantages, r.returns = gae(rewards, r.values, r.mask, GAMMA, LAM)
+        r.advantages = whiten(advantages, r.mask)
+        kls.append(kl.sum(-1))
+    return torch.cat(kls)
+
+
+def update(model: ScalarHeadModel, rollouts: list[Rollout], cfg: RunConfig, optimizer, scheduler,
+           sampler: Sampler, iteration: int) -> tuple[dict[str, float], float]:
+    """ppo_epochs passes over the rollouts: per batch of rollouts, mini-batches of
+    per_device_train_batch_size accumulate into one optimizer step. -> mean losses, last grad norm."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    totals = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0, "entropy": 0.0}
+    micro, grad_norm = cfg.per_device_train_batch_size, 0.0
+    for _ in range(cfg.ppo_epochs):
+        for r in rollouts:
+            perm = torch.randperm(len(r.scores)).tolist()
+            parts = [perm[i: i + micro] for i in range(0, len(perm), micro)]
+            for part in parts:
+                mb = r.rows(part)
+                with sampler.autocast():
+                    logps, values, entropy = token_logps(model, mb.batch)
+                policy_loss, clip_fraction = ppo_policy_loss(logps, mb.logps, mb.advantages, mb.mask,
+                                                             cfg.ppo_clip_range)
+                value_loss = ppo_value_loss(values, mb.values, mb.returns, mb.mask, cfg.ppo_clip_range)
+                loss = (policy_loss + cfg.ppo_vf_coef * value_loss) / len(parts)
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"iteration {iteration}: the PPO loss is {loss.item()}; "
+                                        "training stopped.", "lower learning_rate or ppo_kl_coef.")
+                loss.backward()
+                weight = 1 / (len(parts) * cfg.ppo_epochs * len(rollouts))
+                for key, value in (("policy_loss", policy_loss), ("value_loss", value_loss),
+                                   ("clip_fraction", clip_fraction),
+                                   ("entropy", masked_mean(entropy, mb.mask))):
+                    totals[key] += value.item() * weight
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable,
+                                                             cfg.max_grad_norm or float("inf")))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+    return totals, grad_norm
+
+
 # --- the run --------------------------------------------------------------------------------------
 
 @dataclass
@@ -250,7 +348,6 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     stop_ids = stop_token_ids(tokenizer, inputs.model)
     prompts = [prompt_of(r) for r in inputs.train_rows]
     val_prompts = [prompt_of(r) for r in inputs.val_rows]
-    pad_id = tokenizer.pad_token_id
     model = ScalarHeadModel(apply_method(inputs.model, cfg), init_std=0.0, head_file=VALUE_HEAD_FILE)
     if not cfg.do_train:
         print("do_train is false: data, model and method checked; nothing trained.")
@@ -258,23 +355,21 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not is_quantized(model.lm):
         model.to(device)
-    reference = reference_model(cfg, model)
-    score = reward_scorer(cfg, tokenizer, stop_ids)
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)  # noqa: E731
+    sampler = Sampler(model, reference_model(cfg, model), reward_scorer(cfg, tokenizer, stop_ids),
+                      cfg, tokenizer.pad_token_id, stop_ids, device)
 
     batch_size = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
     plan = schedule(cfg, len(prompts))
-    per_iteration, per_epoch, iterations, optimizer_steps = (
-        plan.prompts_per_iteration, plan.iterations_per_epoch, plan.iterations, plan.optimizer_steps)
+    per_iteration, per_epoch, iterations = (plan.prompts_per_iteration, plan.iterations_per_epoch,
+                                            plan.iterations)
     optimizer = build_optimizer(model, cfg)
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer,
-                              num_warmup_steps=cfg.warmup_for(optimizer_steps),
-                              num_training_steps=optimizer_steps)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+                              num_warmup_steps=cfg.warmup_for(plan.optimizer_steps),
+                              num_training_steps=plan.optimizer_steps)
 
     state: dict[str, Any] = {"global_step": 0, "kl_coef": cfg.ppo_kl_coef, "score_moments": None,
                              "eval_reward_start": None}
-    if inputs.resume_dir is not None:
+    if inputs.resume_dir is not None:  # after the reference was made: it stays the start
         ckpt.load_weights(model, inputs.resume_dir)
         state = ckpt.load_training_state(inputs.resume_dir, optimizer, scheduler)
         print(f"resuming from {inputs.resume_dir} at iteration {state['global_step']}")
@@ -288,29 +383,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         perm = epoch_order(len(prompts), cfg.seed, epoch)
         return perm[slot * per_iteration: (slot + 1) * per_iteration]
 
-
-    def held_out_eval() -> dict[str, float]:
-        """Greedy replies to the val prompts: mean score, KL to the reference, reply length."""
-        if not val_prompts:
-            return {}
-        scores, kls, lengths = [], [], []
-        for i in range(0, len(val_prompts), cfg.per_device_eval_batch_size):
-            chunk = val_prompts[i: i + cfg.per_device_eval_batch_size]
-            with autocast():
-                replies = generate(model, chunk, cfg, pad_id, stop_ids, greedy=True)
-                batch = {k: v.to(device) for k, v in rollout_batch(chunk, replies, pad_id).items()}
-                with evaluation(model), torch.no_grad():
-                    logps = token_logps(model, batch, with_values=False)[0]
-                ref = reference_logps(reference, model, batch)
-            scores += score(chunk, replies)
-            kls += (logps - ref).sum(-1).tolist()
-            lengths += [len(r) for r in replies]
-        n = len(scores)
-        return {"eval_reward": round(sum(scores) / n, 6), "eval_kl": round(sum(kls) / n, 6),
-                "eval_response_length": round(sum(lengths) / n, 2)}
-
     if state["eval_reward_start"] is None and val_prompts:
-        start = held_out_eval()
+        start = sampler.held_out(val_prompts)
         state["eval_reward_start"] = start["eval_reward"]
         log.write({"step": 0, "epoch": 0.0} | start)
         print(f"held-out reward before training: {start['eval_reward']:.4f}")
@@ -326,90 +400,33 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         for iteration in range(state["global_step"] + 1, iterations + 1):
             started = time.perf_counter()
             chosen = [prompts[i] for i in order(iteration - 1)]
-
-            # 1-4: rollouts, scores, reference, rewards and advantages, batch by batch
-            rollouts: list[Rollout] = []
-            for b in range(0, len(chosen), batch_size):
-                group = chosen[b: b + batch_size]
-                with autocast():
-                    replies = generate(model, group, cfg, pad_id, stop_ids, greedy=False)
-                    batch = {k: v.to(device) for k, v in rollout_batch(group, replies, pad_id).items()}
-                    with evaluation(model), torch.no_grad():
-                        logps, values, _ = token_logps(model, batch)
-                    ref = reference_logps(reference, model, batch)
-                raw = torch.tensor(score(group, replies), device=device)
-                mask = (batch["labels"][:, 1:] != IGNORE_INDEX).float()
-                rollouts.append(Rollout(batch, mask, logps, values, ref, raw))
-            raw_scores = torch.cat([r.scores for r in rollouts])
-            if cfg.ppo_score_norm:
-                moments.update(raw_scores)
-            kls = []
-            for r in rollouts:
-                scores = moments.normalise(r.scores) if cfg.ppo_score_norm else r.scores
-                rewards, kl = kl_penalised_rewards(scores, r.logps, r.ref_logps, r.mask,
-                                                   kl_control.value)
-                if cfg.ppo_whiten_rewards:
-                    rewards = whiten(rewards, r.mask, shift_mean=False)
-                advantages, r.returns = gae(rewards, r.values, r.mask, GAMMA, LAM)
-                r.advantages = whiten(advantages, r.mask)
-                kls.append(kl.sum(-1))
-
-            # 5: ppo_epochs of clipped updates over mini-batches
-            totals = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0, "entropy": 0.0}
-            micro = cfg.per_device_train_batch_size
-            updates, grad_norm = 0, 0.0
-            for _ in range(cfg.ppo_epochs):
-                for r in rollouts:
-                    perm = torch.randperm(len(r.scores)).tolist()
-                    parts = [perm[i: i + micro] for i in range(0, len(perm), micro)]
-                    for part in parts:
-                        mb = r.rows(part)
-                        with autocast():
-                            logps, values, entropy = token_logps(model, mb.batch)
-                        policy_loss, clip_fraction = ppo_policy_loss(
-                            logps, mb.logps, mb.advantages, mb.mask, cfg.ppo_clip_range)
-                        value_loss = ppo_value_loss(values, mb.values, mb.returns, mb.mask,
-                                                    cfg.ppo_clip_range)
-                        loss = (policy_loss + cfg.ppo_vf_coef * value_loss) / len(parts)
-                        if not torch.isfinite(loss):
-                            raise TrainingError(f"iteration {iteration}: the PPO loss is "
-                                                f"{loss.item()}; training stopped.",
-                                                "lower learning_rate or ppo_kl_coef.")
-                        loss.backward()
-                        weight = 1 / (len(parts) * cfg.ppo_epochs * len(rollouts))
-                        totals["policy_loss"] += policy_loss.item() * weight
-                        totals["value_loss"] += value_loss.item() * weight
-                        totals["clip_fraction"] += clip_fraction.item() * weight
-                        totals["entropy"] += masked_mean(entropy, mb.mask).item() * weight
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                        trainable, cfg.max_grad_norm or float("inf")))
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    updates += 1
-
+            # 1-3: sample, score, reference; 4: rewards and advantages
+            rollouts = [sampler.rollout(chosen[b: b + batch_size], greedy=False)
+                        for b in range(0, len(chosen), batch_size)]
+            kls = set_advantages(rollouts, cfg, kl_control.value, moments)
+            # 5: ppo_epochs of clipped updates
+            totals, grad_norm = update(model, rollouts, cfg, optimizer, scheduler, sampler, iteration)
             # 6: the KL coefficient, logs, checkpoints
-            mean_kl = torch.cat(kls).mean().item()
-            lr = scheduler.get_last_lr()[0]
-            kl_control.update(mean_kl, len(raw_scores))
+            scores = torch.cat([r.scores for r in rollouts])
+            mean_kl, lr = kls.mean().item(), scheduler.get_last_lr()[0]
+            kl_control.update(mean_kl, len(scores))
             state.update(global_step=iteration, kl_coef=kl_control.value, kl=mean_kl,
-                         reward=raw_scores.mean().item(), score_moments=moments.state())
+                         reward=scores.mean().item(), score_moments=moments.state())
             progress.update(1)
-            reward = state["reward"]
-            progress.set_postfix(reward=f"{reward:.3f}", kl=f"{mean_kl:.3f}")
+            progress.set_postfix(reward=f"{state['reward']:.3f}", kl=f"{mean_kl:.3f}")
             if iteration % cfg.logging_steps == 0 or iteration == iterations:
                 record = {"step": iteration, "epoch": round(iteration / per_epoch, 4),
-                          "reward": round(reward, 6), "kl": round(mean_kl, 6),
+                          "reward": round(state["reward"], 6), "kl": round(mean_kl, 6),
                           "kl_coef": round(kl_control.value, 6),
                           "loss": round(totals["policy_loss"] + cfg.ppo_vf_coef * totals["value_loss"], 6),
                           **{k: round(v, 6) for k, v in totals.items()},
                           "response_length": round(
-                              sum(r.mask.sum().item() for r in rollouts) / len(raw_scores), 2),
+                              sum(r.mask.sum().item() for r in rollouts) / len(scores), 2),
                           "lr": lr, "grad_norm": round(grad_norm, 6),
                           "seconds": round(time.perf_counter() - started, 2)}
                 if cfg.eval_strategy == "steps" and iteration % cfg.effective_eval_steps == 0 \
                         and iteration < iterations:
-                    record |= held_out_eval()
+                    record |= sampler.held_out(val_prompts)
                 log.write(record)
             interrupted = bool(stop_requested) and iteration < iterations
             if interrupted or (iteration % cfg.save_steps == 0 and iteration < iterations):
@@ -424,7 +441,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                     "run the same command with resume_from_checkpoint=auto to continue.")
     progress.close()
     runtime = time.perf_counter() - run_start
-    final = held_out_eval()
+    final = sampler.held_out(val_prompts)
 
     save_weights(output_dir, final=True)
     trainable_count, total_count = count_parameters(model)
