@@ -212,3 +212,21 @@ def test_reward_model_with_frozen_layers_trains_the_head_and_the_last_layer(tmp_
     assert head["weight"].shape[-1] == 64 and (out / "model.safetensors").is_file()
     # The last decoder layer and the head train; everything below stays frozen.
     assert 0 < results["trainable_params"] < results["total_params"] / 2
+
+
+@pytest.mark.parametrize("values, ok", [
+    ({"reward_model_type": "lora"}, True), ({"reward_model_type": "full"}, True),
+    ({"pref_bco_weight": 0.0}, True), ({"ref_model_adapters": None}, True),
+    ({"reward_model_type": "api"}, False), ({"pref_bco_weight": 0.5}, False),
+    ({"ld_alpha": 0.5}, False), ({"ref_model_adapters": "saves/a"}, False),
+])
+def test_llamafactory_stage_keys_run_unchanged_or_are_refused_with_a_fix(values, ok):
+    base = {"stage": "ppo", "reward_model": "saves/rm", "dataset": "x", "output_dir": "out"}
+    if ok:
+        assert build_config(base | values).stage == "ppo"
+        return
+    with pytest.raises(ConfigError) as info:
+        build_config(base | values)
+    key = next(iter(values))
+    assert f"{key}: {values[key]!r} is a LLaMA-Factory feature lmtune does not have" in info.value.message
+    assert info.value.fix

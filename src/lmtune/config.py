@@ -41,6 +41,23 @@ ACCEPTED_NOT_APPLIED: dict[str, str] = {
 }
 
 
+# LLaMA-Factory keys for features lmtune does not have. At their default (off) a YAML runs
+# unchanged; any other value is refused with what to do instead, never silently ignored.
+NOT_SUPPORTED: dict[str, tuple[Any, str]] = {
+    "pref_bco_weight": (0.0, "the BCO term of dpo is not implemented; remove it (or set 0)."),
+    "ld_alpha": (None, "LD-DPO's length weighting is not implemented; remove it."),
+    "reward_model_type": ("lora", "lmtune tells a LoRA reward model from a full one by its folder; "
+                          "'api' (a reward server) is not supported offline: use reward_model: "
+                          "module:function to call your own code."),
+    "reward_model_adapters": (None, "reward_model is the output_dir of a stage rm run, which holds "
+                              "its adapter; remove reward_model_adapters."),
+    "reward_model_quantization_bit": (None, "the reward model loads in full precision; remove it."),
+    "ref_model_adapters": (None, "merge the adapters into a model with `lmtune export` and name "
+                           "that folder as ref_model."),
+    "ref_model_quantization_bit": (None, "the reference loads in full precision; remove it."),
+}
+
+
 class RunConfig(BaseModel):
     """Every key a YAML file may set. Each field's description is its one-line documentation."""
 
@@ -583,11 +600,18 @@ def build_config(values: dict[str, Any], source: str = "config") -> RunConfig:
     """Validate a flat dict of keys into a RunConfig. `source` names the file in messages."""
     values = dict(values)
     not_applied = {k: values.pop(k) for k in list(values) if k in ACCEPTED_NOT_APPLIED}
+    for key in [k for k in values if k in NOT_SUPPORTED]:
+        default, fix = NOT_SUPPORTED[key]
+        value = values.pop(key)
+        # reward_model_type 'full' is accepted too: the folder says what it holds.
+        if value != default and not (key == "reward_model_type" and value == "full"):
+            raise ConfigError(f"{source}: {key}: {value!r} is a LLaMA-Factory feature lmtune does "
+                              "not have.", fix)
     valid = known_keys()
     unknown = [k for k in values if k not in valid]
     if unknown:
         key = unknown[0]
-        guess = _closest(key, valid + list(ACCEPTED_NOT_APPLIED))
+        guess = _closest(key, valid + list(ACCEPTED_NOT_APPLIED) + list(NOT_SUPPORTED))
         hint = f"did you mean '{guess}'?" if guess else "see `lmtune train --help` for every key."
         raise ConfigError(f"{source}: unknown key '{key}'.", hint)
     try:
@@ -683,4 +707,7 @@ def describe_keys() -> str:
         lines.append(f"  {name} (default {default!r})\n      {field.description}")
     accepted = ", ".join(sorted(ACCEPTED_NOT_APPLIED))
     lines.append(f"\n  Accepted for compatibility, not applied in a single-process run: {accepted}")
+    off_only = ", ".join(f"{k} ({v[0]!r})" for k, v in sorted(NOT_SUPPORTED.items()))
+    lines.append(f"  LLaMA-Factory keys accepted only at their default (the feature is not in lmtune): "
+                 f"{off_only}")
     return "\n".join(lines)
