@@ -23,8 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lmtune.cli import main
-from lmtune.config import (ACCEPTED_NOT_APPLIED, RunConfig, build_config, known_keys, load_config,
-                           parse_overrides)
+from lmtune.config import (ACCEPTED_NOT_APPLIED, NOT_SUPPORTED, RunConfig, build_config, known_keys,
+                           load_config, parse_overrides)
 from lmtune.data.sources import load_conversations
 from lmtune.errors import ConfigError, DataError, LmtuneError
 from tests.conftest import ALPACA, write_json, write_yaml
@@ -74,7 +74,7 @@ near_misses = st.builds(_near_miss, st.sampled_from(KEYS), st.integers(0, 40),
 config_keys = st.one_of(
     st.sampled_from(KEYS), st.sampled_from(KEYS),  # twice: real keys are what reach the type checks
     near_misses,
-    st.sampled_from(sorted(ACCEPTED_NOT_APPLIED)),
+    st.sampled_from(sorted(ACCEPTED_NOT_APPLIED)), st.sampled_from(sorted(NOT_SUPPORTED)),
     st.text(max_size=12),
     # YAML turns `1:`, `true:`, `~:` and `1.5:` into non-string keys.
     st.integers(-5, 5), st.booleans(), st.none(), st.floats(allow_nan=True),
@@ -111,7 +111,8 @@ def test_build_config_accepts_or_names_the_key(values):
         cfg = build_config(values)
     except ConfigError as exc:
         text = assert_user_error(exc)
-        unknown = [k for k in values if k not in KEYS and k not in ACCEPTED_NOT_APPLIED]
+        unknown = [k for k in values
+                   if k not in KEYS and k not in ACCEPTED_NOT_APPLIED and k not in NOT_SUPPORTED]
         if unknown:  # the first unknown key is reported, with a guess or a pointer to --help
             assert f"unknown key '{unknown[0]}'" in text
         else:  # a wrong type or a combination: defaults are valid, so the culprit is an input key
@@ -335,7 +336,7 @@ def test_datasets_load_or_name_the_file(content, suffix, info, by_relative_name,
 
 wrong_types = st.sampled_from([
     ("lora_rank", "many"), ("lora_rank", 0), ("learning_rate", "fast"), ("learning_rate", float("inf")),
-    ("bf16", "maybe"), ("finetuning_type", "partial"), ("stage", "dpo"), ("cutoff_len", 1),
+    ("bf16", "maybe"), ("finetuning_type", "partial"), ("stage", "grpo"), ("cutoff_len", 1),
     ("max_samples", 0), ("top_p", 2), ("num_train_epochs", 0), ("warmup_steps", float("nan")),
     ("seed", [1, 2]), ("data_vars", "name"), ("report_to", "wandb"), ("export_legacy_format", True),
     ("val_size", -1), ("lr_scheduler_type", "cosine_with_restarts"), ("per_device_train_batch_size", 1.5),
@@ -348,7 +349,7 @@ combinations = st.sampled_from([
     {"resume_from_checkpoint": "auto", "overwrite_output_dir": True},
 ])
 unknown_keys = st.one_of(near_misses, st.text(string.ascii_lowercase + "_", min_size=1, max_size=12)).filter(
-    lambda k: k not in KEYS and k not in ACCEPTED_NOT_APPLIED)
+    lambda k: k not in KEYS and k not in ACCEPTED_NOT_APPLIED and k not in NOT_SUPPORTED)
 # Keys that never cause or cure one of the defects above.
 noise = st.dictionaries(st.sampled_from(["seed", "logging_steps", "save_steps",
                                          "max_new_tokens", "per_device_train_batch_size"]),

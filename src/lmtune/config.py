@@ -600,13 +600,7 @@ def build_config(values: dict[str, Any], source: str = "config") -> RunConfig:
     """Validate a flat dict of keys into a RunConfig. `source` names the file in messages."""
     values = dict(values)
     not_applied = {k: values.pop(k) for k in list(values) if k in ACCEPTED_NOT_APPLIED}
-    for key in [k for k in values if k in NOT_SUPPORTED]:
-        default, fix = NOT_SUPPORTED[key]
-        value = values.pop(key)
-        # reward_model_type 'full' is accepted too: the folder says what it holds.
-        if value != default and not (key == "reward_model_type" and value == "full"):
-            raise ConfigError(f"{source}: {key}: {value!r} is a LLaMA-Factory feature lmtune does "
-                              "not have.", fix)
+    off_only = {k: values.pop(k) for k in list(values) if k in NOT_SUPPORTED}
     valid = known_keys()
     unknown = [k for k in values if k not in valid]
     if unknown:
@@ -614,6 +608,12 @@ def build_config(values: dict[str, Any], source: str = "config") -> RunConfig:
         guess = _closest(key, valid + list(ACCEPTED_NOT_APPLIED) + list(NOT_SUPPORTED))
         hint = f"did you mean '{guess}'?" if guess else "see `lmtune train --help` for every key."
         raise ConfigError(f"{source}: unknown key '{key}'.", hint)
+    for key, value in off_only.items():
+        default, fix = NOT_SUPPORTED[key]
+        # reward_model_type 'full' is accepted too: the folder says what it holds.
+        if value != default and not (key == "reward_model_type" and value == "full"):
+            raise ConfigError(f"{source}: {key}: {value!r} is a LLaMA-Factory feature lmtune does "
+                              "not have.", fix)
     try:
         cfg = RunConfig(**values)
     except ValidationError as exc:
