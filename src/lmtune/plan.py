@@ -54,7 +54,7 @@ def schedule(cfg: RunConfig, n_rows: int, report_packing: Any) -> dict[str, Any]
         plan = ppo.schedule(cfg, n_rows)
         return {"train_rows": n_rows, "effective_batch": plan.prompts_per_iteration,
                 "steps_per_epoch": plan.iterations_per_epoch, "iterations": plan.iterations,
-                "optimizer_steps": plan.optimizer_steps,
+                "optimizer_steps": plan.optimizer_steps, "ppo_epochs": cfg.ppo_epochs,
                 "epochs": round(plan.iterations / plan.iterations_per_epoch, 3),
                 "warmup_steps": cfg.warmup_for(plan.optimizer_steps)}
     per_epoch = steps_per_epoch(n_rows, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps)
@@ -204,7 +204,7 @@ def build_plan(cfg: RunConfig, measure_steps: int = 0) -> tuple[dict[str, Any], 
     model = meta_model(model_path, cfg)
     data = prepare_data(cfg, tokenizer, stop_token_ids(tokenizer, model))
     train_rows, _ = training_rows(data, cfg, model.config)
-    plan: dict[str, Any] = {"stage": cfg.stage, "ppo_epochs": cfg.ppo_epochs, "data": data.report.to_dict(),
+    plan: dict[str, Any] = {"stage": cfg.stage, "data": data.report.to_dict(),
                             "schedule": schedule(cfg, len(train_rows), data.report.packing),
                             "model": model_side(model, cfg, train_rows)}
     warnings = data.report.warnings()
@@ -237,7 +237,7 @@ def plan_lines(plan: dict[str, Any], report: DataReport) -> list[str]:
         lines.append(f"{s['train_rows']:,} prompts, {s['effective_batch']} per iteration -> "
                      f"{s['steps_per_epoch']:,} iterations per epoch; {s['iterations']:,} iterations "
                      f"({s['epochs']} epochs), {s['optimizer_steps']:,} optimizer steps "
-                     f"(ppo_epochs {plan['ppo_epochs']}), {s['warmup_steps']:,} warmup")
+                     f"(ppo_epochs {s['ppo_epochs']}), {s['warmup_steps']:,} warmup")
     else:
         lines.append(f"{s['train_rows']:,} training rows, effective batch {s['effective_batch']} -> "
                      f"{s['steps_per_epoch']:,} steps per epoch; {s['optimizer_steps']:,} optimizer "

@@ -101,8 +101,7 @@ def _tally(results: list[Result], counts: DatasetCounts) -> list[Row]:
     counts.dropped_over_long = statuses.count(OVER_LONG)
     counts.dropped_no_target = statuses.count(NO_TARGET)
     counts.kept = len(rows)
-    counts.tokens = LengthStats.of([r.length for r in rows], sum(r.n_tokens for r in rows),
-                                   sum(r.n_targets for r in rows))
+    counts.tokens = _split_stats(rows)
     return rows
 
 

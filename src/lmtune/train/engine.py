@@ -1,11 +1,12 @@
-"""The one training loop every stage shares.
+"""The one training loop every stage shares (ppo runs its own around rollouts, reusing the parts).
 
-A stage hands `fit` its model (with the method applied), its rows and an `Objective`: how rows become
-a batch, the summed loss of a micro-batch with any metrics the stage reports, and how many loss units
-(target tokens, pairs, ...) the batch holds. The loop does the rest, in the order it reads here: optimizer and schedule, resume, then for each optimizer step one
-accumulation window of micro-batches whose loss is normalised by the units in the WHOLE window (so
-batch 8 x accumulation 1 and 1 x 8 give the same gradients on rows of different lengths), clipping,
-the step, logs, eval and checkpoints; at the end the model, results and loss plot.
+A stage hands `fit` its model (with the method applied), its rows and an `Objective`: how rows
+become a batch, the summed loss of a micro-batch with any metrics the stage reports, and how many
+loss units (target tokens, pairs, ...) the batch holds. The loop does the rest, in the order it
+reads here: optimizer and schedule, resume, then for each optimizer step one accumulation window of
+micro-batches whose loss is normalised by the units in the WHOLE window (so batch 8 x accumulation 1
+and 1 x 8 give the same gradients on rows of different lengths), clipping, the step, logs, eval and
+checkpoints; at the end the model, results and loss plot.
 """
 
 from __future__ import annotations
