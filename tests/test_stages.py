@@ -3,6 +3,7 @@ for, logs its metrics, saves in the standard format, and the reference model sta
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -19,7 +20,7 @@ from lmtune.train import dpo
 from lmtune.train.checkpoint import COMPLETE_MARKER
 from lmtune.train.logs import read_log
 from lmtune.train.preference import collate_pairs, reference_logps
-from tests.conftest import write_json, write_yaml
+from tests.conftest import ALPACA, write_json, write_yaml
 
 QUESTIONS = ["Is the sky blue?", "Do fish swim?", "Is fire hot?", "Can birds fly?", "Is snow cold?",
              "Do cats purr?", "Is water wet?", "Do trees grow?", "Is sugar sweet?", "Do bees buzz?",
@@ -230,3 +231,21 @@ def test_llamafactory_stage_keys_run_unchanged_or_are_refused_with_a_fix(values,
     key = next(iter(values))
     assert f"{key}: {values[key]!r} is a LLaMA-Factory feature lmtune does not have" in info.value.message
     assert info.value.fix
+
+
+@pytest.mark.parametrize("stage", ["dpo", "ppo"])
+def test_a_reference_with_another_tokenizer_is_refused(stage, tmp_path, stage_config, tiny_model_dir,
+                                                        tokenizer, capsys):
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(tiny_model_dir, other)
+    changed = copy.deepcopy(tokenizer)
+    changed.add_tokens(["<only-here>"])
+    changed.save_pretrained(other)
+    config = stage_config | {"stage": stage, "dataset": "pairs", "ref_model": str(other)}
+    if stage == "ppo":
+        config |= {"dataset": str(write_json(tmp_path / "prompts.json", ALPACA)),
+                   "reward_model": "tests.ppo_rewards:letter_share",
+                   "max_new_tokens": 4, "eval_strategy": "no"}
+    assert main(["train", str(write_yaml(tmp_path / "run.yaml", config))]) == 2
+    err = capsys.readouterr().err
+    assert f"ref_model {other} has another tokenizer" in err and "Traceback" not in err

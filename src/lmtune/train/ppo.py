@@ -39,7 +39,7 @@ from lmtune.config import RunConfig
 from lmtune.data.batching import collate, epoch_order
 from lmtune.data.encode import IGNORE_INDEX, EncodedRow
 from lmtune.errors import ConfigError, ModelError, RunInterrupted, TrainingError
-from lmtune.models.load import is_quantized, load_model, resolve_model, stop_token_ids
+from lmtune.models.load import is_quantized, stop_token_ids
 from lmtune.models.methods import apply_method, count_parameters, evaluation
 from lmtune.models.scalar_head import VALUE_HEAD_FILE, ScalarHeadModel, decoder_hidden
 from lmtune.train import checkpoint as ckpt
@@ -48,6 +48,7 @@ from lmtune.train.logs import PLOT_FILE, TrainerLog, plot_loss
 from lmtune.train.losses import (AdaptiveKL, gae, kl_penalised_rewards, masked_mean,
                                  ppo_policy_loss, ppo_value_loss, whiten)
 from lmtune.train.results import write_results
+from lmtune.train.preference import load_ref_model
 from lmtune.train.setup import start_run
 
 GAMMA, LAM = 1.0, 0.95  # no discount inside one reply; GAE's usual bias/variance trade-off
@@ -121,8 +122,8 @@ class RunningMoments:
     """Mean and std of all scores so far (ppo_score_norm), kept in checkpoints."""
 
     def __init__(self, state: dict[str, float] | None = None):
-        self.count, self.mean, self.m2 = (state or {}).get("count", 0), (state or {}).get("mean", 0.0), \
-            (state or {}).get("m2", 0.0)
+        state = state or {"count": 0, "mean": 0.0, "m2": 0.0}
+        self.count, self.mean, self.m2 = state["count"], state["mean"], state["m2"]
 
     def update(self, values: torch.Tensor) -> None:
         for v in values.tolist():  # Welford's update
@@ -176,17 +177,15 @@ def token_logps(model: ScalarHeadModel, batch: dict[str, torch.Tensor],
     return dense(picked), values, dense(entropy)
 
 
-def reference_model(cfg: RunConfig, model: ScalarHeadModel) -> ScalarHeadModel:
+def reference_model(cfg: RunConfig, model: ScalarHeadModel,
+                    tokenizer: PreTrainedTokenizerBase) -> ScalarHeadModel:
     """A model whose token_logps are the reference's: ref_model when set, else the policy itself
     (its adapter is switched off around each use, see `reference_logps`), else (full / freeze) a
     frozen copy of the starting policy. Made before a resumed run loads its weights, so the
     reference is always the start."""
     if cfg.ref_model is not None:
-        # Loading draws random numbers (weight init before the checkpoint's weights arrive); the
-        # run's sampling must not depend on where its reference comes from.
-        with torch.random.fork_rng(devices=[]):
-            reference = ScalarHeadModel(load_model(resolve_model(cfg.ref_model),
-                                                   cfg.trust_remote_code), init_std=0.0)
+        # Its head is never used; a zero init draws no random numbers.
+        reference = ScalarHeadModel(load_ref_model(cfg, tokenizer), init_std=0.0)
         return reference.to(next(model.parameters()).device).eval()
     if isinstance(model.lm, PeftModel):
         return model
@@ -355,7 +354,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not is_quantized(model.lm):
         model.to(device)
-    sampler = Sampler(model, reference_model(cfg, model), reward_scorer(cfg, tokenizer, stop_ids),
+    sampler = Sampler(model, reference_model(cfg, model, tokenizer), reward_scorer(cfg, tokenizer, stop_ids),
                       cfg, tokenizer.pad_token_id, stop_ids, device)
 
     batch_size = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps

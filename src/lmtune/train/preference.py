@@ -64,6 +64,20 @@ def count_pairs(batch: Batch) -> int:
 
 # --- the reference model --------------------------------------------------------------------------
 
+def load_ref_model(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
+    """cfg.ref_model, checked to share the policy's tokenizer. Loading draws random numbers (weight
+    init before the checkpoint's weights arrive); the run's randomness must not depend on where its
+    reference comes from, so the generator state is restored afterwards."""
+    path = resolve_model(cfg.ref_model)
+    if load_tokenizer(path, cfg.trust_remote_code).get_vocab() != tokenizer.get_vocab():
+        raise ModelError(f"ref_model {cfg.ref_model} has another tokenizer than "
+                         f"{cfg.model_name_or_path}; their log-probs cannot be compared.",
+                         "use a reference with the same tokenizer (usually the SFT model you start "
+                         "from), or remove ref_model.")
+    with torch.random.fork_rng(devices=[]):
+        return load_model(path, cfg.trust_remote_code)
+
+
 @contextmanager
 def reference_of(cfg: RunConfig, policy: torch.nn.Module,
                  tokenizer: PreTrainedTokenizerBase) -> Iterator[torch.nn.Module]:
@@ -73,13 +87,7 @@ def reference_of(cfg: RunConfig, policy: torch.nn.Module,
         with evaluation(policy):
             yield policy
         return
-    path = resolve_model(cfg.ref_model)
-    if load_tokenizer(path, cfg.trust_remote_code).get_vocab() != tokenizer.get_vocab():
-        raise ModelError(f"ref_model {cfg.ref_model} has another tokenizer than "
-                         f"{cfg.model_name_or_path}; their log-probs cannot be compared.",
-                         "use a reference with the same tokenizer (usually the SFT model you start "
-                         "from), or remove ref_model.")
-    reference = load_model(path, cfg.trust_remote_code)
+    reference = load_ref_model(cfg, tokenizer)
     reference.eval()
     try:
         yield reference
