@@ -15,6 +15,10 @@ import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lmtune.models.load import load_tokenizer, resolve_model
+from lmtune.runtime import configure
+
+# The process set-up of every entry point: the suite runs library code as the CLI would.
+configure()
 
 
 @pytest.fixture(scope="session")

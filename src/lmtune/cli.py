@@ -7,26 +7,12 @@ the traceback as well.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 import traceback
-import warnings
 
 from lmtune.config import RunConfig, check_training_inputs, describe_keys, load_config
 from lmtune.errors import LmtuneError
-
-# Nothing in lmtune may reach the network at run time; models and data are local.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# peft calls a transformers API that transformers 5 deprecated; the message means nothing to users.
-warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-# bitsandbytes on CPU: at import it advises installing an optional kernel package (its fallback is
-# what runs here), and 8-bit layers announce every call that they compute in fp16. Neither is
-# something a user can act on.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast", category=UserWarning)
+from lmtune.runtime import configure
 
 
 def _config(args: argparse.Namespace, **fixed) -> RunConfig:
@@ -157,10 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
+    configure()
     try:
         args.func(args)
     except LmtuneError as exc:

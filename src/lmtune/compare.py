@@ -184,12 +184,10 @@ def task_score(cfg: RunConfig, mode: str, expect: str | None, max_new_tokens: in
 
 def _child_main(job_json: str) -> int:
     """`python -m lmtune.compare JOB`: train one variant, measure it, score it."""
-    import logging
-
-    from lmtune import cli  # noqa: F401  (the same offline environment and quiet libraries)
+    from lmtune.runtime import configure
     from lmtune.train import STAGES
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    configure()
     job = json.loads(job_json)
     result_path = Path(job["result"])
     try:

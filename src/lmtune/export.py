@@ -72,8 +72,11 @@ def export(cfg: RunConfig) -> Path:
                               "add export_full_precision=true to dequantize the base to fp32 first "
                               "(or point model_name_or_path to the full-precision model).")
         model = model.dequantize()
+    if cfg.export_device == "auto" and torch.cuda.is_available():
+        model.to("cuda")  # merging is one matmul per layer: the GPU does it in a blink
     if adapters:
         model = load_adapters(model, adapters, trainable_last=False, merge_last=True)
+    model.to("cpu")
     for name, param in model.named_parameters():
         if not torch.isfinite(param).all():
             raise TrainingError(f"the merged weight {name} holds NaN/inf; nothing was exported.",

@@ -1,0 +1,221 @@
+"""Combination rules: keys that cannot work together, or would be silently ignored, are refused
+with the fix. They run after field-level validation (schema.py), before any model or data loads.
+"""
+
+from __future__ import annotations
+
+from lmtune.config.schema import RunConfig
+from lmtune.errors import ConfigError
+
+ADAPTER_METHODS = ("lora", "adalora", "ia3", "prefix", "prompt", "ptuning")
+
+# Each method key and the finetuning_types it applies to (the first is the one a fix suggests). A key
+# set for another method would be silently ignored, so it is refused instead.
+_METHOD_KEYS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("lora_target", "lora_alpha", "lora_dropout"), ("lora", "adalora")),
+    **dict.fromkeys(("lora_rank", "use_rslora", "use_dora", "pissa_init", "pissa_iter",
+                     "loraplus_lr_ratio", "loraplus_lr_embedding"), ("lora",)),
+    "additional_target": ("lora", "adalora", "ia3"),
+    **dict.fromkeys(("freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules"),
+                    ("freeze",)),
+    **dict.fromkeys(("adalora_init_r", "adalora_target_r", "adalora_tinit", "adalora_tfinal",
+                     "adalora_deltaT", "adalora_orth_reg_weight"), ("adalora",)),
+    "ia3_target": ("ia3",),
+    "num_virtual_tokens": ("prefix", "prompt", "ptuning"),
+    **dict.fromkeys(("prompt_tuning_init", "prompt_tuning_init_text"), ("prompt",)),
+    "prefix_projection": ("prefix",),
+    "encoder_hidden_size": ("ptuning", "prefix"),
+    "encoder_reparameterization_type": ("ptuning",),
+    # Quantized weights cannot be trained, so a quantized base needs an adapter method.
+    **dict.fromkeys(("adapter_name_or_path", "create_new_adapter", "quantization_bit"), ADAPTER_METHODS),
+}
+
+
+def keys_for_other_methods(finetuning_type: str) -> set[str]:
+    """Method keys that do not apply to `finetuning_type` (compare leaves them out of a shared base
+    for a variant that switches method)."""
+    return {k for k, methods in _METHOD_KEYS.items() if finetuning_type not in methods}
+
+
+def _or(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def _check_method_keys(cfg: RunConfig, explicitly_set: set[str]) -> None:
+    stray = [k for k, methods in _METHOD_KEYS.items()
+             if k in explicitly_set and cfg.finetuning_type not in methods]
+    if not stray:
+        return
+    home = _METHOD_KEYS[stray[0]][0]
+    keys = sorted(k for k in stray if _METHOD_KEYS[k][0] == home)
+    shared = [m for m in _METHOD_KEYS[keys[0]] if all(m in _METHOD_KEYS[k] for k in keys)]
+    raise ConfigError(f"{', '.join(keys)} belong{'s' if len(keys) == 1 else ''} to finetuning_type: "
+                      f"{_or(shared)}, but finetuning_type is {cfg.finetuning_type}.",
+                      f"remove {', '.join(keys)} or set finetuning_type: {home}.")
+
+
+def _needs(cfg_holds: bool, key: str, needed: str, explicitly_set: set[str]) -> None:
+    """Refuse `key` set explicitly where it would be ignored because `needed` does not hold."""
+    if key in explicitly_set and not cfg_holds:
+        raise ConfigError(f"{key} applies only with {needed}, so it would be ignored here.",
+                          f"set {needed} or remove {key}.")
+
+
+def _check_method_combinations(cfg: RunConfig, explicitly_set: set[str]) -> None:
+    _needs(cfg.pissa_init, "pissa_iter", "pissa_init: true", explicitly_set)
+    _needs(cfg.loraplus_lr_ratio is not None, "loraplus_lr_embedding", "loraplus_lr_ratio",
+           explicitly_set)
+    _needs(cfg.prefix_projection or cfg.finetuning_type != "prefix", "encoder_hidden_size",
+           "prefix_projection: true", explicitly_set)
+    _needs(cfg.prompt_tuning_init == "text", "prompt_tuning_init_text", "prompt_tuning_init: text",
+           explicitly_set)
+    _needs(bool(cfg.adapter_paths), "create_new_adapter", "adapter_name_or_path", explicitly_set)
+    _needs(cfg.quantization_bit is not None, "quantization_method", "quantization_bit", explicitly_set)
+    for key in ("quantization_type", "double_quantization"):
+        _needs(cfg.quantization_bit == 4, key, "quantization_bit: 4", explicitly_set)
+    if cfg.pissa_iter == 0:
+        raise ConfigError("pissa_iter: 0 would run no SVD iteration.",
+                          "use a positive count (16 is a good default) or -1 for the exact SVD.")
+    if cfg.prompt_tuning_init == "text" and not cfg.prompt_tuning_init_text:
+        raise ConfigError("prompt_tuning_init: text needs the text in prompt_tuning_init_text.",
+                          "add e.g. prompt_tuning_init_text: 'You are a helpful assistant.'")
+    if cfg.pissa_init and cfg.use_dora:
+        raise ConfigError("pissa_init and use_dora are both set: the PiSSA adapter is saved "
+                          "converted to plain LoRA, which cannot carry DoRA's magnitudes.",
+                          "keep one of them.")
+    if cfg.pissa_init and cfg.quantization_bit:
+        raise ConfigError("pissa_init with quantization_bit: PiSSA factors the full-precision "
+                          "weights and leaves a residual base, which quantization would round.",
+                          "remove quantization_bit (or pissa_init).")
+    if cfg.pissa_init and cfg.adapter_paths and not cfg.create_new_adapter:
+        raise ConfigError("pissa_init starts a new adapter, but training continues on the last "
+                          "adapter of adapter_name_or_path.",
+                          "set create_new_adapter: true to merge it and start a PiSSA adapter, or "
+                          "remove pissa_init.")
+    if cfg.adalora_target_r > cfg.adalora_init_r:
+        raise ConfigError(f"adalora_target_r: {cfg.adalora_target_r} is above adalora_init_r: "
+                          f"{cfg.adalora_init_r}; AdaLoRA only removes rank.",
+                          "set adalora_target_r at or below adalora_init_r.")
+    if cfg.finetuning_type == "adalora" and cfg.resume_from_checkpoint:
+        raise ConfigError("finetuning_type: adalora cannot resume: its importance scores and rank "
+                          "budget are not in checkpoints, so a resumed run would differ.",
+                          "start the run again without resume_from_checkpoint.")
+
+
+# Stage keys and the stages they apply to; a key set for another stage would be ignored, so it is
+# refused.
+_STAGE_KEYS: dict[str, tuple[str, ...]] = {
+    "ref_model": ("dpo", "kto", "ppo"),
+    "pref_beta": ("dpo", "kto"),  # ppo weighs its KL with ppo_kl_coef
+    **dict.fromkeys(("pref_loss", "pref_ftx", "dpo_label_smoothing", "simpo_gamma"), ("dpo",)),
+    **dict.fromkeys(("kto_chosen_weight", "kto_rejected_weight"), ("kto",)),
+    **dict.fromkeys(("reward_model", "ppo_epochs", "ppo_buffer_size", "ppo_target", "ppo_kl_coef",
+                     "ppo_score_norm", "ppo_whiten_rewards", "ppo_clip_range", "ppo_vf_coef"),
+                    ("ppo",)),
+}
+
+
+def _check_stage_keys(cfg: RunConfig, explicitly_set: set[str]) -> None:
+    stray = sorted(k for k, stages in _STAGE_KEYS.items()
+                   if k in explicitly_set and cfg.stage not in stages)
+    if stray:
+        stages = _or(list(_STAGE_KEYS[stray[0]]))
+        raise ConfigError(f"{', '.join(stray)} appl{'ies' if len(stray) == 1 else 'y'} to stage "
+                          f"{stages}, but stage is {cfg.stage}, so {'it' if len(stray) == 1 else 'they'}"
+                          " would be ignored.", f"remove {', '.join(stray)} or change stage.")
+    if cfg.stage == "rm" and cfg.finetuning_type not in ("full", "freeze", "lora"):
+        raise ConfigError(f"stage rm trains a scalar head on the decoder's last hidden state; "
+                          f"finetuning_type: {cfg.finetuning_type} is not supported there.",
+                          "use finetuning_type: lora, full or freeze.")
+    if cfg.stage == "rm" and (cfg.pissa_init or cfg.finetuning_type == "adalora"):
+        raise ConfigError("stage rm saves its adapter beside the scalar head as plain LoRA; "
+                          "pissa_init would need converting it.", "remove pissa_init.")
+    if cfg.stage == "ppo" and cfg.finetuning_type in ("prefix", "prompt", "ptuning", "adalora"):
+        raise ConfigError(f"stage ppo with finetuning_type: {cfg.finetuning_type} is not supported: "
+                          "the value head reads the policy's hidden states token by token.",
+                          "use finetuning_type: lora (or full / freeze with enough memory).")
+    if cfg.stage == "ppo" and not cfg.reward_model:
+        raise ConfigError("stage ppo needs reward_model: the output_dir of a stage rm run, or a "
+                          "Python function 'module:function'.",
+                          "train one with stage: rm first, then set reward_model: saves/my-rm.")
+    if cfg.ref_model and cfg.stage == "dpo" and cfg.pref_loss in ("orpo", "simpo"):
+        raise ConfigError(f"ref_model is set, but pref_loss {cfg.pref_loss} uses no reference model.",
+                          "remove ref_model, or use pref_loss sigmoid, ipo or hinge.")
+
+
+def _check_data_combinations(cfg: RunConfig) -> None:
+    if cfg.train_on_prompt and cfg.mask_history:
+        raise ConfigError("train_on_prompt and mask_history are both set: one trains on every token, "
+                          "the other only on the last reply.", "keep one of them.")
+    if (cfg.train_on_prompt or cfg.mask_history) and cfg.stage != "sft":
+        key = "train_on_prompt" if cfg.train_on_prompt else "mask_history"
+        raise ConfigError(f"{key} applies to stage sft only (this is stage {cfg.stage}).",
+                          f"remove {key}.")
+    if cfg.neat_packing and cfg.packing is False:
+        raise ConfigError("neat_packing: true asks for packing, but packing is false.",
+                          "remove one of them.")
+    if cfg.packing_enabled and cfg.stage not in ("sft", "pt"):
+        raise ConfigError(f"packing applies to stages sft and pt (this is stage {cfg.stage}).",
+                          "set packing: false.")
+    if cfg.packing_enabled and cfg.finetuning_type in ("prefix", "prompt", "ptuning"):
+        raise ConfigError(f"packing with finetuning_type: {cfg.finetuning_type}: its virtual tokens "
+                          "would be shared by all samples of a row.", "set packing: false.")
+    if cfg.interleave_probs is not None:
+        if cfg.mix_strategy == "concat":
+            raise ConfigError("interleave_probs is set, but mix_strategy is concat, which ignores it.",
+                              "set mix_strategy: interleave_under or interleave_over.")
+        try:
+            probs = cfg.interleave_prob_list or []
+        except ValueError:
+            raise ConfigError(f"interleave_probs: '{cfg.interleave_probs}' is not a comma list of "
+                              "numbers.", "write e.g. interleave_probs: 0.7,0.3.") from None
+        if len(probs) != len(cfg.dataset_names):
+            raise ConfigError(f"interleave_probs has {len(probs)} values for "
+                              f"{len(cfg.dataset_names)} datasets.", "give one probability per dataset.")
+        if any(not 0 < p <= 1 for p in probs) or abs(sum(probs) - 1) > 1e-6:
+            raise ConfigError(f"interleave_probs {cfg.interleave_probs} must be positive and sum to 1.",
+                              "write e.g. interleave_probs: 0.7,0.3.")
+
+
+def check_combinations(cfg: RunConfig, explicitly_set: set[str]) -> None:
+    """Refuse combinations that cannot work, with the fix. Runs after field-level validation."""
+    if cfg.bf16 and cfg.fp16:
+        raise ConfigError("bf16 and fp16 are both true.", "set only one of them (bf16 on CPUs and "
+                          "recent GPUs).")
+    _check_method_keys(cfg, explicitly_set)
+    _check_method_combinations(cfg, explicitly_set)
+    _check_stage_keys(cfg, explicitly_set)
+    if cfg.warmup_ratio > 0 and cfg.warmup_steps > 0:
+        raise ConfigError("warmup_ratio and warmup_steps are both set.", "keep only one of them.")
+    if cfg.warmup_steps >= 1 and cfg.warmup_steps != int(cfg.warmup_steps):
+        raise ConfigError(f"warmup_steps: {cfg.warmup_steps} is neither a whole number of steps "
+                          "nor a fraction below 1.", "use e.g. warmup_steps: 20 or warmup_ratio: 0.1.")
+    _check_data_combinations(cfg)
+    if cfg.val_size >= 1 and cfg.val_size != int(cfg.val_size):
+        raise ConfigError(f"val_size: {cfg.val_size} is neither a fraction below 1 nor a row count.",
+                          "use e.g. val_size: 0.1 or val_size: 50.")
+    if cfg.eval_dataset and cfg.val_size > 0:
+        raise ConfigError("eval_dataset and val_size are both set: the val split comes from one "
+                          "of them.", "keep eval_dataset (held-out files) or val_size (a split of "
+                          "dataset).")
+    if cfg.eval_strategy != "no" and cfg.val_size == 0 and not cfg.eval_dataset:
+        raise ConfigError(f"eval_strategy: {cfg.eval_strategy} but val_size is 0 and no "
+                          "eval_dataset is set, so there is nothing to evaluate on.",
+                          "set val_size: 0.1 or eval_dataset (or eval_strategy: no).")
+    if cfg.resume_from_checkpoint and cfg.overwrite_output_dir:
+        raise ConfigError("resume_from_checkpoint and overwrite_output_dir are both set: "
+                          "overwriting would delete the checkpoint to resume from.",
+                          "keep resume_from_checkpoint, or set overwrite_output_dir: true alone to "
+                          "start over.")
+
+
+def check_training_inputs(cfg: RunConfig) -> None:
+    """What `lmtune train` needs beyond a valid config (chat and export do not need these)."""
+    if not cfg.dataset_names:
+        raise ConfigError("lmtune train needs a dataset, and none is set.",
+                          "add e.g. dataset: identity (a name in dataset_info.json) or a file path.")
+    if not cfg.output_dir:
+        raise ConfigError("lmtune train needs output_dir, and none is set.",
+                          "add e.g. output_dir: saves/my-run.")
+
+
