@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from lmtune.data.encode import IGNORE_INDEX
 from lmtune.models.scalar_head import ScalarHeadModel
 from lmtune.train.logs import read_log
-from lmtune.train.ppo import prompt_of, reference_logps, rollout_batch, token_logps
+from lmtune.train.ppo import prompt_of, reference_token_logps, rollout_batch, token_logps
 from lmtune.data.encode import EncodedRow
 from tests.conftest import ALPACA, write_json
 from tests.test_stages import PAIRS, train
@@ -98,7 +98,7 @@ def test_reference_is_the_base_with_the_adapter_off(tiny_model_dir, tokenizer):
     prompt = prompt_of(row)
     assert prompt == [1, 520, 3012]
     batch = rollout_batch([prompt], [[2, 17, 99]], tokenizer.pad_token_id)
-    ref = reference_logps(policy, policy, batch)
+    ref = reference_token_logps(policy, policy, batch)
     plain = ScalarHeadModel(base)
     with torch.no_grad():
         expected = token_logps(plain.eval(), batch, with_values=False)[0]

@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import io
 import json
-import math
 import resource
 import statistics
 import tempfile
@@ -23,14 +22,13 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerBase
 
 from lmtune.config import RunConfig
-from lmtune.data.batching import steps_per_epoch
 from lmtune.data.encode import IGNORE_INDEX, EncodedRow, KTORow, PreferenceRow, Row
 from lmtune.data.pipeline import PreparedData, prepare_data, training_rows
 from lmtune.data.report import DataReport
 from lmtune.errors import ConfigError
 from lmtune.models.load import load_tokenizer, resolve_model, stop_token_ids
 from lmtune.models.methods import apply_method, count_parameters
-from lmtune.train import ppo
+from lmtune.train.engine import schedule
 
 GIB = 2**30
 
@@ -47,24 +45,17 @@ def meta_model(model_path: str, cfg: RunConfig) -> torch.nn.Module:
     return model
 
 
-def schedule(cfg: RunConfig, n_rows: int, report_packing: Any) -> dict[str, Any]:
-    """Steps as the training loop counts them (engine.fit, or ppo's iterations): a shorter last
-    window still steps."""
+def schedule_summary(cfg: RunConfig, n_rows: int, report_packing: Any) -> dict[str, Any]:
+    """Steps as the training loop counts them: the loop's own `schedule` (fit's optimizer steps,
+    or ppo's iterations)."""
+    plan = schedule(cfg, n_rows)
+    out = {"train_rows": n_rows, "effective_batch": plan.rows_per_step,
+           "steps_per_epoch": plan.per_epoch, "optimizer_steps": plan.optimizer_steps,
+           "epochs": plan.epochs, "warmup_steps": cfg.warmup_for(plan.optimizer_steps)}
     if cfg.stage == "ppo":
-        plan = ppo.schedule(cfg, n_rows)
-        return {"train_rows": n_rows, "effective_batch": plan.prompts_per_iteration,
-                "steps_per_epoch": plan.iterations_per_epoch, "iterations": plan.iterations,
-                "optimizer_steps": plan.optimizer_steps, "ppo_epochs": cfg.ppo_epochs,
-                "epochs": round(plan.iterations / plan.iterations_per_epoch, 3),
-                "warmup_steps": cfg.warmup_for(plan.optimizer_steps)}
-    per_epoch = steps_per_epoch(n_rows, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps)
-    total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * per_epoch)
-    effective = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
-    out = {"train_rows": n_rows, "effective_batch": effective, "steps_per_epoch": per_epoch,
-           "optimizer_steps": total, "epochs": round(total / per_epoch, 3) if per_epoch else 0.0,
-           "warmup_steps": cfg.warmup_for(total)}
+        return out | {"iterations": plan.total, "ppo_epochs": cfg.ppo_epochs}
     if report_packing is not None:
-        out["samples_per_step"] = round(effective * report_packing.samples_per_row, 1)
+        out["samples_per_step"] = round(plan.rows_per_step * report_packing.samples_per_row, 1)
     return out
 
 
@@ -100,13 +91,9 @@ def memory_estimate(model: torch.nn.Module, cfg: RunConfig, micro_batch_tokens: 
 def model_side(model: torch.nn.Module, cfg: RunConfig, train_rows: list[Row]) -> dict[str, Any]:
     """Total and trainable parameters for cfg's method, and the memory estimate."""
     out: dict[str, Any] = {"architecture": type(model).__name__}
-    try:
-        model = apply_method(model, cfg)
-    except Exception as exc:  # a method that needs real weights to set itself up
-        total = sum(p.numel() for p in model.parameters())
-        return out | {"total_params": total, "trainable_params": None,
-                      "note": f"finetuning_type {cfg.finetuning_type} needs real weights to count "
-                              f"what trains ({type(exc).__name__}); run with --measure"}
+    # PiSSA initialises its factors from an SVD of real weights, which a meta model has not; it
+    # trains exactly the matrices of a plain LoRA adapter of the same rank, so count those.
+    model = apply_method(model, cfg.model_copy(update={"pissa_init": False}))
     trainable, total = count_parameters(model)
     # The largest micro-batch: packed rows fill cutoff_len; else the longest rows pad together.
     # A preference pair is two rows (chosen, rejected), a KTO answer two (with its mismatched pair);
@@ -205,7 +192,7 @@ def build_plan(cfg: RunConfig, measure_steps: int = 0) -> tuple[dict[str, Any], 
     data = prepare_data(cfg, tokenizer, stop_token_ids(tokenizer, model))
     train_rows, _ = training_rows(data, cfg, model.config)
     plan: dict[str, Any] = {"stage": cfg.stage, "data": data.report.to_dict(),
-                            "schedule": schedule(cfg, len(train_rows), data.report.packing),
+                            "schedule": schedule_summary(cfg, len(train_rows), data.report.packing),
                             "model": model_side(model, cfg, train_rows)}
     warnings = data.report.warnings()
     steps = plan["schedule"]
@@ -246,15 +233,12 @@ def plan_lines(plan: dict[str, Any], report: DataReport) -> list[str]:
         lines.append(f"packing puts about {s['samples_per_step']} samples in each optimizer step")
     m = plan["model"]
     lines.append(f"== model ({m['architecture']}, no weights loaded) ==")
-    if m["trainable_params"] is None:
-        lines.append(f"{m['total_params']:,} parameters; {m['note']}")
-    else:
-        lines.append(f"{m['total_params']:,} parameters, {m['trainable_params']:,} trainable "
-                     f"({m['trainable_percent']:.2f}%)")
-        g = m["memory_gib"]
-        lines.append(f"estimated peak memory {g['total']:.2f} GiB: weights {g['weights']:.2f}, gradients "
-                     f"{g['gradients']:.2f}, optimizer {g['optimizer']:.2f}, activations "
-                     f"{g['activations']:.2f} (largest micro-batch {m['micro_batch_tokens']:,} tokens)")
+    lines.append(f"{m['total_params']:,} parameters, {m['trainable_params']:,} trainable "
+                 f"({m['trainable_percent']:.2f}%)")
+    g = m["memory_gib"]
+    lines.append(f"estimated peak memory {g['total']:.2f} GiB: weights {g['weights']:.2f}, gradients "
+                 f"{g['gradients']:.2f}, optimizer {g['optimizer']:.2f}, activations "
+                 f"{g['activations']:.2f} (largest micro-batch {m['micro_batch_tokens']:,} tokens)")
     if "measured" in plan:
         r = plan["measured"]
         lines.append(f"== measured ({r['steps']} steps) ==")

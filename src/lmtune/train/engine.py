@@ -1,12 +1,17 @@
-"""The one training loop every stage shares (ppo runs its own around rollouts, reusing the parts).
+"""The training loop every stage shares, and the pieces ppo's own loop calls too.
 
 A stage hands `fit` its model (with the method applied), its rows and an `Objective`: how rows
 become a batch, the summed loss of a micro-batch with any metrics the stage reports, and how many
-loss units (target tokens, pairs, ...) the batch holds. The loop does the rest, in the order it
-reads here: optimizer and schedule, resume, then for each optimizer step one accumulation window of
-micro-batches whose loss is normalised by the units in the WHOLE window (so batch 8 x accumulation 1
-and 1 x 8 give the same gradients on rows of different lengths), clipping, the step, logs, eval and
-checkpoints; at the end the model, results and loss plot.
+loss units (target tokens, pairs, ...) the batch holds. `fit` reads top to bottom: set up (the
+`Trainer`: accelerator, optimizer, schedule, method hooks, resume), then for each optimizer step one
+accumulation window of micro-batches whose loss is normalised by the units in the WHOLE window (so
+batch 8 x accumulation 1 and 1 x 8 give the same gradients on rows of different lengths), the step
+with its finite checks, logs and eval on their own cadences, checkpoint-or-stop; at the end the
+model, results and loss plot.
+
+ppo runs rollouts between its updates, so it has its own loop in ppo.py, built from the same pieces
+(`Trainer`, `is_log_step`, `is_eval_step`, `checkpoint_or_stop`, `finish`): a guard added here holds
+for every stage.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +35,8 @@ from transformers import PreTrainedTokenizerBase, get_scheduler
 from lmtune.config import RunConfig
 from lmtune.data.batching import collate, micro_batches, steps_per_epoch
 from lmtune.errors import ConfigError, RunInterrupted, TrainingError
-from lmtune.models.methods import (check_untouched_4bit, count_parameters, evaluation,
-                                   learning_rate_of, training_hooks)
+from lmtune.models.methods import (TrainingHooks, check_untouched_4bit, count_parameters,
+                                   evaluation, learning_rate_of, training_hooks)
 from lmtune.train import checkpoint as ckpt
 from lmtune.train.logs import PLOT_FILE, TrainerLog, plot_loss
 from lmtune.train.results import write_results
@@ -102,8 +107,8 @@ def evaluate(model, rows: list[Any], objective: Objective, cfg: RunConfig, pad_i
     total, units, metrics = 0.0, 0, MetricTotals()
     with evaluation(model), torch.no_grad():
         for i in range(0, len(rows), cfg.per_device_eval_batch_size):
-            batch = _to(objective.collate(rows[i: i + cfg.per_device_eval_batch_size], pad_id),
-                        accelerator)
+            batch = {k: v.to(accelerator.device) for k, v in
+                     objective.collate(rows[i: i + cfg.per_device_eval_batch_size], pad_id).items()}
             with accelerator.autocast():
                 loss, batch_metrics = objective.loss(model, batch)
             total += loss.item()
@@ -113,17 +118,6 @@ def evaluate(model, rows: list[Any], objective: Objective, cfg: RunConfig, pad_i
     if objective.perplexity:
         result["eval_perplexity"] = round(math.exp(min(result["eval_loss"], 50.0)), 4)
     return result
-
-
-def _to(batch: Batch, accelerator: Accelerator) -> Batch:
-    return {k: v.to(accelerator.device) for k, v in batch.items()}
-
-
-def _check_finite_weights(model: torch.nn.Module, step: int) -> None:
-    for name, param in model.named_parameters():
-        if param.requires_grad and not torch.isfinite(param).all():
-            raise TrainingError(f"step {step}: parameter {name} holds NaN/inf; nothing was saved.",
-                                "lower learning_rate, or use bf16 instead of fp16.")
 
 
 @contextmanager
@@ -146,14 +140,143 @@ def stop_requests() -> Iterator[list[int]]:
             signal.signal(sig, old)
 
 
-def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: list[Any],
-        eval_rows: list[Any], objective: Objective, output_dir: Path, resume_dir: Path | None,
-        extra_results: dict[str, Any]) -> dict[str, Any]:
-    """Train `model` on `train_rows`; write logs, checkpoints and the result into `output_dir`
-    (already prepared by `checkpoint.prepare_run`), continuing from `resume_dir` if given."""
-    if not cfg.do_train:
-        print("do_train is false: data, model and method checked; nothing trained.")
-        return {}
+# --- the length of a run -------------------------------------------------------------------------
+
+@dataclass
+class Schedule:
+    """How long a run is, as its loop counts (fit: optimizer steps; ppo: iterations). `lmtune plan`
+    reads the same numbers, so what it predicts is what trains."""
+
+    rows_per_step: int  # rows one loop step consumes
+    per_epoch: int  # loop steps per epoch (a shorter last window still steps)
+    total: int  # loop steps of the run: max_steps, else epochs x per_epoch
+    optimizer_steps: int  # what the learning-rate schedule counts
+
+    @property
+    def epochs(self) -> float:
+        return round(self.total / self.per_epoch, 3) if self.per_epoch else 0.0
+
+
+def schedule(cfg: RunConfig, n_rows: int) -> Schedule:
+    batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    if cfg.stage == "ppo":
+        # An iteration answers ppo_buffer_size batches of prompts, then trains each batch
+        # ppo_epochs times, one optimizer step per pass; a short last batch of prompts is dropped.
+        rows = batch * cfg.ppo_buffer_size
+        per_epoch = max(1, n_rows // rows)
+        updates_per_step = cfg.ppo_epochs * cfg.ppo_buffer_size
+    else:
+        rows = batch
+        per_epoch = steps_per_epoch(n_rows, cfg.per_device_train_batch_size,
+                                    cfg.gradient_accumulation_steps)
+        updates_per_step = 1
+    total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * per_epoch)
+    return Schedule(rows, per_epoch, total, total * updates_per_step)
+
+
+def is_log_step(cfg: RunConfig, step: int, total: int) -> bool:
+    return step % cfg.logging_steps == 0 or step == total
+
+
+def is_eval_step(cfg: RunConfig, step: int, plan: Schedule) -> bool:
+    """Mid-run evaluation, on its own cadence (independent of logging_steps)."""
+    if cfg.eval_strategy == "steps":
+        return step % cfg.effective_eval_steps == 0
+    return cfg.eval_strategy == "epoch" and step % plan.per_epoch == 0
+
+
+# --- the parts of one update ------------------------------------------------------------------------
+
+@dataclass
+class Trainer:
+    """What every loop's updates share, set up once by `prepare_trainer`: the accelerator
+    (device, mixed precision), the model as prepared, optimizer and schedule, the method's hooks.
+    Its methods are the guarded steps: no update, checkpoint or save skips a check."""
+
+    cfg: RunConfig
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    accelerator: Accelerator
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    hooks: TrainingHooks
+    output_dir: Path
+    trainable: list[torch.nn.Parameter] = field(default_factory=list)
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def autocast(self):
+        return self.accelerator.autocast()
+
+    def to_device(self, batch: Batch) -> Batch:
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def backward(self, loss: torch.Tensor, where: str, scale: float = 1.0) -> float:
+        """Backpropagate `loss * scale` after checking the loss is finite; -> the loss's value."""
+        value = loss.item()
+        if not math.isfinite(value):
+            raise TrainingError(
+                f"{where}: the loss is {value}; training stopped. The newest checkpoint in "
+                f"{self.output_dir} is the last good state.",
+                "lower learning_rate, use bf16 rather than fp16, or check the data.")
+        self.accelerator.backward(loss * scale)
+        return value
+
+    def optimizer_step(self, update: int, where: str) -> tuple[float, float]:
+        """Optimizer step number `update` (1-based): clip, check the gradient is finite, step the
+        optimizer and the schedule, with the method's hooks around it. -> (learning rate used,
+        gradient norm before clipping)."""
+        self.hooks.before_step()
+        grad_norm = float(self.accelerator.clip_grad_norm_(
+            self.trainable, self.cfg.max_grad_norm or float("inf")))
+        if not math.isfinite(grad_norm):
+            raise TrainingError(f"{where}: the gradient norm is {grad_norm}; training stopped.",
+                                "lower learning_rate, use bf16 rather than fp16, or check the data.")
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.hooks.after_step(update)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return lr, grad_norm
+
+    def save_weights(self, folder: Path, final: bool = False) -> None:
+        """The model or adapter (HF/PEFT format) and tokenizer; never weights holding NaN/inf."""
+        model = self.unwrapped
+        for name, param in model.named_parameters():
+            if param.requires_grad and not torch.isfinite(param).all():
+                raise TrainingError(f"parameter {name} holds NaN/inf; nothing was saved.",
+                                    "lower learning_rate, or use bf16 instead of fp16.")
+        self.hooks.save(model, folder, final)
+        self.tokenizer.save_pretrained(folder)
+
+    def resume(self, resume_dir: Path | None, fresh_state: dict[str, Any]) -> dict[str, Any]:
+        """Weights, optimizer, schedule and RNG from `resume_dir`; -> the loop's saved state."""
+        if resume_dir is None:
+            return fresh_state
+        ckpt.load_weights(self.unwrapped, resume_dir)
+        state = ckpt.load_training_state(resume_dir, self.optimizer, self.scheduler)
+        print(f"resuming from {resume_dir} at step {state['global_step']}")
+        return state
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    lm = getattr(model, "lm", model)  # a reward or value model checkpoints its LM
+    lm.gradient_checkpointing_enable()
+    # With a frozen embedding no input of the first block needs a gradient, and the recomputed
+    # blocks would then have nothing to backpropagate through.
+    lm.enable_input_require_grads()
+
+
+def prepare_trainer(cfg: RunConfig, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+                    output_dir: Path, optimizer_steps: int) -> Trainer:
+    """Accelerator, optimizer, learning-rate schedule and method hooks for a run of
+    `optimizer_steps` updates; the model moves to the run's device."""
     # accelerate keeps its precision settings in a process-wide singleton; a second run in the same
     # process (tests, comparisons) may ask for another precision, so start from a clean state.
     AcceleratorState._reset_state(reset_partial_state=False)
@@ -163,88 +286,109 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
     if accelerator.num_processes > 1:
         raise ConfigError("this version of lmtune trains in one process.",
                           "launch `lmtune train` directly, without torchrun/accelerate launch.")
-    pad_id = tokenizer.pad_token_id
-
-    # --- optimizer, schedule, length of the run ---------------------------------------------------
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise TrainingError("no parameter is trainable.", "check finetuning_type and its keys.")
     check_untouched_4bit(model)
     optimizer = build_optimizer(model, cfg)
-    per_epoch = steps_per_epoch(len(train_rows), cfg.per_device_train_batch_size,
-                                cfg.gradient_accumulation_steps)
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * per_epoch)
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer,
-                              num_warmup_steps=cfg.warmup_for(total_steps), num_training_steps=total_steps)
-    hooks = training_hooks(model, total_steps, output_dir)
+                              num_warmup_steps=cfg.warmup_for(optimizer_steps),
+                              num_training_steps=optimizer_steps)
+    hooks = training_hooks(getattr(model, "lm", model), optimizer_steps, output_dir)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if cfg.gradient_checkpointing:
-        accelerator.unwrap_model(model).gradient_checkpointing_enable()
-        accelerator.unwrap_model(model).enable_input_require_grads()
+        enable_gradient_checkpointing(accelerator.unwrap_model(model))
+    return Trainer(cfg, model, tokenizer, accelerator, optimizer, scheduler, hooks, output_dir,
+                   trainable)
 
-    # --- resume -----------------------------------------------------------------------------------
-    state = {"global_step": 0, "tokens_seen": 0, "units_seen": 0, "loss_sum": 0.0}
-    if resume_dir is not None:
-        ckpt.load_weights(accelerator.unwrap_model(model), resume_dir)
-        state = ckpt.load_training_state(resume_dir, optimizer, scheduler)
-        print(f"resuming from {resume_dir} at step {state['global_step']}")
+
+def checkpoint_or_stop(trainer: Trainer, step: int, total: int, stop_requested: list[int],
+                       state: dict[str, Any], unit: str = "step") -> None:
+    """Write checkpoint-`step` on the save_steps cadence or when a stop was requested (then stop,
+    saying how to resume). The last step saves nothing here: `finish` writes the run's output."""
+    cfg, output_dir = trainer.cfg, trainer.output_dir
+    interrupted = bool(stop_requested) and step < total
+    if interrupted or (step % cfg.save_steps == 0 and step < total):
+        ckpt.save_checkpoint(output_dir, step, trainer.save_weights, trainer.optimizer,
+                             trainer.scheduler, state, cfg.to_yaml_dict())
+        ckpt.rotate_checkpoints(output_dir, cfg.save_total_limit)
+    if interrupted:
+        raise RunInterrupted(f"stopped at {unit} {step} of {total}; checkpoint-{step} saved in "
+                             f"{output_dir}.",
+                             "run the same command with resume_from_checkpoint=auto to continue.")
+
+
+def finish(trainer: Trainer, results: dict[str, Any], log: TrainerLog,
+           plots: tuple[tuple[str, str], ...] = (("loss", PLOT_FILE),)) -> dict[str, Any]:
+    """The run's output: the model, all_results.json (with parameter counts) and the plots."""
+    cfg, output_dir = trainer.cfg, trainer.output_dir
+    trainer.save_weights(output_dir, final=True)
+    trainable_count, total_count = count_parameters(trainer.unwrapped)
+    results = results | {"trainable_params": trainable_count, "total_params": total_count}
+    write_results(output_dir, results, cfg.to_yaml_dict())
+    if cfg.plot_loss:
+        for key, name in plots:
+            if plot_loss(log.records, output_dir / name, f"{cfg.stage} / {cfg.finetuning_type}",
+                         key=key):
+                print(f"{key} plot: {output_dir / name}")
+    return results
+
+
+def start_metrics(log: TrainerLog) -> dict[str, Any]:
+    """The step-0 evaluation as <name>_start: the baseline the final numbers are read against."""
+    start = next((r for r in log.records if r["step"] == 0), {})
+    return {f"{k}_start": v for k, v in start.items() if k.startswith("eval_")}
+
+
+def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: list[Any],
+        eval_rows: list[Any], objective: Objective, output_dir: Path, resume_dir: Path | None,
+        extra_results: dict[str, Any]) -> dict[str, Any]:
+    """Train `model` on `train_rows`; write logs, checkpoints and the result into `output_dir`
+    (already prepared by `checkpoint.prepare_run`), continuing from `resume_dir` if given."""
+    if not cfg.do_train:
+        print("do_train is false: data, model and method checked; nothing trained.")
+        return {}
+    plan = schedule(cfg, len(train_rows))
+    trainer = prepare_trainer(cfg, model, tokenizer, output_dir, plan.optimizer_steps)
+    model, pad_id = trainer.model, tokenizer.pad_token_id
+    state = trainer.resume(resume_dir, {"global_step": 0, "tokens_seen": 0, "units_seen": 0,
+                                        "loss_sum": 0.0})
     log = TrainerLog(output_dir, resume_step=state["global_step"])
     windows = _windows(len(train_rows), cfg)
     for _ in range(state["global_step"]):  # replay the data order up to the resumed step
         next(windows)
 
-    def save_weights(folder: Path, final: bool = False) -> None:
-        unwrapped = accelerator.unwrap_model(model)
-        _check_finite_weights(unwrapped, state["global_step"])
-        hooks.save(unwrapped, folder, final)
-        tokenizer.save_pretrained(folder)
+    def run_eval() -> dict[str, float]:
+        return evaluate(model, eval_rows, objective, cfg, pad_id, trainer.accelerator)
 
     # The val split's metrics before the first update: the baseline every later eval is read
     # against (logged as step 0; all_results.json gets them as <name>_start).
     if eval_rows and cfg.eval_strategy != "no" and state["global_step"] == 0:
-        log.write({"step": 0, "epoch": 0.0} | evaluate(model, eval_rows, objective, cfg, pad_id,
-                                                       accelerator))
+        log.write({"step": 0, "epoch": 0.0} | run_eval())
 
     # --- the loop ---------------------------------------------------------------------------------
     model.train()
-    progress = tqdm(total=total_steps, initial=state["global_step"], desc="train", unit="step",
+    progress = tqdm(total=plan.total, initial=state["global_step"], desc="train", unit="step",
                     mininterval=1.0)
     # Sums since the last log line; checkpointed so a resumed run logs exactly the same numbers.
     interval = state.pop("log_interval", {"loss": 0.0, "units": 0, "tokens": 0})
     interval_metrics = MetricTotals(state.pop("log_metrics", None))
     interval_start = time.perf_counter()
     run_start, tokens_before = time.perf_counter(), state["tokens_seen"]
+    last_eval: dict[str, float] = {}
     with stop_requests() as stop_requested:
-        for step in range(state["global_step"] + 1, total_steps + 1):
-            window = next(windows)
-            batches = [_to(objective.collate([train_rows[i] for i in rows], pad_id), accelerator)
-                       for rows in window]
+        for step in range(state["global_step"] + 1, plan.total + 1):
+            batches = [trainer.to_device(objective.collate([train_rows[i] for i in rows], pad_id))
+                       for rows in next(windows)]
             window_units = sum(objective.units(b) for b in batches)
             step_loss, step_tokens = 0.0, 0
             for batch in batches:
-                with accelerator.autocast():
+                with trainer.autocast():
                     loss, metrics = objective.loss(model, batch)
                 interval_metrics.add(metrics)
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"step {step}: the loss is {loss.item()}; training stopped. The newest "
-                        f"checkpoint in {output_dir} is the last good state.",
-                        "lower learning_rate, use bf16 rather than fp16, or check the data.")
-                accelerator.backward(loss / window_units)
-                step_loss += loss.item()
+                step_loss += trainer.backward(loss, f"step {step}", scale=1 / window_units)
                 step_tokens += int(batch["attention_mask"].sum())
-            hooks.before_step()
-            grad_norm = float(accelerator.clip_grad_norm_(trainable,
-                                                          cfg.max_grad_norm or float("inf")))
-            if not math.isfinite(grad_norm):
-                raise TrainingError(
-                    f"step {step}: the gradient norm is {grad_norm}; training stopped.",
-                    "lower learning_rate, use bf16 rather than fp16, or check the data.")
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            hooks.after_step(step)
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            lr, grad_norm = trainer.optimizer_step(step, f"step {step}")
 
             for totals, loss_key, units_key, tokens_key in (
                     (interval, "loss", "units", "tokens"),
@@ -256,7 +400,7 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
             progress.update(1)
 
             record: dict[str, Any] = {}
-            if step % cfg.logging_steps == 0 or step == total_steps:
+            if is_log_step(cfg, step, plan.total):
                 elapsed = time.perf_counter() - interval_start
                 record |= {"loss": round(interval["loss"] / interval["units"], 6), "lr": lr,
                            "grad_norm": round(grad_norm, 6),
@@ -266,44 +410,33 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
                 interval = {"loss": 0.0, "units": 0, "tokens": 0}
                 interval_metrics = MetricTotals()
                 interval_start = time.perf_counter()
-            end_of_epoch = step % per_epoch == 0
-            if eval_rows and ((cfg.eval_strategy == "steps" and step % cfg.effective_eval_steps == 0)
-                              or (cfg.eval_strategy == "epoch" and end_of_epoch)):
-                record |= evaluate(model, eval_rows, objective, cfg, pad_id, accelerator)
+            if eval_rows and is_eval_step(cfg, step, plan):
+                last_eval = {"step": step} | run_eval()
+                record |= {k: v for k, v in last_eval.items() if k != "step"}
             if record:
-                log.write({"step": step, "epoch": round(step / per_epoch, 4)} | record)
-            interrupted = bool(stop_requested) and step < total_steps
-            if interrupted or (step % cfg.save_steps == 0 and step < total_steps):
-                ckpt.save_checkpoint(output_dir, step, save_weights, optimizer, scheduler,
-                                     state | {"log_interval": interval,
-                                              "log_metrics": interval_metrics.sums},
-                                     cfg.to_yaml_dict())
-                ckpt.rotate_checkpoints(output_dir, cfg.save_total_limit)
-            if interrupted:
+                log.write({"step": step, "epoch": round(step / plan.per_epoch, 4)} | record)
+            try:
+                checkpoint_or_stop(trainer, step, plan.total, stop_requested,
+                                   state | {"log_interval": interval,
+                                            "log_metrics": interval_metrics.sums})
+            except RunInterrupted:
                 progress.close()
-                raise RunInterrupted(
-                    f"stopped at step {step} of {total_steps}; checkpoint-{step} saved in {output_dir}.",
-                    "run the same command with resume_from_checkpoint=auto to continue.")
+                raise
     progress.close()
     runtime = time.perf_counter() - run_start
 
     # --- the result -------------------------------------------------------------------------------
-    save_weights(output_dir, final=True)
     results = {
         "train_loss": state["loss_sum"] / max(state["units_seen"], 1),
         "train_runtime": round(runtime, 2),
         "train_tokens": state["tokens_seen"],
         "train_tokens_per_second": round((state["tokens_seen"] - tokens_before) / max(runtime, 1e-9),
                                          2),
-        "global_step": state["global_step"], "epoch": round(state["global_step"] / per_epoch, 4),
+        "global_step": state["global_step"], "epoch": round(state["global_step"] / plan.per_epoch, 4),
     }
     if eval_rows:
-        results |= evaluate(model, eval_rows, objective, cfg, pad_id, accelerator)
-        start = next((r for r in log.records if r["step"] == 0), {})
-        results |= {f"{k}_start": v for k, v in start.items() if k.startswith("eval_")}
-    trainable_count, total_count = count_parameters(accelerator.unwrap_model(model))
-    results |= {"trainable_params": trainable_count, "total_params": total_count} | extra_results
-    write_results(output_dir, results, cfg.to_yaml_dict())
-    if cfg.plot_loss and plot_loss(log.records, output_dir / PLOT_FILE, f"{cfg.stage} / {cfg.finetuning_type}"):
-        print(f"loss plot: {output_dir / PLOT_FILE}")
-    return results
+        # The last step's evaluation is the final one when it ran there: the model is the same.
+        final = {k: v for k, v in last_eval.items() if k != "step"} \
+            if last_eval.get("step") == plan.total else run_eval()
+        results |= final | start_metrics(log)
+    return finish(trainer, results | extra_results, log)

@@ -33,21 +33,21 @@ from typing import Any
 import torch
 from peft import PeftModel
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase, get_scheduler
+from transformers import PreTrainedTokenizerBase
 
 from lmtune.config import RunConfig
 from lmtune.data.batching import collate, epoch_order
 from lmtune.data.encode import IGNORE_INDEX, EncodedRow
 from lmtune.errors import ConfigError, ModelError, RunInterrupted, TrainingError
-from lmtune.models.load import is_quantized, stop_token_ids
-from lmtune.models.methods import apply_method, count_parameters, evaluation
+from lmtune.models.load import stop_token_ids
+from lmtune.models.methods import apply_method, evaluation
 from lmtune.models.scalar_head import VALUE_HEAD_FILE, ScalarHeadModel, decoder_hidden
 from lmtune.train import checkpoint as ckpt
-from lmtune.train.engine import build_optimizer, stop_requests
-from lmtune.train.logs import PLOT_FILE, TrainerLog, plot_loss
+from lmtune.train.engine import (Trainer, checkpoint_or_stop, finish, is_eval_step, is_log_step,
+                                 prepare_trainer, schedule, stop_requests)
+from lmtune.train.logs import PLOT_FILE, TrainerLog
 from lmtune.train.losses import (AdaptiveKL, gae, kl_penalised_rewards, masked_mean,
                                  ppo_policy_loss, ppo_value_loss, whiten)
-from lmtune.train.results import write_results
 from lmtune.train.preference import load_ref_model
 from lmtune.train.setup import start_run
 
@@ -180,20 +180,23 @@ def token_logps(model: ScalarHeadModel, batch: dict[str, torch.Tensor],
 def reference_model(cfg: RunConfig, model: ScalarHeadModel,
                     tokenizer: PreTrainedTokenizerBase) -> ScalarHeadModel:
     """A model whose token_logps are the reference's: ref_model when set, else the policy itself
-    (its adapter is switched off around each use, see `reference_logps`), else (full / freeze) a
-    frozen copy of the starting policy. Made before a resumed run loads its weights, so the
+    (its adapter is switched off around each use, see `reference_token_logps`), else (full, freeze,
+    PiSSA) a frozen copy of the starting policy. Made before a resumed run loads its weights, so the
     reference is always the start."""
     if cfg.ref_model is not None:
         # Its head is never used; a zero init draws no random numbers.
         reference = ScalarHeadModel(load_ref_model(cfg, tokenizer), init_std=0.0)
         return reference.to(next(model.parameters()).device).eval()
-    if isinstance(model.lm, PeftModel):
+    # A PiSSA adapter moved the base's top singular directions into itself, so switching it off
+    # leaves the residual, not the starting model: PiSSA needs the frozen copy too.
+    if isinstance(model.lm, PeftModel) and not cfg.pissa_init:
         return model
     return copy.deepcopy(model).eval().requires_grad_(False)
 
 
-def reference_logps(reference: ScalarHeadModel, policy: ScalarHeadModel,
-                    batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def reference_token_logps(reference: ScalarHeadModel, policy: ScalarHeadModel,
+                          batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-token log-probs of the replies under the reference (zero off the replies)."""
     adapter_off = reference.lm.disable_adapter() if reference is policy else nullcontext()
     with adapter_off, evaluation(reference), torch.no_grad():
         return token_logps(reference, batch, with_values=False)[0]
@@ -231,25 +234,35 @@ class Sampler:
     """Answers prompts with the policy and measures the answers: scores, log-probs, values and the
     reference's log-probs, all without gradients."""
 
-    model: ScalarHeadModel
+    trainer: Trainer
     reference: ScalarHeadModel
     score: Scorer
-    cfg: RunConfig
-    pad_id: int
     stop_ids: list[int]
-    device: torch.device
 
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
+    @property
+    def model(self) -> ScalarHeadModel:
+        return self.trainer.unwrapped
+
+    @property
+    def cfg(self) -> RunConfig:
+        return self.trainer.cfg
+
+    @property
+    def device(self) -> torch.device:
+        return self.trainer.device
+
+    @property
+    def pad_id(self) -> int:
+        return self.trainer.tokenizer.pad_token_id
 
     def rollout(self, prompts: list[list[int]], greedy: bool) -> Rollout:
-        with self.autocast():
+        with self.trainer.autocast():
             replies = generate(self.model, prompts, self.cfg, self.pad_id, self.stop_ids, greedy)
             batch = {k: v.to(self.device)
                      for k, v in rollout_batch(prompts, replies, self.pad_id).items()}
             with evaluation(self.model), torch.no_grad():
                 logps, values, _ = token_logps(self.model, batch)
-            ref = reference_logps(self.reference, self.model, batch)
+            ref = reference_token_logps(self.reference, self.model, batch)
         scores = torch.tensor(self.score(prompts, replies), device=self.device)
         mask = (batch["labels"][:, 1:] != IGNORE_INDEX).float()
         return Rollout(batch, mask, logps, values, ref, scores)
@@ -288,58 +301,39 @@ def set_advantages(rollouts: list[Rollout], cfg: RunConfig, kl_coef: float,
     return torch.cat(kls)
 
 
-def update(model: ScalarHeadModel, rollouts: list[Rollout], cfg: RunConfig, optimizer, scheduler,
-           sampler: Sampler, iteration: int) -> tuple[dict[str, float], float]:
+def train_on_rollouts(trainer: Trainer, rollouts: list[Rollout], iteration: int,
+                      updates_done: int) -> tuple[dict[str, float], float, float]:
     """ppo_epochs passes over the rollouts: per batch of rollouts, mini-batches of
-    per_device_train_batch_size accumulate into one optimizer step. -> mean losses, last grad norm."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    per_device_train_batch_size accumulate into one optimizer step (through the trainer's guarded
+    step, like every stage's). -> mean losses, the last lr and grad norm."""
+    cfg, model = trainer.cfg, trainer.model
     totals = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0, "entropy": 0.0}
-    micro, grad_norm = cfg.per_device_train_batch_size, 0.0
+    micro, lr, grad_norm = cfg.per_device_train_batch_size, 0.0, 0.0
+    where = f"iteration {iteration}"
     for _ in range(cfg.ppo_epochs):
         for r in rollouts:
             perm = torch.randperm(len(r.scores)).tolist()
             parts = [perm[i: i + micro] for i in range(0, len(perm), micro)]
             for part in parts:
                 mb = r.rows(part)
-                with sampler.autocast():
+                with trainer.autocast():
                     logps, values, entropy = token_logps(model, mb.batch)
                 policy_loss, clip_fraction = ppo_policy_loss(logps, mb.logps, mb.advantages, mb.mask,
                                                              cfg.ppo_clip_range)
                 value_loss = ppo_value_loss(values, mb.values, mb.returns, mb.mask, cfg.ppo_clip_range)
-                loss = (policy_loss + cfg.ppo_vf_coef * value_loss) / len(parts)
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"iteration {iteration}: the PPO loss is {loss.item()}; "
-                                        "training stopped.", "lower learning_rate or ppo_kl_coef.")
-                loss.backward()
+                trainer.backward(policy_loss + cfg.ppo_vf_coef * value_loss, where,
+                                 scale=1 / len(parts))
                 weight = 1 / (len(parts) * cfg.ppo_epochs * len(rollouts))
                 for key, value in (("policy_loss", policy_loss), ("value_loss", value_loss),
                                    ("clip_fraction", clip_fraction),
                                    ("entropy", masked_mean(entropy, mb.mask))):
                     totals[key] += value.item() * weight
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable,
-                                                             cfg.max_grad_norm or float("inf")))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-    return totals, grad_norm
+            updates_done += 1
+            lr, grad_norm = trainer.optimizer_step(updates_done, where)
+    return totals, lr, grad_norm
 
 
 # --- the run --------------------------------------------------------------------------------------
-
-@dataclass
-class Schedule:
-    prompts_per_iteration: int  # ppo_buffer_size batches of batch x accumulation prompts
-    iterations_per_epoch: int
-    iterations: int  # max_steps counts iterations
-    optimizer_steps: int  # each batch of rollouts is trained ppo_epochs times, one step per pass
-
-
-def schedule(cfg: RunConfig, n_prompts: int) -> Schedule:
-    per_iteration = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * cfg.ppo_buffer_size
-    per_epoch = max(1, n_prompts // per_iteration)
-    iterations = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * per_epoch)
-    return Schedule(per_iteration, per_epoch, iterations, iterations * cfg.ppo_epochs * cfg.ppo_buffer_size)
-
 
 def run(cfg: RunConfig) -> dict[str, Any]:
     inputs = start_run(cfg)
@@ -351,36 +345,24 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     if not cfg.do_train:
         print("do_train is false: data, model and method checked; nothing trained.")
         return {}
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not is_quantized(model.lm):
-        model.to(device)
-    sampler = Sampler(model, reference_model(cfg, model, tokenizer), reward_scorer(cfg, tokenizer, stop_ids),
-                      cfg, tokenizer.pad_token_id, stop_ids, device)
-
-    batch_size = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
     plan = schedule(cfg, len(prompts))
-    per_iteration, per_epoch, iterations = (plan.prompts_per_iteration, plan.iterations_per_epoch,
-                                            plan.iterations)
-    optimizer = build_optimizer(model, cfg)
-    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer,
-                              num_warmup_steps=cfg.warmup_for(plan.optimizer_steps),
-                              num_training_steps=plan.optimizer_steps)
-
-    state: dict[str, Any] = {"global_step": 0, "kl_coef": cfg.ppo_kl_coef, "score_moments": None,
-                             "eval_reward_start": None}
-    if inputs.resume_dir is not None:  # after the reference was made: it stays the start
-        ckpt.load_weights(model, inputs.resume_dir)
-        state = ckpt.load_training_state(inputs.resume_dir, optimizer, scheduler)
-        print(f"resuming from {inputs.resume_dir} at iteration {state['global_step']}")
+    trainer = prepare_trainer(cfg, model, tokenizer, output_dir, plan.optimizer_steps)
+    # The reference is made before a resumed run loads its weights: it is always the start.
+    sampler = Sampler(trainer, reference_model(cfg, trainer.unwrapped, tokenizer),
+                      reward_scorer(cfg, tokenizer, stop_ids), stop_ids)
+    state = trainer.resume(inputs.resume_dir, {"global_step": 0, "kl_coef": cfg.ppo_kl_coef,
+                                               "score_moments": None, "eval_reward_start": None})
     kl_control = AdaptiveKL(state["kl_coef"], cfg.ppo_target, horizon=10_000)
     moments = RunningMoments(state["score_moments"])
     log = TrainerLog(output_dir, resume_step=state["global_step"])
+    batch_size = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    updates_per_iteration = plan.optimizer_steps // max(plan.total, 1)
 
     def order(iteration: int) -> list[int]:
         """The prompts of `iteration` (0-based): a seeded permutation per epoch, so resume replays it."""
-        epoch, slot = divmod(iteration, per_epoch)
+        epoch, slot = divmod(iteration, plan.per_epoch)
         perm = epoch_order(len(prompts), cfg.seed, epoch)
-        return perm[slot * per_iteration: (slot + 1) * per_iteration]
+        return perm[slot * plan.rows_per_step: (slot + 1) * plan.rows_per_step]
 
     if state["eval_reward_start"] is None and val_prompts:
         start = sampler.held_out(val_prompts)
@@ -388,15 +370,12 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         log.write({"step": 0, "epoch": 0.0} | start)
         print(f"held-out reward before training: {start['eval_reward']:.4f}")
 
-    def save_weights(folder: Path, final: bool = False) -> None:
-        model.save_pretrained(folder, safe_serialization=True)
-        tokenizer.save_pretrained(folder)
-
-    progress = tqdm(total=iterations, initial=state["global_step"], desc="ppo", unit="iter",
+    progress = tqdm(total=plan.total, initial=state["global_step"], desc="ppo", unit="iter",
                     mininterval=1.0)
     run_start = time.perf_counter()
+    last_eval: dict[str, Any] = {}
     with stop_requests() as stop_requested:
-        for iteration in range(state["global_step"] + 1, iterations + 1):
+        for iteration in range(state["global_step"] + 1, plan.total + 1):
             started = time.perf_counter()
             chosen = [prompts[i] for i in order(iteration - 1)]
             # 1-3: sample, score, reference; 4: rewards and advantages
@@ -404,56 +383,48 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                         for b in range(0, len(chosen), batch_size)]
             kls = set_advantages(rollouts, cfg, kl_control.value, moments)
             # 5: ppo_epochs of clipped updates
-            totals, grad_norm = update(model, rollouts, cfg, optimizer, scheduler, sampler, iteration)
-            # 6: the KL coefficient, logs, checkpoints
+            totals, lr, grad_norm = train_on_rollouts(trainer, rollouts, iteration,
+                                                      (iteration - 1) * updates_per_iteration)
+            # 6: the KL coefficient, logs, eval, checkpoints
             scores = torch.cat([r.scores for r in rollouts])
-            mean_kl, lr = kls.mean().item(), scheduler.get_last_lr()[0]
+            mean_kl = kls.mean().item()
             kl_control.update(mean_kl, len(scores))
             state.update(global_step=iteration, kl_coef=kl_control.value, kl=mean_kl,
                          reward=scores.mean().item(), score_moments=moments.state())
             progress.update(1)
             progress.set_postfix(reward=f"{state['reward']:.3f}", kl=f"{mean_kl:.3f}")
-            if iteration % cfg.logging_steps == 0 or iteration == iterations:
-                record = {"step": iteration, "epoch": round(iteration / per_epoch, 4),
-                          "reward": round(state["reward"], 6), "kl": round(mean_kl, 6),
-                          "kl_coef": round(kl_control.value, 6),
-                          "loss": round(totals["policy_loss"] + cfg.ppo_vf_coef * totals["value_loss"], 6),
-                          **{k: round(v, 6) for k, v in totals.items()},
-                          "response_length": round(
-                              sum(r.mask.sum().item() for r in rollouts) / len(scores), 2),
-                          "lr": lr, "grad_norm": round(grad_norm, 6),
-                          "seconds": round(time.perf_counter() - started, 2)}
-                if cfg.eval_strategy == "steps" and iteration % cfg.effective_eval_steps == 0 \
-                        and iteration < iterations:
-                    record |= sampler.held_out(val_prompts)
-                log.write(record)
-            interrupted = bool(stop_requested) and iteration < iterations
-            if interrupted or (iteration % cfg.save_steps == 0 and iteration < iterations):
-                ckpt.save_checkpoint(output_dir, iteration, save_weights, optimizer, scheduler,
-                                     state, cfg.to_yaml_dict())
-                ckpt.rotate_checkpoints(output_dir, cfg.save_total_limit)
-            if interrupted:
+            record: dict[str, Any] = {}
+            if is_log_step(cfg, iteration, plan.total):
+                record |= {"reward": round(state["reward"], 6), "kl": round(mean_kl, 6),
+                           "kl_coef": round(kl_control.value, 6),
+                           "loss": round(totals["policy_loss"] + cfg.ppo_vf_coef * totals["value_loss"], 6),
+                           **{k: round(v, 6) for k, v in totals.items()},
+                           "response_length": round(
+                               sum(r.mask.sum().item() for r in rollouts) / len(scores), 2),
+                           "lr": lr, "grad_norm": round(grad_norm, 6),
+                           "seconds": round(time.perf_counter() - started, 2)}
+            if val_prompts and is_eval_step(cfg, iteration, plan):
+                last_eval = {"step": iteration} | sampler.held_out(val_prompts)
+                record |= {k: v for k, v in last_eval.items() if k != "step"}
+            if record:
+                log.write({"step": iteration, "epoch": round(iteration / plan.per_epoch, 4)} | record)
+            try:
+                checkpoint_or_stop(trainer, iteration, plan.total, stop_requested, state,
+                                   unit="iteration")
+            except RunInterrupted:
                 progress.close()
-                raise RunInterrupted(
-                    f"stopped at iteration {iteration} of {iterations}; checkpoint-{iteration} "
-                    f"saved in {output_dir}.",
-                    "run the same command with resume_from_checkpoint=auto to continue.")
+                raise
     progress.close()
     runtime = time.perf_counter() - run_start
-    final = sampler.held_out(val_prompts)
+    # The last iteration's held-out answers are the final ones when they ran there.
+    final = {k: v for k, v in last_eval.items() if k != "step"} \
+        if last_eval.get("step") == plan.total else sampler.held_out(val_prompts)
 
-    save_weights(output_dir, final=True)
-    trainable_count, total_count = count_parameters(model)
     results = {"train_runtime": round(runtime, 2), "global_step": state["global_step"],
-               "epoch": round(state["global_step"] / per_epoch, 4), "kl_coef": state["kl_coef"],
+               "epoch": round(state["global_step"] / plan.per_epoch, 4), "kl_coef": state["kl_coef"],
                # the last iteration's mean reward and KL to the reference (summed over a reply)
                "reward": state.get("reward"), "kl": state.get("kl"),
-               "trainable_params": trainable_count, "total_params": total_count,
                "train_prompts": len(prompts), "val_prompts": len(val_prompts)} | final
     if state["eval_reward_start"] is not None:
         results["eval_reward_start"] = state["eval_reward_start"]
-    write_results(output_dir, results, cfg.to_yaml_dict())
-    if cfg.plot_loss:
-        plot_loss(log.records, output_dir / PLOT_FILE, f"ppo / {cfg.finetuning_type}")
-        plot_loss(log.records, output_dir / REWARD_PLOT, f"ppo / {cfg.finetuning_type}", key="reward")
-    return results
+    return finish(trainer, results, log, plots=(("loss", PLOT_FILE), ("reward", REWARD_PLOT)))
