@@ -110,7 +110,7 @@ def generate(model: torch.nn.Module, rows: list[GenRow], pad_id: int, on_token: 
     generators = [_generator(r.sampling) for r in rows]
     live = list(range(len(rows)))  # original indices of the rows still in the batch
     while live:
-        logits = model(**inputs, attention_mask=mask, position_ids=positions, past_key_values=cache,
+        logits = model(**inputs, attention_mask=mask, position_ids=positions, cache=cache,
                        use_cache=True, logits_to_keep=1, **extra).logits[:, -1]
         keep, next_ids = [], []
         for slot, index in enumerate(live):
