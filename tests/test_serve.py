@@ -386,6 +386,7 @@ def test_vllm_backend_falls_back_with_a_note(lively_dir, capsys):
     assert "serving with the built-in backend" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a fresh process imports torch, transformers and peft: ~10 s idle, a minute under load
 def test_adapter_routes_need_a_key_and_the_cli_binds_loopback(tmp_path, lively_dir, adapters):
     port = free_port()
     cmd = [sys.executable, "-m", "lmtune.cli", "serve", f"model_name_or_path={lively_dir}",
@@ -395,7 +396,7 @@ def test_adapter_routes_need_a_key_and_the_cli_binds_loopback(tmp_path, lively_d
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: _up(url) or proc.poll() is not None, 60)
+        wait_for(lambda: _up(url) or proc.poll() is not None, 180)
         assert [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]] == [Path(lively_dir).name, "a"]
         error_of(httpx.post(url + "/v1/adapters", json={"path": adapters["b"]}), 403)
         error_of(httpx.delete(url + "/v1/adapters/a"), 403)

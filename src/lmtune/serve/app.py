@@ -288,7 +288,7 @@ def create_app(server: Server, cors_origins: list[str] | None = None) -> Any:
         server.model(name)
         return model_card(name)
 
-    async def run(http: HttpRequest, served: Served, ids: list[int], sampling: Sampling,
+    async def run(served: Served, ids: list[int], sampling: Sampling,
                   stop: list[str], stream: bool, include_usage: bool, chat: bool):
         request = Request(served, ids, sampling, stop, asyncio.get_running_loop())
         server.scheduler.submit(request)
@@ -306,7 +306,8 @@ def create_app(server: Server, cors_origins: list[str] | None = None) -> Any:
                 if isinstance(event, Delta):
                     text.append(event.text)
                 elif isinstance(event, Failed):
-                    raise ApiError(500, event.message, kind="server_error")
+                    raise ApiError(event.status, event.message, "model" if event.status == 404 else None,
+                                   kind="server_error" if event.status == 500 else "invalid_request_error")
                 else:
                     break
         finally:
@@ -339,8 +340,8 @@ def create_app(server: Server, cors_origins: list[str] | None = None) -> Any:
                 if isinstance(event, Delta):
                     yield chunk({"content": event.text})
                 elif isinstance(event, Failed):
-                    error = {"message": event.message, "type": "server_error", "param": None,
-                             "code": None}
+                    error = {"message": event.message, "param": None, "code": None,
+                             "type": "server_error" if event.status == 500 else "invalid_request_error"}
                     yield f"data: {json.dumps({'error': error})}\n\n"
                     return
                 else:
@@ -359,7 +360,7 @@ def create_app(server: Server, cors_origins: list[str] | None = None) -> Any:
         served = server.model(body.model)
         ids = server.chat_ids(served, body)
         sampling = server.sampling(body, body.max_completion_tokens or body.max_tokens)
-        return await run(http, served, ids, sampling, server.stops(body), body.stream,
+        return await run(served, ids, sampling, server.stops(body), body.stream,
                          bool((body.stream_options or {}).get("include_usage")), chat=True)
 
     @app.post("/v1/completions")
@@ -368,7 +369,7 @@ def create_app(server: Server, cors_origins: list[str] | None = None) -> Any:
         served = server.model(body.model)
         ids = server.completion_ids(served, body)
         sampling = server.sampling(body, body.max_tokens)
-        return await run(http, served, ids, sampling, server.stops(body), body.stream,
+        return await run(served, ids, sampling, server.stops(body), body.stream,
                          bool((body.stream_options or {}).get("include_usage")), chat=False)
 
     def require_key_for_adapters() -> None:

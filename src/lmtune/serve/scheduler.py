@@ -36,6 +36,7 @@ class Finished:
 @dataclass
 class Failed:
     message: str
+    status: int = 500
 
 
 Event = Delta | Finished | Failed
@@ -143,9 +144,16 @@ class Scheduler:
                 self.running = []
 
     def _run(self, batch: list[Request]) -> None:
-        rows = [GenRow(r.prompt_ids, r.sampling, r.served.stop_ids, r.served.name) for r in batch]
         try:
             with self.adapters.lock:
+                # An adapter unloaded while its requests waited: they fail alone, not the batch.
+                gone = [r for r in batch if self.adapters.models.get(r.served.name) is not r.served]
+                for request in gone:
+                    request.push(Failed(f"the model '{request.served.name}' was unloaded.", 404))
+                batch = [r for r in batch if r not in gone]
+                if not batch:
+                    return
+                rows = [GenRow(r.prompt_ids, r.sampling, r.served.stop_ids, r.served.name) for r in batch]
                 self.batches += 1
                 results = self.adapters.generate(batch[0].served, rows,
                                                  lambda i, token: batch[i].take_token(token))
