@@ -1,4 +1,4 @@
-"""`lmtune train|chat|export|plan`: every subcommand reads the same YAML keys.
+"""`lmtune train|chat|export|plan|serve`: every subcommand reads the same YAML keys.
 
 A mistake the user can fix (LmtuneError) prints one message and exits with code 2; `--debug` shows
 the traceback as well.
@@ -83,6 +83,17 @@ def cmd_compare(args: argparse.Namespace) -> None:
     run_compare(args.config, list(args.overrides))
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    import os
+
+    from lmtune.serve.app import serve
+
+    cfg = _config(args, model_name_or_path=args.model)
+    serve(cfg, args.adapter, host=args.host, port=args.port,
+          api_key=args.api_key or os.environ.get("LMTUNE_API_KEY") or None, cors_origins=args.cors,
+          max_batch=args.max_batch, max_tokens=args.max_tokens)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmtune", description="Fine-tune LLMs from one YAML file.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -138,6 +149,24 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--dump-encoded", dest="dump_encoded", metavar="FILE",
                       help="write every encoded row (input_ids, labels) as JSON Lines")
     plan.set_defaults(func=cmd_plan)
+
+    serve = add("serve", "serve a model and its adapters over HTTP in OpenAI's API shapes", False)
+    serve.add_argument("--model", help="model_name_or_path (overrides the config)")
+    serve.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                       help="serve this adapter as model NAME (repeatable)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default 127.0.0.1; any other needs an API key)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--api-key", dest="api_key",
+                       help="require 'Authorization: Bearer KEY' on every route (default: "
+                       "LMTUNE_API_KEY); loading adapters at run time needs one")
+    serve.add_argument("--cors", action="append", metavar="ORIGIN",
+                       help="let web pages from ORIGIN call the API (repeatable; none by default)")
+    serve.add_argument("--max-batch", dest="max_batch", type=int, default=16,
+                       help="most requests generated together in one batch (default 16)")
+    serve.add_argument("--max-tokens", dest="max_tokens", type=int,
+                       help="most tokens one request may ask for (default: max_new_tokens)")
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

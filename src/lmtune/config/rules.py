@@ -191,6 +191,10 @@ def check_combinations(cfg: RunConfig, explicitly_set: set[str]) -> None:
         raise ConfigError(f"warmup_steps: {cfg.warmup_steps} is neither a whole number of steps "
                           "nor a fraction below 1.", "use e.g. warmup_steps: 20 or warmup_ratio: 0.1.")
     _check_data_combinations(cfg)
+    if cfg.infer_backend in ("sglang", "ktransformers"):
+        raise ConfigError(f"infer_backend: {cfg.infer_backend} is a LLaMA-Factory backend lmtune does "
+                          "not include (it would need its own server process and install).",
+                          "use infer_backend: huggingface (the default) or vllm.")
     if cfg.val_size >= 1 and cfg.val_size != int(cfg.val_size):
         raise ConfigError(f"val_size: {cfg.val_size} is neither a fraction below 1 nor a row count.",
                           "use e.g. val_size: 0.1 or val_size: 50.")

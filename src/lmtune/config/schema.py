@@ -292,6 +292,10 @@ class RunConfig(BaseModel):
     top_k: int = Field(50, ge=0, description="Sample among the k most likely tokens (0 = all).")
     max_new_tokens: int = Field(512, ge=1, description="Most tokens generated per answer.")
     repetition_penalty: float = Field(1.0, gt=0.0, description="Penalty on repeated tokens (1 = off).")
+    infer_backend: Literal["huggingface", "vllm", "sglang", "ktransformers"] = Field(
+        "huggingface", description="serve: huggingface (lmtune's batched generation, many adapters "
+        "on one base) or vllm (needs vLLM and a CUDA GPU; otherwise the built-in backend serves). "
+        "sglang and ktransformers are refused.")
 
     # --- export ------------------------------------------------------------------------------
     export_dir: str | None = Field(None, description="Where `lmtune export` writes the merged model.")
