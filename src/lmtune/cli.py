@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.set_defaults(func=cmd_compare)
 
     predict = add("predict", "answer every eval_dataset row and score the answers (BLEU-4, ROUGE, "
-                  "exact match) into output_dir", True)
+                  "exact match) into output_dir", False)
     predict.add_argument("--model", help="model_name_or_path (overrides the config)")
     predict.add_argument("--adapter", help="adapter_name_or_path (overrides the config)")
     predict.add_argument("--compare-base", dest="compare_base", action="store_true",
@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(func=cmd_predict)
 
     evaluate = add("eval", "score models on a multiple-choice benchmark (MMLU / CMMLU / C-Eval "
-                   "layout): accuracy per subject and category", True)
+                   "layout): accuracy per subject and category", False)
     evaluate.add_argument("--models", nargs="+", metavar="MODEL",
                           help="several models or adapter folders, the base first: each one's "
                           "accuracy change against the base is shown per category")
