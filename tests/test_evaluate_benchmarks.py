@@ -210,3 +210,16 @@ def test_eval_several_models_writes_results_and_deltas(tmp_path, tiny_model_dir,
 def test_eval_cli_needs_a_task(tmp_path, tiny_model_dir, capsys):
     assert main(["eval", f"model_name_or_path={tiny_model_dir}"]) == 2
     assert "needs task" in capsys.readouterr().err
+
+
+def test_choice_tokens_are_the_replys_first_token(tokenizer):
+    # The logit read is the one the model gives the reply 'B' in the chat template: the letter's
+    # token follows the generation prompt unchanged (no merge with the template's newline).
+    encoder = ChatEncoder(tokenizer, [tokenizer.eos_token_id], 4096)
+    for task, lang in (("mmlu_sample_test", "en"), ("cmmlu_sample_test", "zh")):
+        subject = load_benchmark(str(DATA), task, n_shot=2).subjects[0]
+        messages = question_messages(subject, subject.questions[0], lang)
+        prompt = encoder.prompt_ids(messages)
+        full = encoder.tokenize(encoder.render(messages + [{"role": "assistant", "content": "B"}]))
+        assert full[: len(prompt)] == prompt
+        assert full[len(prompt)] == choice_token_ids(tokenizer, 4)[1]
