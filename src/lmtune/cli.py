@@ -1,4 +1,4 @@
-"""`lmtune train|chat|export|plan|serve`: every subcommand reads the same YAML keys.
+"""`lmtune train|chat|export|plan|compare|serve|predict|eval`: every subcommand reads the same YAML keys.
 
 A mistake the user can fix (LmtuneError) prints one message and exits with code 2; `--debug` shows
 the traceback as well.
@@ -27,6 +27,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     from lmtune.train import STAGES
 
     cfg = _config(args)
+    if cfg.do_predict and not cfg.do_train:  # LLaMA-Factory's predict-only run
+        from lmtune.evaluate.predict import run_predict
+
+        run_predict(cfg)
+        return
     check_training_inputs(cfg)
     for key, reason in sorted(cfg.not_applied.items()):
         print(f"note: {key} is accepted but not applied here ({reason})")
@@ -75,6 +80,19 @@ def cmd_plan(args: argparse.Namespace) -> None:
         print(f"== example {i} (trained tokens «like this») ==\n{show_row(tokenizer, row)}")
     if args.dump_encoded:
         print(f"wrote {plan['dumped']['rows']:,} encoded rows to {args.dump_encoded}")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from lmtune.evaluate.predict import run_predict
+
+    run_predict(_config(args, model_name_or_path=args.model, adapter_name_or_path=args.adapter),
+                compare_base=args.compare_base)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from lmtune.evaluate.benchmarks import run_eval
+
+    run_eval(_config(args), args.models)
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -136,6 +154,21 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("overrides", nargs="*", help="key=value overrides of the base's keys")
     compare.add_argument("--debug", action="store_true", help="show tracebacks")
     compare.set_defaults(func=cmd_compare)
+
+    predict = add("predict", "answer every eval_dataset row and score the answers (BLEU-4, ROUGE, "
+                  "exact match) into output_dir", False)
+    predict.add_argument("--model", help="model_name_or_path (overrides the config)")
+    predict.add_argument("--adapter", help="adapter_name_or_path (overrides the config)")
+    predict.add_argument("--compare-base", dest="compare_base", action="store_true",
+                         help="also predict with the base (adapter switched off), side by side")
+    predict.set_defaults(func=cmd_predict)
+
+    evaluate = add("eval", "score models on a multiple-choice benchmark (MMLU / CMMLU / C-Eval "
+                   "layout): accuracy per subject and category", False)
+    evaluate.add_argument("--models", nargs="+", metavar="MODEL",
+                          help="several models or adapter folders, the base first: each one's "
+                          "accuracy change against the base is shown per category")
+    evaluate.set_defaults(func=cmd_eval)
 
     plan = add("plan", "count the data, steps, parameters and memory a training run would use, "
                "without training", True)

@@ -177,8 +177,29 @@ def _check_data_combinations(cfg: RunConfig) -> None:
                               "write e.g. interleave_probs: 0.7,0.3.")
 
 
+def _check_predict_and_replay(cfg: RunConfig, explicitly_set: set[str]) -> None:
+    if cfg.do_predict and "predict_with_generate" in explicitly_set and not cfg.predict_with_generate:
+        raise ConfigError("do_predict with predict_with_generate: false: lmtune predicts by "
+                          "generating answers (a loss alone is what eval_strategy gives).",
+                          "set predict_with_generate: true (or remove it).")
+    if cfg.do_predict and cfg.stage != "sft":
+        raise ConfigError(f"do_predict generates answers after an sft run; stage {cfg.stage} "
+                          "trains something else.", "remove do_predict, or predict with "
+                          "`lmtune predict` on a config of stage sft.")
+    _needs(cfg.num_beams > 1, "length_penalty", "num_beams > 1", explicitly_set)
+    if cfg.replay is None:
+        return
+    if isinstance(cfg.replay, int) and cfg.replay < 1:
+        raise ConfigError(f"replay: {cfg.replay} asks for no general prompts.",
+                          "set a count such as replay: 60, a prompts file, or remove replay.")
+    if cfg.stage != "sft":
+        raise ConfigError(f"replay adds the base model's own answers as sft conversations; stage "
+                          f"{cfg.stage} does not train on those.", "remove replay or use stage: sft.")
+
+
 def check_combinations(cfg: RunConfig, explicitly_set: set[str]) -> None:
     """Refuse combinations that cannot work, with the fix. Runs after field-level validation."""
+    _check_predict_and_replay(cfg, explicitly_set)
     if cfg.bf16 and cfg.fp16:
         raise ConfigError("bf16 and fp16 are both true.", "set only one of them (bf16 on CPUs and "
                           "recent GPUs).")

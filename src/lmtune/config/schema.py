@@ -296,6 +296,38 @@ class RunConfig(BaseModel):
         "huggingface", description="serve: huggingface (lmtune's batched generation, many adapters "
         "on one base) or vllm (needs vLLM and a CUDA GPU; otherwise the built-in backend serves). "
         "sglang and ktransformers are refused.")
+    num_beams: int = Field(1, ge=1, description="predict: beams of beam search (1 = greedy or sampling).")
+    length_penalty: float = Field(
+        1.0, description="predict with num_beams > 1: exponent on length when ranking beams (> 1 "
+        "favours longer answers).")
+    skip_special_tokens: bool = Field(
+        True, description="predict: drop special tokens (end-of-turn and the like) from the "
+        "decoded answers.")
+
+    # --- predict and benchmarks ----------------------------------------------------------------
+    do_predict: bool = Field(
+        False, description="Generate answers for every eval_dataset row and score them against its "
+        "replies (BLEU-4, ROUGE, exact match): after training, or alone with do_train: false.")
+    predict_with_generate: bool = Field(
+        False, description="LLaMA-Factory's switch for predicting by generation; lmtune always "
+        "predicts by generating, so only false set explicitly with do_predict is refused.")
+    task: str | None = Field(
+        None, description="lmtune eval: benchmark and split, <folder>_<split>, e.g. mmlu_test, "
+        "cmmlu_test, ceval_validation (a folder of task_dir with mapping.json and data/<split>/).")
+    task_dir: str = Field(
+        "evaluation", description="lmtune eval: folder holding the benchmark folders (MMLU / CMMLU "
+        "/ C-Eval layout).")
+    n_shot: int = Field(5, ge=0, description="lmtune eval: solved dev questions shown before each one.")
+    lang: Literal["en", "zh"] = Field(
+        "en", description="lmtune eval: language of the question frame (en: MMLU, zh: CMMLU, C-Eval).")
+    batch_size: int = Field(4, ge=1, description="lmtune eval: questions per forward pass.")
+    save_dir: str | None = Field(
+        None, description="lmtune eval: where results.json, results.log and results.png go "
+        "(default: print only).")
+    replay: int | str | None = Field(
+        None, description="Forgetting guard: the base model answers N general prompts (a count, "
+        "from lmtune's built-in list) or the prompts of a JSON file before training; its own "
+        "answers join the training data. Made once, then cached.")
 
     # --- export ------------------------------------------------------------------------------
     export_dir: str | None = Field(None, description="Where `lmtune export` writes the merged model.")
@@ -316,6 +348,13 @@ class RunConfig(BaseModel):
     def _report_to_list(cls, value: Any) -> Any:
         if isinstance(value, str) and "," in value:
             return [v.strip() for v in value.split(",")]
+        return value
+
+    @field_validator("replay", mode="before")
+    @classmethod
+    def _replay_not_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # YAML `replay: true` would otherwise count as 1 prompt
+            raise ValueError("replay is a prompt count or a prompts file, not true/false")
         return value
 
     # --- derived values ----------------------------------------------------------------------

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmtune.config import RunConfig
 from lmtune.data import cache
@@ -23,6 +23,7 @@ from lmtune.data.batching import check_packing_isolation, pack_documents, pack_r
 from lmtune.data.encode import (NO_TARGET, OVER_LONG, TRUNCATED, ChatEncoder, Result, Row,
                                 TextEncoder)
 from lmtune.data.formats import STAGE_KINDS, Kind, Record
+from lmtune.data.replay import replay_records
 from lmtune.data.report import DatasetCounts, DataReport, LengthStats, PackingStats
 from lmtune.data.sources import load_records, mix, split_validation
 from lmtune.data.templates import BUILTIN, end_token_id, use_template
@@ -110,8 +111,10 @@ def _split_stats(rows: list[Row]) -> LengthStats:
                           sum(r.n_targets for r in rows))
 
 
-def prepare_data(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, stop_ids: list[int]) -> PreparedData:
-    """Encoded train and val rows of `cfg.dataset` for cfg.stage, and the report of every count."""
+def prepare_data(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, stop_ids: list[int],
+                 model: PreTrainedModel | None = None) -> PreparedData:
+    """Encoded train and val rows of `cfg.dataset` for cfg.stage, and the report of every count.
+    `model`, the base as loaded, answers the `replay` prompts when they are not cached yet."""
     kind = STAGE_KINDS[cfg.stage]
     encoder, notes = make_encoder(cfg, tokenizer, stop_ids, kind)
     per_dataset, report = load_records(cfg, kind)
@@ -144,6 +147,12 @@ def prepare_data(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, stop_ids: l
     if cfg.mix_strategy != "concat":
         for counts, n in zip(report.datasets, taken):
             counts.mixed = n
+    if cfg.replay is not None:  # after the mix: interleave_probs weigh only the named datasets
+        assert isinstance(encoder, ChatEncoder)  # replay is refused for every stage but sft
+        records, counts, note = replay_records(cfg, tokenizer, encoder, model)
+        report.datasets.append(counts)
+        report.notes.append(note)
+        rows += encode_datasets([records], [counts])[0]
     if cfg.eval_dataset:  # held-out files: every row of `dataset` trains
         per_eval, eval_report = load_records(cfg.model_copy(update={"dataset": cfg.eval_dataset}), kind)
         for counts in eval_report.datasets:

@@ -55,6 +55,7 @@ class DatasetCounts:
     dropped_over_long: int = 0         # rows over cutoff_len removed by cutoff_policy: drop
     dropped_no_target: int = 0         # rows with no target token within cutoff_len
     mixed: int | None = None           # rows an interleave mix_strategy took (None: concat)
+    dropped_unfinished: int = 0        # replay answers left out: past the token limit, or empty
     unfilled_placeholders: list[str] = field(default_factory=list)
     cache: str = ""                    # encoded rows: "hit" (read from the cache) or "built"
     tokens: LengthStats = field(default_factory=LengthStats)
@@ -63,7 +64,7 @@ class DatasetCounts:
     def sampled(self) -> int:
         """Records after num_samples and max_samples: what was parsed."""
         base = self.num_samples if self.num_samples is not None else self.found
-        return base - self.dropped_by_max_samples
+        return base - self.dropped_by_max_samples - self.dropped_unfinished
 
 
 @dataclass
@@ -160,7 +161,7 @@ class DataReport:
             lines.append(f"dataset {d.name}" + (f" ({', '.join(where)})" if where else ""))
             gone = [(d.dropped_by_num_samples, "num_samples"), (d.dropped_by_max_samples, "max_samples"),
                     (d.bad, "bad"), (d.dropped_over_long, "over-long"),
-                    (d.dropped_no_target, "no target")]
+                    (d.dropped_no_target, "no target"), (d.dropped_unfinished, "unfinished")]
             why = ", ".join(f"{n:,} {reason}" for n, reason in gone if n)
             lines.append(f"  records: {d.found:,} found, {d.kept:,} kept"
                          + (f" (dropped: {why})" if why else "")

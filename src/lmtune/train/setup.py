@@ -37,7 +37,7 @@ def start_run(cfg: RunConfig) -> RunInputs:
     model_path = resolve_model(cfg.model_name_or_path)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     model = load_model(model_path, cfg.trust_remote_code)
-    data = prepare_data(cfg, tokenizer, stop_token_ids(tokenizer, model))
+    data = prepare_data(cfg, tokenizer, stop_token_ids(tokenizer, model), model)
     train_rows, val_rows = training_rows(data, cfg, model.config)
     data.report.show()
     data.report.save(output_dir / "data_report.json")

@@ -60,5 +60,11 @@ SFT_OBJECTIVE = Objective(loss=_sft_loss, units=count_targets)
 def run(cfg: RunConfig) -> dict[str, Any]:
     inputs = start_run(cfg)
     model = apply_method(inputs.model, cfg)
-    return fit(cfg, model, inputs.tokenizer, inputs.train_rows, inputs.val_rows, SFT_OBJECTIVE,
-               inputs.output_dir, inputs.resume_dir, extra_results=inputs.row_counts())
+    results = fit(cfg, model, inputs.tokenizer, inputs.train_rows, inputs.val_rows, SFT_OBJECTIVE,
+                  inputs.output_dir, inputs.resume_dir, extra_results=inputs.row_counts())
+    if cfg.do_predict and results:
+        from lmtune.evaluate.predict import predict_after_training
+
+        del model, inputs  # predict reloads the run as saved
+        results |= predict_after_training(cfg)
+    return results
