@@ -187,6 +187,12 @@ def _check_predict_and_replay(cfg: RunConfig, explicitly_set: set[str]) -> None:
                           "trains something else.", "remove do_predict, or predict with "
                           "`lmtune predict` on a config of stage sft.")
     _needs(cfg.num_beams > 1, "length_penalty", "num_beams > 1", explicitly_set)
+    if cfg.eval_generate_samples and cfg.stage != "sft":
+        raise ConfigError(f"eval_generate_samples answers val prompts of an sft run; stage "
+                          f"{cfg.stage} has no replies to compare with.", "remove eval_generate_samples.")
+    if cfg.eval_generate_samples and cfg.eval_strategy == "no":
+        raise ConfigError("eval_generate_samples is set, but eval_strategy is no, so no evaluation "
+                          "runs.", "set eval_strategy: steps (or epoch) with val_size or eval_dataset.")
     if cfg.replay is None:
         return
     if isinstance(cfg.replay, int) and cfg.replay < 1:

@@ -282,6 +282,9 @@ class RunConfig(BaseModel):
         "no", description="When to compute eval loss on the val split.")
     eval_steps: int | None = Field(None, ge=1, description="Eval every n steps; default logging_steps.")
     per_device_eval_batch_size: int = Field(8, ge=1, description="Rows per eval batch.")
+    eval_generate_samples: int = Field(
+        0, ge=0, description="sft: at every evaluation, also answer the first N val rows by greedy "
+        "generation and log BLEU-4, ROUGE and exact match against their replies (0 = off).")
     resume_from_checkpoint: str | None = Field(
         None, description="'auto' (newest complete checkpoint in output_dir) or a checkpoint path.")
 

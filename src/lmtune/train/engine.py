@@ -38,7 +38,7 @@ from lmtune.errors import ConfigError, RunInterrupted, TrainingError
 from lmtune.models.methods import (TrainingHooks, check_untouched_4bit, count_parameters,
                                    evaluation, learning_rate_of, training_hooks)
 from lmtune.train import checkpoint as ckpt
-from lmtune.train.logs import PLOT_FILE, TrainerLog, plot_loss
+from lmtune.train.logs import GENERATION_METRICS, PLOT_FILE, TrainerLog, plot_loss
 from lmtune.train.results import write_results
 
 Batch = dict[str, torch.Tensor]
@@ -329,9 +329,28 @@ def finish(trainer: Trainer, results: dict[str, Any], log: TrainerLog,
     if cfg.plot_loss:
         for key, name in plots:
             if plot_loss(log.records, output_dir / name, f"{cfg.stage} / {cfg.finetuning_type}",
-                         key=key):
+                         key=key, beside=GENERATION_METRICS if key == "loss" else ()):
                 print(f"{key} plot: {output_dir / name}")
     return results
+
+
+def generation_metrics(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, eval_rows: list[Any]
+                       ) -> Callable[[torch.nn.Module], dict[str, float]] | None:
+    """eval_generate_samples: a scorer that answers the first N val rows greedily and compares the
+    answers with their replies (eval_bleu-4, eval_rouge-*, eval_exact_match); None when off."""
+    if not cfg.eval_generate_samples or not eval_rows:
+        return None
+    from lmtune.evaluate.predict import Generation, score_rows
+    from lmtune.models.load import stop_token_ids
+
+    rows = eval_rows[: cfg.eval_generate_samples]
+    settings = Generation.from_config(cfg.model_copy(update={"do_sample": False}))
+
+    def score(model: torch.nn.Module) -> dict[str, float]:
+        return score_rows(model, tokenizer, rows, stop_token_ids(tokenizer, model), settings,
+                          cfg.per_device_eval_batch_size)
+
+    return score
 
 
 def start_metrics(log: TrainerLog) -> dict[str, Any]:
@@ -358,8 +377,11 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
     for _ in range(state["global_step"]):  # replay the data order up to the resumed step
         next(windows)
 
+    generated = generation_metrics(cfg, tokenizer, eval_rows)
+
     def run_eval() -> dict[str, float]:
-        return evaluate(model, eval_rows, objective, cfg, pad_id, trainer.accelerator)
+        metrics = evaluate(model, eval_rows, objective, cfg, pad_id, trainer.accelerator)
+        return metrics | (generated(trainer.unwrapped) if generated else {})
 
     # The val split's metrics before the first update: the baseline every later eval is read
     # against (logged as step 0; all_results.json gets them as <name>_start).

@@ -35,8 +35,14 @@ def read_log(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_loss(records: list[dict[str, Any]], path: Path, title: str, key: str = "loss") -> bool:
-    """Train `key` (raw and smoothed) and eval_`key` against step. False when nothing to plot."""
+# Scores of generated val answers (eval_generate_samples), drawn beside the loss on their own axis.
+GENERATION_METRICS = ("eval_bleu-4", "eval_rouge-l")
+
+
+def plot_loss(records: list[dict[str, Any]], path: Path, title: str, key: str = "loss",
+              beside: tuple[str, ...] = ()) -> bool:
+    """Train `key` (raw and smoothed) and eval_`key` against step, and any `beside` metrics logged
+    on a second y axis. False when nothing to plot."""
     train = [(r["step"], r[key]) for r in records if key in r]
     evals = [(r["step"], r[f"eval_{key}"]) for r in records if f"eval_{key}" in r]
     if not train and not evals:
@@ -62,7 +68,17 @@ def plot_loss(records: list[dict[str, Any]], path: Path, title: str, key: str = 
     ax.set_ylabel(key)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    other = [(name, [(r["step"], r[name]) for r in records if name in r]) for name in beside]
+    other = [(name, points) for name, points in other if points]
+    if other:
+        twin = ax.twinx()
+        for (name, points), style in zip(other, ("s--", "^--")):
+            twin.plot(*zip(*points), style, color="#2a9d4a", label=name)
+        twin.set_ylabel("score (0-100)")
+        more_handles, more_labels = twin.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    ax.legend(handles, labels)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
