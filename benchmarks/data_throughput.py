@@ -9,7 +9,8 @@ Plan: `lmtune plan --json` in a fresh process on 80,000 + 260,000 synthetic reco
 max_samples 1000, encoding afresh and then from the cache, against reading every record with
 json.loads (what an eager reader spends before it could sample).
 
-    python benchmarks/data_throughput.py      # prints tables, writes benchmarks/results/data_throughput.json
+    python benchmarks/data_throughput.py   # writes benchmarks/results/data_throughput.json and its
+                                           # tables in BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -18,14 +19,22 @@ import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-REPEATS = 3
+from _harness import Bench, lmtune, run_child, source_line, table
+
+ENCODING = {
+    "template-ids": "baseline: `apply_chat_template(tokenize=True)` per conversation, ids only, no labels",
+    "one-by-one": "lmtune, one conversation per call",
+    "batched": "lmtune, 256 conversations per tokenizer call (default)",
+    "batched, 2 workers": "lmtune, `preprocessing_num_workers: 2`",
+}
+PLAN = {
+    "baseline: json.loads": "baseline: `json.loads` of every record (no tokenizer, no model, no plan)",
+    "lmtune plan, encoding afresh": "`lmtune plan --json`, encoding the kept rows afresh (`overwrite_cache=true`)",
+    "lmtune plan, encoded rows from the cache": "`lmtune plan --json`, encoded rows from the cache",
+}
 # As the lmtune CLI sets it: the tokenizer's own Rust threads stay off, so one process uses one core.
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
@@ -50,7 +59,7 @@ def conversations(n: int):
     return out
 
 
-def encoding(n: int) -> list[dict]:
+def encoding(n: int, repeats: int) -> list[dict]:
     from lmtune.config import build_config
     from lmtune.data.encode import ChatEncoder
     from lmtune.data.pipeline import encode_all
@@ -70,14 +79,14 @@ def encoding(n: int) -> list[dict]:
     rows = []
     for name, run in variants.items():
         times, cpu = [], []
-        for _ in range(REPEATS):
+        for _ in range(repeats):
             started, cpu_started = time.perf_counter(), cpu_seconds()
             run()
             times.append(time.perf_counter() - started)
             cpu.append(cpu_seconds() - cpu_started)
         seconds = statistics.median(times)
-        rows.append({"variant": name, "conversations": n, "seconds": round(seconds, 3),
-                     "cpu_seconds": round(statistics.median(cpu), 3),
+        rows.append({"variant": name, "conversations": n, "repeats": repeats, "seconds": round(seconds, 3),
+                     "cpu_seconds": round(statistics.median(cpu), 3), "mean_tokens": round(tokens / n, 1),
                      "conversations_per_second": round(n / seconds), "tokens_per_second": round(tokens / seconds)})
     base = rows[0]["seconds"]
     for row in rows:
@@ -85,53 +94,62 @@ def encoding(n: int) -> list[dict]:
     return rows
 
 
-def plan_timing() -> list[dict]:
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp)
-        for name, n in (("magicoder", 80_000), ("codefeedback", 260_000)):
-            with open(data / f"{name}.jsonl", "w") as f:
-                for i in range(n):
-                    f.write(json.dumps({"instruction": f"{name} task {i}: write a function that adds {i}.",
-                                        "output": f"def add(x):\n    return x + {i}"}) + "\n")
-        (data / "dataset_info.json").write_text(json.dumps(
-            {name: {"file_name": f"{name}.jsonl"} for name in ("magicoder", "codefeedback")}))
-        config = data / "plan.yaml"
-        config.write_text(f"dataset: magicoder,codefeedback\ndataset_dir: {data}\nmax_samples: 1000\n"
-                          "cutoff_len: 1024\n")
-        started = time.perf_counter()
-        for name in ("magicoder", "codefeedback"):
-            with open(data / f"{name}.jsonl") as f:
-                [json.loads(line) for line in f]
-        rows.append({"variant": "baseline: json.loads of all 340,000 records (no tokenizer, no model)",
-                     "seconds": round(time.perf_counter() - started, 2)})
-        for label, extra in (("lmtune plan, encoding afresh", ["overwrite_cache=true"]),
-                             ("lmtune plan, encoded rows from the cache", [])):
-            started = time.perf_counter()
-            done = subprocess.run([sys.executable, "-m", "lmtune.cli", "plan", str(config), *extra, "--json"],
-                                  capture_output=True, text=True, check=True, cwd=ROOT)
-            seconds = time.perf_counter() - started
-            plan = json.loads(done.stdout)
-            rows.append({"variant": label, "seconds": round(seconds, 2),
-                         "found": [d["found"] for d in plan["data"]["datasets"]],
-                         "kept": [d["kept"] for d in plan["data"]["datasets"]]})
+def plan_timing(bench: Bench, sizes: dict[str, int], max_samples: int) -> list[dict]:
+    data = bench.scratch / "plan-data"
+    data.mkdir(parents=True, exist_ok=True)
+    for name, n in sizes.items():
+        with open(data / f"{name}.jsonl", "w") as f:
+            for i in range(n):
+                f.write(json.dumps({"instruction": f"{name} task {i}: write a function that adds {i}.",
+                                    "output": f"def add(x):\n    return x + {i}"}) + "\n")
+    (data / "dataset_info.json").write_text(json.dumps({name: {"file_name": f"{name}.jsonl"} for name in sizes}))
+    config = data / "plan.yaml"
+    config.write_text(f"model_name_or_path: {bench.model}\ndataset: {','.join(sizes)}\ndataset_dir: {data}\n"
+                      f"max_samples: {max_samples}\ncutoff_len: 1024\n")
+    started = time.perf_counter()
+    for name in sizes:
+        with open(data / f"{name}.jsonl") as f:
+            [json.loads(line) for line in f]
+    rows = [{"variant": "baseline: json.loads", "records": sum(sizes.values()),
+             "seconds": round(time.perf_counter() - started, 2)}]
+    for label, extra in (("lmtune plan, encoding afresh", ["overwrite_cache=true"]),
+                         ("lmtune plan, encoded rows from the cache", [])):
+        run = run_child(lmtune("plan", str(config), *extra, "--json"), bench.scratch / f"{label}.json")
+        plan = json.loads(run.log.read_text())
+        rows.append({"variant": label, "seconds": run.wall_s, "peak_rss_gib": run.peak_rss_gib,
+                     "found": [d["found"] for d in plan["data"]["datasets"]],
+                     "kept": [d["kept"] for d in plan["data"]["datasets"]]})
     return rows
 
 
+def render_plan(rows: list[dict]) -> str:
+    found, kept = rows[1]["found"], rows[1]["kept"]
+    body = [[PLAN[r["variant"]], f"{r['seconds']:.2f}"] for r in rows]
+    return (f"{' + '.join(f'{n:,}' for n in found)} records found, {' + '.join(f'{n:,}' for n in kept)} kept:\n\n"
+            + table(["variant", "seconds"], "lr", body) + "\n\n" + source_line("data_throughput") + "\n")
+
+
+def render_encoding(rows: list[dict]) -> str:
+    body = [[ENCODING[r["variant"]], f"{r['conversations_per_second']:,}", f"{r['tokens_per_second']:,}",
+             f"{r['speed_vs_baseline']:.2f}", f"{r['seconds']:.2f}", f"{r['cpu_seconds']:.2f}"] for r in rows]
+    return (f"{rows[0]['conversations']:,} conversations:\n\n"
+            + table(["variant", "conv/s", "tokens/s", "x baseline", "wall s", "CPU s"], "lrrrrr", body)
+            + "\n\n" + source_line("data_throughput") + "\n")
+
+
 def main() -> None:
-    encode_rows = encoding(20_000)
-    print(f"{'encoding (20,000 conversations)':<32}{'conv/s':>8}{'tokens/s':>10}{'x baseline':>12}"
-          f"{'wall s':>8}{'CPU s':>8}")
-    for r in encode_rows:
-        print(f"{r['variant']:<32}{r['conversations_per_second']:>8,}{r['tokens_per_second']:>10,}"
-              f"{r['speed_vs_baseline']:>12.2f}{r['seconds']:>8.2f}{r['cpu_seconds']:>8.2f}")
-    plan_rows = plan_timing()
-    print(f"\n{'plan on 80k + 260k records, max_samples 1000':<70}{'seconds':>10}")
-    for r in plan_rows:
-        print(f"{r['variant']:<70}{r['seconds']:>10.2f}")
-    out = ROOT / "benchmarks" / "results" / "data_throughput.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"encoding": encode_rows, "plan": plan_rows}, indent=2) + "\n")
+    bench = Bench("data_throughput", __doc__)
+    if not bench.args.render_only:
+        if bench.smoke:
+            encode_rows = encoding(200, 1)
+            plan_rows = plan_timing(bench, {"magicoder": 800, "codefeedback": 2_600}, 10)
+        else:
+            encode_rows = encoding(20_000, 3)
+            plan_rows = plan_timing(bench, {"magicoder": 80_000, "codefeedback": 260_000}, 1000)
+        bench.write_json({"encoding": encode_rows, "plan": plan_rows})
+    results = bench.read_json()
+    bench.rewrite("BENCHMARKS.md", "data_plan", render_plan(results["plan"]))
+    bench.rewrite("BENCHMARKS.md", "data_encoding", render_encoding(results["encoding"]))
 
 
 if __name__ == "__main__":

@@ -1,31 +1,27 @@
 """SFT training throughput and peak memory of lmtune's loop, against baselines in the same run.
 
 Each variant trains the quickstart config (default model, LoRA on all linear layers, batch 8, bf16)
-for a fixed number of steps in its own child process, one after another (two torch processes on
-two cores slow each other several-fold), and reports train tokens/s from all_results.json and the
-child's peak RSS. Ratios are against `full-logits`, the usual path: the output head computes logits
-at every position and the loss masks them afterwards.
+for a fixed number of steps in its own child process, one after another, and reports train tokens/s
+from all_results.json and the child's peak RSS. Ratios are against `full-logits`, the usual path:
+the output head computes logits at every position and the loss masks them afterwards.
 
-    python benchmarks/sft_throughput.py            # prints a table, writes benchmarks/results/*.json
+    python benchmarks/sft_throughput.py     # writes benchmarks/results/sft_throughput.json and its
+                                            # table in BENCHMARKS.md
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import resource
-import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
+from _harness import ROOT, Bench, run_child, source_line, table
+
 VARIANTS = {
-    "full-logits": "baseline: logits at every position, masked cross-entropy",
-    "lmtune": "output head only where a label trains (lmtune's default)",
-    "lmtune+checkpointing": "lmtune with gradient_checkpointing: true",
+    "full-logits": "full-logits (baseline: output head at every position, masked CE)",
+    "lmtune": "lmtune (output head only where a label trains)",
+    "lmtune+checkpointing": "lmtune + gradient_checkpointing",
 }
 
 
@@ -35,59 +31,54 @@ def full_logits_loss(model, batch):
                            ignore_index=-100, reduction="sum"), {}
 
 
-def run_variant(variant: str, output_dir: str, steps: int) -> None:
-    """Child process: one training run of `steps` steps."""
+def child(variant: str, overrides: list[str]) -> None:
+    """In the child process: one training run."""
     from lmtune.cli import main
     from lmtune.train import sft
 
     if variant == "full-logits":
         sft.SFT_OBJECTIVE.loss = full_logits_loss
-    overrides = [f"output_dir={output_dir}", f"max_steps={steps}", "logging_steps=1000",
-                 "plot_loss=false", "save_steps=100000"]
     if variant == "lmtune+checkpointing":
         overrides.append("gradient_checkpointing=true")
-    code = main(["train", str(ROOT / "examples" / "quickstart.yaml"), *overrides])
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    (Path(output_dir) / "peak_rss_kib.json").write_text(json.dumps(peak_kib))
-    sys.exit(code)
+    sys.exit(main(["train", str(ROOT / "examples" / "quickstart.yaml"), *overrides]))
 
 
-def measure(steps: int) -> list[dict]:
+def measure(bench: Bench, steps: int) -> list[dict]:
     rows = []
-    for variant, meaning in VARIANTS.items():
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "out"
-            subprocess.run([sys.executable, __file__, "--child", variant, "--out", str(out),
-                            "--steps", str(steps)], check=True, cwd=ROOT, capture_output=True)
-            peak_kib = json.loads((out / "peak_rss_kib.json").read_text())
-            results = json.loads((out / "all_results.json").read_text())
-        rows.append({"variant": variant, "meaning": meaning, "steps": steps,
+    for variant in VARIANTS:
+        out = bench.scratch / variant
+        overrides = [f"output_dir={out}", f"max_steps={steps}", "logging_steps=1000", "plot_loss=false",
+                     "save_steps=100000", "overwrite_output_dir=true", *bench.model_overrides()]
+        run = run_child([sys.executable, __file__, "--child", variant, *overrides], bench.scratch / f"{variant}.log")
+        results = json.loads((out / "all_results.json").read_text())
+        rows.append({"variant": variant, "steps": steps,
                      "tokens_per_second": results["train_tokens_per_second"],
-                     "peak_rss_gib": round(peak_kib / 2**20, 3),
-                     "train_loss": round(results["train_loss"], 4)})
+                     "peak_rss_gib": run.peak_rss_gib,
+                     # the mean over the run's steps, not the last step's loss
+                     "mean_train_loss": round(results["train_loss"], 4)})
     base = rows[0]
     for row in rows:
         row["speed_vs_baseline"] = round(row["tokens_per_second"] / base["tokens_per_second"], 3)
     return rows
 
 
+def render(rows: list[dict]) -> str:
+    steps = rows[0]["steps"]
+    body = [[VARIANTS[r["variant"]], f"{r['tokens_per_second']:.1f}", f"{r['speed_vs_baseline']:.2f}",
+             f"{r['peak_rss_gib']:.2f}", f"{r['mean_train_loss']:.3f}"] for r in rows]
+    return table(["variant", "tokens/s", "x baseline", "peak RSS GiB", f"mean train loss over {steps} steps"],
+                 "lrrrr", body) + "\n\n" + source_line("sft_throughput") + "\n"
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--child")
-    parser.add_argument("--out")
-    args = parser.parse_args()
-    if args.child:
-        run_variant(args.child, args.out, args.steps)
-        return
-    rows = measure(args.steps)
-    print(f"{'variant':<22}{'tokens/s':>10}{'x baseline':>12}{'peak RSS GiB':>14}{'loss':>8}")
-    for r in rows:
-        print(f"{r['variant']:<22}{r['tokens_per_second']:>10.1f}{r['speed_vs_baseline']:>12.2f}"
-              f"{r['peak_rss_gib']:>14.2f}{r['train_loss']:>8.3f}")
-    out = ROOT / "benchmarks" / "results" / "sft_throughput.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=2) + "\n")
+    if sys.argv[1:2] == ["--child"]:
+        child(sys.argv[2], sys.argv[3:])
+    bench = Bench("sft_throughput", __doc__,
+                  lambda p: p.add_argument("--steps", type=int, help="optimizer steps per variant (20)"))
+    if not bench.args.render_only:
+        steps = bench.args.steps or (2 if bench.smoke else 20)
+        bench.write_json(measure(bench, steps))
+    bench.rewrite("BENCHMARKS.md", "sft_throughput", render(bench.read_json()))
 
 
 if __name__ == "__main__":

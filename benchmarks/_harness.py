@@ -1,0 +1,165 @@
+"""What every benchmark here shares: a child process measured from outside, where results go, and
+the document sections a benchmark rewrites from its own JSON.
+
+Each measured thing runs in a child process of its own, one after another (two torch processes on
+two cores slow each other several-fold), so its peak RSS is its own: the kernel reports it for the
+child when it is reaped (wait4), the same figure `resource.getrusage(RUSAGE_SELF)` gives inside it.
+
+`--smoke` (every script takes it) runs the same code on a tiny random model for a step or two and
+writes its JSON and a rewritten copy of BENCHMARKS.md / README.md into a temporary folder: a check
+that the script works, never a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+DOCS = ("BENCHMARKS.md", "README.md")
+
+
+@dataclass
+class Run:
+    wall_s: float
+    peak_rss_gib: float
+    log: Path
+
+
+def run_child(command: list[str], log: Path, env: dict[str, str] | None = None) -> Run:
+    """Run `command` from the repository root, stdout into `log` and stderr beside it (`.stderr`);
+    its wall time and peak RSS."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    errors = log.with_name(log.name + ".stderr")
+    started = time.perf_counter()
+    with open(log, "w") as out, open(errors, "w") as err:
+        child = subprocess.Popen(command, stdout=out, stderr=err, cwd=ROOT,
+                                 env=None if env is None else os.environ | env)
+        _, status, usage = os.wait4(child.pid, 0)
+    wall = time.perf_counter() - started
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        tail = "\n".join(errors.read_text(errors="replace").splitlines()[-30:])
+        sys.exit(f"{' '.join(command)} failed (exit {child.returncode}); the end of its output:\n{tail}")
+    return Run(round(wall, 2), round(usage.ru_maxrss / 2**20, 3), log)  # ru_maxrss is in KiB
+
+
+def lmtune(*args: str) -> list[str]:
+    """The command line of the lmtune CLI under this Python."""
+    return [sys.executable, "-m", "lmtune.cli", *args]
+
+
+def tiny_model(folder: Path) -> str:
+    """A 2-layer random model with the default model's architecture and tokenizer (as the tests
+    build it), for --smoke runs."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lmtune.models.load import load_tokenizer, resolve_model
+
+    if (folder / "config.json").exists():
+        return str(folder)
+    default = resolve_model("default")
+    config = AutoConfig.from_pretrained(default)
+    config.update({"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
+    load_tokenizer(default).save_pretrained(folder)
+    return str(folder)
+
+
+class Bench:
+    """One benchmark's command line and destinations: benchmarks/results and the repository's
+    documents, or with --smoke a scratch folder holding copies of them and a tiny model."""
+
+    def __init__(self, name: str, description: str | None, configure=None):
+        parser = argparse.ArgumentParser(description=description,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser.add_argument("--smoke", action="store_true",
+                            help="tiny model, a step or two, results into a scratch folder: checks "
+                                 "the script, measures nothing")
+        parser.add_argument("--render-only", action="store_true",
+                            help="run nothing: rewrite the document sections from the JSON there is")
+        if configure:
+            configure(parser)
+        self.args = parser.parse_args()
+        self.name = name
+        self.smoke = self.args.smoke
+        if self.smoke:
+            self.scratch = Path(tempfile.gettempdir()) / "lmtune-bench-smoke"
+            self.results = self.scratch / "results"
+            self.results.mkdir(parents=True, exist_ok=True)
+            for doc in DOCS:
+                shutil.copy(ROOT / doc, self.scratch / doc)
+            self.docs = self.scratch
+        else:
+            self.scratch = Path(tempfile.mkdtemp(prefix=f"lmtune-bench-{name}-"))
+            self.results, self.docs = RESULTS, ROOT
+
+    @property
+    def model(self) -> str:
+        """The model measured: the default one, or under --smoke the tiny one."""
+        return tiny_model(self.scratch / "tiny-model") if self.smoke else "default"
+
+    def model_overrides(self) -> list[str]:
+        """Overrides that put a config on the tiny model under --smoke; none otherwise."""
+        return [f"model_name_or_path={self.model}"] if self.smoke else []
+
+    def json_path(self, stem: str | None = None) -> Path:
+        return self.results / f"{stem or self.name}.json"
+
+    def write_json(self, data: Any, stem: str | None = None) -> Path:
+        path = self.json_path(stem)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2) + "\n")
+        print(f"wrote {path}")
+        return path
+
+    def read_json(self, stem: str | None = None) -> Any:
+        path = self.json_path(stem)
+        if not path.exists():
+            sys.exit(f"{path} does not exist yet: run this script without --render-only first.")
+        return json.loads(path.read_text())
+
+    def rewrite(self, doc: str, section: str, text: str) -> None:
+        """Replace what lies between `<!-- bench:SECTION -->` and `<!-- /bench:SECTION -->` in doc."""
+        path = self.docs / doc
+        rewrite_section(path, section, text)
+        print(f"rewrote section {section} of {path}")
+
+
+def rewrite_section(path: Path, section: str, text: str) -> None:
+    content = path.read_text()
+    pattern = re.compile(rf"(<!-- bench:{re.escape(section)} -->\n).*?(<!-- /bench:{re.escape(section)} -->)",
+                         re.S)
+    if not pattern.search(content):
+        sys.exit(f"{path} has no <!-- bench:{section} --> ... <!-- /bench:{section} --> markers")
+    path.write_text(pattern.sub(lambda m: m.group(1) + text.rstrip("\n") + "\n" + m.group(2), content))
+
+
+def source_line(*stems: str) -> str:
+    """The line under a table that names its JSON; tests/test_benchmarks_provenance.py reads it."""
+    files = " and ".join(f"`benchmarks/results/{s}.json`" for s in stems)
+    return f"Numbers from {files}."
+
+
+def table(header: list[str], align: str, rows: list[list[str]]) -> str:
+    """A Markdown table; align holds one letter per column, l or r."""
+    marks = ["---:" if a == "r" else "---" for a in align]
+    lines = [header, marks, *rows]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
+
