@@ -19,9 +19,12 @@ import torch.nn.functional as F
 from _harness import ROOT, Bench, run_child, source_line, table
 
 VARIANTS = {
-    "full-logits": "full-logits (baseline: output head at every position, masked CE)",
-    "lmtune": "lmtune (output head only where a label trains)",
-    "lmtune+checkpointing": "lmtune + gradient_checkpointing",
+    "full-logits": ("full-logits (baseline: output head at every position, masked CE)", []),
+    "lmtune": ("lmtune (output head only where a label trains)", []),
+    "lmtune+checkpointing": ("lmtune + gradient_checkpointing", ["gradient_checkpointing=true"]),
+    "lmtune fp32": ("lmtune in fp32 (no bf16 autocast)", ["bf16=false"]),
+    "lmtune batch 1x8": ("lmtune, batch 1 x accumulation 8",
+                         ["per_device_train_batch_size=1", "gradient_accumulation_steps=8"]),
 }
 
 
@@ -38,18 +41,16 @@ def child(variant: str, overrides: list[str]) -> None:
 
     if variant == "full-logits":
         sft.SFT_OBJECTIVE.loss = full_logits_loss
-    if variant == "lmtune+checkpointing":
-        overrides.append("gradient_checkpointing=true")
-    sys.exit(main(["train", str(ROOT / "examples" / "quickstart.yaml"), *overrides]))
+    sys.exit(main(["train", str(ROOT / "examples" / "quickstart.yaml"), *overrides, *VARIANTS[variant][1]]))
 
 
 def measure(bench: Bench, steps: int) -> list[dict]:
     rows = []
     for variant in VARIANTS:
-        out = bench.scratch / variant
+        out = bench.scratch / variant.replace(" ", "-")
         overrides = [f"output_dir={out}", f"max_steps={steps}", "logging_steps=1000", "plot_loss=false",
                      "save_steps=100000", "overwrite_output_dir=true", *bench.model_overrides()]
-        run = run_child([sys.executable, __file__, "--child", variant, *overrides], bench.scratch / f"{variant}.log")
+        run = run_child([sys.executable, __file__, "--child", variant, *overrides], out.with_suffix(".log"))
         results = json.loads((out / "all_results.json").read_text())
         rows.append({"variant": variant, "steps": steps,
                      "tokens_per_second": results["train_tokens_per_second"],
@@ -64,7 +65,7 @@ def measure(bench: Bench, steps: int) -> list[dict]:
 
 def render(rows: list[dict]) -> str:
     steps = rows[0]["steps"]
-    body = [[VARIANTS[r["variant"]], f"{r['tokens_per_second']:.1f}", f"{r['speed_vs_baseline']:.2f}",
+    body = [[VARIANTS[r["variant"]][0], f"{r['tokens_per_second']:.1f}", f"{r['speed_vs_baseline']:.2f}",
              f"{r['peak_rss_gib']:.2f}", f"{r['mean_train_loss']:.3f}"] for r in rows]
     return table(["variant", "tokens/s", "x baseline", "peak RSS GiB", f"mean train loss over {steps} steps"],
                  "lrrrr", body) + "\n\n" + source_line("sft_throughput") + "\n"
