@@ -13,6 +13,7 @@ that the script works, never a measurement.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import re
@@ -106,8 +107,9 @@ class Bench:
             for doc in DOCS:
                 shutil.copy(ROOT / doc, self.scratch / doc)
             self.docs = self.scratch
-        else:
+        else:  # the runs' outputs go when the script ends; a failure has printed its log by then
             self.scratch = Path(tempfile.mkdtemp(prefix=f"lmtune-bench-{name}-"))
+            atexit.register(shutil.rmtree, self.scratch, ignore_errors=True)
             self.results, self.docs = RESULTS, ROOT
 
     @property
@@ -139,7 +141,7 @@ class Bench:
         """Replace what lies between `<!-- bench:SECTION -->` and `<!-- /bench:SECTION -->` in doc."""
         path = self.docs / doc
         rewrite_section(path, section, text)
-        print(f"rewrote section {section} of {path}")
+        print(f"{text}\n(rewrote section {section} of {path})\n")
 
 
 def rewrite_section(path: Path, section: str, text: str) -> None:

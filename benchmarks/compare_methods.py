@@ -10,7 +10,6 @@ speed and memory against LoRA, and the whole run's wall time next to the sum of 
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import yaml

@@ -20,7 +20,6 @@ import os
 import resource
 import statistics
 import time
-from pathlib import Path
 
 from _harness import Bench, lmtune, run_child, source_line, table
 
