@@ -63,7 +63,12 @@ def measure(bench: Bench) -> dict:
 
 
 def number(value: float, percent: bool) -> str:
-    return f"{100 * value:.1f}%" if percent else f"{value:.3g}"
+    """Three significant digits, never in exponent notation (the provenance test reads plain numbers)."""
+    if percent:
+        return f"{100 * value:.1f}%"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.3g}" if value == 0 or abs(value) >= 0.01 else f"{value:.4f}"
 
 
 def effect(record: dict) -> str:
