@@ -71,7 +71,7 @@ def render(summary: dict) -> str:
              f"{v['peak_rss_gib']:.2f}", f"{v['memory_vs_lora']:.2f}", f"{v['wall_s']:.1f}",
              f"{v['train_tokens_per_second']:.1f}", f"{v['speed_vs_lora']:.2f}", f"{v['final_train_loss']:.3f}",
              f"{v['eval_loss']:.3f}", f"{v['score_hits']}/{v['score_total']}", size(v["size_mb"])] for v in rows]
-    return (f"{len(rows)} variants of {rows[0]['steps']} steps each. {timing}\n\n"
+    return (f"Each variant trains {rows[0]['steps']} steps. {timing}\n\n"
             + table(["variant", "trainable params", "%", "peak RSS GiB", "x lora memory", "wall s", "train tokens/s",
                      "x lora speed", "final train loss", "eval loss", "identity score", "size MB"],
                     "lrrrrrrrrrrr", body) + "\n\n" + source_line("compare_methods_summary") + "\n")
