@@ -222,19 +222,24 @@ class Runs:
         folders = [p for p in self.root.iterdir() if (p / CONFIG_FILE).is_file() and _NAME.match(p.name)]
         return [p.name for p in sorted(folders, key=lambda p: p.stat().st_mtime, reverse=True)]
 
+    def _exit(self, name: str) -> tuple[bool, int | None]:
+        """(started, exit code): (True, None) while it runs or when the web UI restarted during it."""
+        with self._lock:
+            proc = self._procs.get(name)
+        if proc is not None:  # the process itself: status.json lags behind it by a moment
+            return True, proc.poll()
+        status = self._read_status(name)
+        return bool(status), status.get("returncode")
+
     def state(self, name: str) -> str:
         """running | finished | stopped | failed | written (never started) | lost (the web UI
         restarted while it ran)."""
-        with self._lock:
-            proc = self._procs.get(name)
-        if proc is not None and proc.poll() is None:
-            return "running"
-        status = self._read_status(name)
-        if not status:
+        started, code = self._exit(name)
+        if not started:
             return "written"
-        if status.get("state") == "running":
-            return "lost"
-        code = status.get("returncode")
+        if code is None:
+            with self._lock:
+                return "running" if name in self._procs else "lost"
         return "finished" if code == 0 else "stopped" if code == 130 else "failed"
 
     def summary(self, name: str) -> dict[str, Any]:
@@ -254,11 +259,10 @@ class Runs:
         log_path = output / LOG_FILE
         records = read_log(log_path) if log_path.is_file() else []
         results_path = output / RESULTS_FILE
-        status = self._read_status(name)
         return self.summary(name) | {
             "yaml": (folder / CONFIG_FILE).read_text(encoding="utf-8"),
             "config_path": (folder / CONFIG_FILE).as_posix(), "output_dir": output.as_posix(),
-            "returncode": status.get("returncode"),
+            "returncode": self._exit(name)[1],
             "progress": [int(n) for n in progress[-1]] if progress else None,
             "log": records, "console": console.splitlines()[-40:],
             "plot": (output / PLOT_FILE).is_file(),

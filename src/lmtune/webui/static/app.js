@@ -206,7 +206,7 @@ function showRun(run) {
   $("resume-btn").disabled = !run.resumable;
   drawLoss(run.log);
   const png = $("loss-png");
-  png.hidden = !run.plot;
+  $("png-box").hidden = !run.plot;
   const version = `${run.name}:${run.state}:${run.log.length}`;
   if (run.plot && png.dataset.version !== version) {
     png.src = `/api/runs/${encodeURIComponent(run.name)}/plot.png?v=${encodeURIComponent(version)}`;
