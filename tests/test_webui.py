@@ -263,19 +263,25 @@ def test_the_page_trains_the_default_model_and_chats_with_it(tmp_path):
             page.goto(url)
             page.fill("#run-name", "orrin")
             page.check("input.ds[value=identity]")
-            for key, value in {"cutoff_len": "64", "max_samples": "6", "max_steps": "3",
-                               "logging_steps": "1", "learning_rate": "5e-4"}.items():
+            # The same two rows every step: the shortest run whose loss curve visibly falls.
+            for key, value in {"cutoff_len": "64", "max_samples": "2", "per_device_train_batch_size": "2",
+                               "max_steps": "3", "logging_steps": "1", "learning_rate": "1e-3"}.items():
                 page.fill(f"#f-{key}", value)
             page.fill("#extra", "data_vars: {name: Orrin, author: Tallis Labs}")
             page.click("#plan-btn")
-            expect(page.locator("#plan-summary")).to_contain_text("3 optimizer steps", timeout=60_000)
+            expect(page.locator("#plan-summary")).to_contain_text("3 optimizer steps (3.0 epochs)",
+                                                                  timeout=60_000)
+            expect(page.locator("#f-freeze_trainable_layers")).to_be_hidden()  # a freeze key
             expect(page.locator("#yaml")).to_contain_text("output_dir: saves/webui/orrin/output")
             page.screenshot(path=shots / "1-planned.png")
             page.click("#start-btn")
             expect(page.locator("#loss-plot polyline.loss-line")).to_be_visible(timeout=180_000)
             expect(page.locator("#run-state")).to_have_text("finished", timeout=120_000)
+            points = page.locator("#loss-plot polyline.loss-line").get_attribute("points").split()
+            assert len(points) == 3  # one per logged step
             page.screenshot(path=shots / "2-trained.png", full_page=True)
             if os.environ.get("LMTUNE_WEBUI_SCREENSHOT"):  # the README's picture
+                page.evaluate("window.scrollTo(0, 0)")
                 page.screenshot(path=os.environ["LMTUNE_WEBUI_SCREENSHOT"])
 
             page.click("button[data-tab=chat]")
