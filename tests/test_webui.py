@@ -179,8 +179,11 @@ def test_chat_with_the_base_model_and_refusals(client, train_config, tmp_path):
                                               "messages": [{"role": "user", "content": "Hi"}],
                                               "max_new_tokens": 4})
     assert _events(response)[-1] == {"done": True}
-    missing = client.post("/api/chat", json={"run": "nothing", "messages": [{"role": "user", "content": "Hi"}]})
-    assert missing.status_code == 400
+    missing = client.post("/api/chat", json={"run": "nothing",
+                                             "messages": [{"role": "user", "content": "Hi"}]})
+    assert missing.status_code == 400 and "no run named nothing" in missing.json()["error"]
+    robot = client.post("/api/chat", json={"messages": [{"role": "robot", "content": "Hi"}]})
+    assert robot.status_code == 400 and robot.json()["error"].startswith("messages.0.role")
 
 
 def test_export_writes_a_merged_model(finished_run):
@@ -253,7 +256,8 @@ def test_the_page_trains_the_default_model_and_chats_with_it(tmp_path):
 
     (tmp_path / "data").mkdir()
     shutil.copy(ROOT / "data" / "identity.json", tmp_path / "data")
-    (tmp_path / "data" / "dataset_info.json").write_text(json.dumps({"identity": {"file_name": "identity.json"}}))
+    info = {"identity": {"file_name": "identity.json"}}
+    (tmp_path / "data" / "dataset_info.json").write_text(json.dumps(info))
     shots = tmp_path / "screenshots"
     server, url = _serve(tmp_path)
     try:
@@ -264,8 +268,9 @@ def test_the_page_trains_the_default_model_and_chats_with_it(tmp_path):
             page.fill("#run-name", "orrin")
             page.check("input.ds[value=identity]")
             # The same two rows every step: the shortest run whose loss curve visibly falls.
-            for key, value in {"cutoff_len": "64", "max_samples": "2", "per_device_train_batch_size": "2",
-                               "max_steps": "3", "logging_steps": "1", "learning_rate": "1e-3"}.items():
+            keys = {"cutoff_len": "64", "max_samples": "2", "per_device_train_batch_size": "2",
+                    "max_steps": "3", "logging_steps": "1", "learning_rate": "1e-3"}
+            for key, value in keys.items():
                 page.fill(f"#f-{key}", value)
             page.fill("#extra", "data_vars: {name: Orrin, author: Tallis Labs}")
             page.click("#plan-btn")

@@ -16,14 +16,14 @@ import dataclasses
 import glob
 import json
 import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
@@ -32,7 +32,8 @@ from lmtune.compare import REPORT_JSON, REPORT_PNG
 from lmtune.config import build_config, load_config
 from lmtune.errors import ConfigError, LmtuneError, ModelError
 from lmtune.train.logs import PLOT_FILE
-from lmtune.webui.runs import CONFIG_FILE, FORM_KEYS, Runs, field_spec, read_dataset_names
+from lmtune.webui.runs import (CONFIG_FILE, FORM_KEYS, Runs, child_env, field_spec, lmtune_command,
+                               read_dataset_names)
 
 STATIC = Path(__file__).parent / "static"
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -44,8 +45,13 @@ class RunForm(BaseModel):
     extra: str = ""
 
 
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
 class ChatRequest(BaseModel):
-    messages: list[dict[str, str]] = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1)
     run: str | None = Field(None, description="a finished run's name; None: the base model")
     model: str = Field("default", description="the base model (model_name_or_path) when run is None")
     sample: bool = False
@@ -98,6 +104,12 @@ def create_app(runs_dir: str = "saves/webui", any_host: bool = False) -> FastAPI
     async def user_error(request: Request, exc: LmtuneError):
         return JSONResponse({"error": str(exc)}, 400)
 
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"][1:]) or "the request"
+        return JSONResponse({"error": f"{where}: {first['msg']}"}, 400)
+
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/")
@@ -121,7 +133,8 @@ def create_app(runs_dir: str = "saves/webui", any_host: bool = False) -> FastAPI
         values = runs.compose(body.name, body.form, body.extra)
         result, data, _ = build_plan(build_config(values, source="the form"))
         return {"yaml": _yaml(values), "summary": "\n".join(plan_lines(result, data.report)),
-                "warnings": result["warnings"], "config_path": (runs.folder(body.name) / CONFIG_FILE).as_posix()}
+                "warnings": result["warnings"],
+                "config_path": (runs.folder(body.name) / CONFIG_FILE).as_posix()}
 
     @app.get("/api/runs")
     def list_runs():
@@ -160,7 +173,7 @@ def create_app(runs_dir: str = "saves/webui", any_host: bool = False) -> FastAPI
         from lmtune.infer.chat import ChatSession
 
         if body.run is not None:
-            summary = runs.summary(runs.folder(body.run).name)
+            summary = runs.summary(body.run)
             if not summary["chat"]:
                 raise ModelError(f"run {body.run} has no trained model yet ({summary['state']}).",
                                  "chat with it when it has finished, or with the base model.")
@@ -175,7 +188,7 @@ def create_app(runs_dir: str = "saves/webui", any_host: bool = False) -> FastAPI
         session = models.get(key, lambda: ChatSession.from_config(cfg, use_trained=body.run is not None))
         session = dataclasses.replace(session, cfg=session.cfg.model_copy(
             update={"max_new_tokens": body.max_new_tokens}))
-        messages = [{"role": m.get("role", ""), "content": m.get("content", "")} for m in body.messages]
+        messages = [m.model_dump() for m in body.messages]
 
         def events() -> Iterator[str]:
             yield _event({"model": label})
@@ -211,9 +224,8 @@ def create_app(runs_dir: str = "saves/webui", any_host: bool = False) -> FastAPI
         if not runs.summary(body.run)["chat"]:
             raise ModelError(f"run {body.run} has no trained model to export.", "let it finish first.")
         target = _inside_working_folder(body.export_dir)
-        proc = subprocess.run([sys.executable, "-m", "lmtune.cli", "export", config.as_posix(),
-                               f"export_dir={target}"], capture_output=True, text=True,
-                              stdin=subprocess.DEVNULL)
+        proc = subprocess.run(lmtune_command("export", config.as_posix(), f"export_dir={target}"),
+                              capture_output=True, text=True, stdin=subprocess.DEVNULL, env=child_env())
         if proc.returncode != 0:
             raise ModelError(proc.stderr.strip().removeprefix("error: ") or "lmtune export failed.")
         return {"export_dir": target, "output": proc.stdout.strip().splitlines()[-5:],

@@ -69,6 +69,18 @@ def _method_of(key: str) -> list[str] | None:
     return None if len(owners) == len(types_) else owners
 
 
+def lmtune_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lmtune.cli", *args]
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a child lmtune: it imports the lmtune this server runs, installed or
+    not, and prints unbuffered so the page sees its progress as it happens."""
+    source = str(Path(lmtune.__file__).resolve().parent.parent)
+    path = os.pathsep.join(p for p in (source, os.environ.get("PYTHONPATH")) if p)
+    return os.environ | {"PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
+
+
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME.match(name):
         raise ConfigError(f"run name {name!r} cannot name a folder.",
@@ -170,16 +182,12 @@ class Runs:
             if busy is not None:
                 raise ConfigError(f"run {busy} is training; one run trains at a time.",
                                   "wait for it or stop it.")
-            command = [sys.executable, "-m", "lmtune.cli", "train", config.as_posix(), *overrides]
-            # The child imports the lmtune this server runs, installed or not.
-            source = str(Path(lmtune.__file__).resolve().parent.parent)
-            env = os.environ | {"PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
-                p for p in (source, os.environ.get("PYTHONPATH")) if p)}
+            command = lmtune_command("train", config.as_posix(), *overrides)
             with open(folder / CONSOLE_FILE, "a", encoding="utf-8") as console:
                 console.write(f"$ lmtune train {config.as_posix()} {' '.join(overrides)}\n")
                 console.flush()
                 proc = subprocess.Popen(command, stdout=console, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, env=env)
+                                        stdin=subprocess.DEVNULL, env=child_env())
             self._procs[name] = proc
             self._write_status(name, {"state": "running", "pid": proc.pid, "started": time.time(),
                                       "overrides": list(overrides)})
@@ -219,7 +227,8 @@ class Runs:
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        folders = [p for p in self.root.iterdir() if (p / CONFIG_FILE).is_file() and _NAME.match(p.name)]
+        folders = [p for p in self.root.iterdir()
+                   if _NAME.match(p.name) and (p / CONFIG_FILE).is_file()]
         return [p.name for p in sorted(folders, key=lambda p: p.stat().st_mtime, reverse=True)]
 
     def _exit(self, name: str) -> tuple[bool, int | None]:
@@ -243,6 +252,8 @@ class Runs:
         return "finished" if code == 0 else "stopped" if code == 130 else "failed"
 
     def summary(self, name: str) -> dict[str, Any]:
+        if not (self.folder(name) / CONFIG_FILE).is_file():
+            raise ConfigError(f"no run named {name}.", "start one from the form.")
         output = self.output_dir(name)
         state = self.state(name)
         trained = (output / "adapter_config.json").is_file() or (output / "config.json").is_file()
@@ -251,15 +262,14 @@ class Runs:
 
     def details(self, name: str) -> dict[str, Any]:
         """Everything the page shows of a run: state, progress, the log, console tail, YAML."""
+        summary = self.summary(name)
         folder, output = self.folder(name), self.output_dir(name)
-        if not (folder / CONFIG_FILE).is_file():
-            raise ConfigError(f"no run named {name}.", "start one from the form.")
         console = _tail(folder / CONSOLE_FILE)
         progress = _PROGRESS.findall(console)
         log_path = output / LOG_FILE
         records = read_log(log_path) if log_path.is_file() else []
         results_path = output / RESULTS_FILE
-        return self.summary(name) | {
+        return summary | {
             "yaml": (folder / CONFIG_FILE).read_text(encoding="utf-8"),
             "config_path": (folder / CONFIG_FILE).as_posix(), "output_dir": output.as_posix(),
             "returncode": self._exit(name)[1],
