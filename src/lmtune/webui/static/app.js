@@ -330,15 +330,22 @@ async function send() {
 
 // --- compare and export ------------------------------------------------------------------------------
 const COLUMNS = [["name", "variant"], ["finetuning_type", "method"], ["trainable_params", "trainable params"],
-  ["trainable_pct", "trainable %"], ["peak_rss_gib", "peak RSS GiB"], ["wall_s", "wall s"],
+  ["trainable_pct", "trainable %"], ["peak_gib", "peak memory GiB"], ["wall_s", "wall s"],
   ["train_tokens_per_second", "tokens/s"], ["final_train_loss", "final loss"], ["eval_loss", "eval loss"],
   ["score", "task score"], ["size_mb", "size MB"]];
 
 function cell(key, value) {
   if (value === null || value === undefined) return "-";
   if (key === "score") return value.total ? `${value.hits}/${value.total}` : "-";
-  if (typeof value === "number") return Number.isInteger(value) ? value.toLocaleString("en") : value.toPrecision(4);
+  if (typeof value === "number") {
+    return Number.isInteger(value) ? value.toLocaleString("en") : String(Number(value.toPrecision(4)));
+  }
   return String(value);
+}
+
+function compareCell(row, key) {
+  if (row.status === "ok" || key === "name" || key === "finetuning_type") return cell(key, row[key]);
+  return key === "trainable_params" ? "failed: " + String(row.error || "").split("\n")[0] : "";
 }
 
 async function showCompare() {
@@ -348,8 +355,8 @@ async function showCompare() {
   const table = $("compare-table");
   table.replaceChildren(el("tr", {}, ...COLUMNS.map(([, title]) => el("th", {}, title))));
   for (const row of report.variants) {
-    table.append(el("tr", {}, ...COLUMNS.map(([key]) =>
-      el("td", {}, row.status === "ok" || key === "name" || key === "finetuning_type" ? cell(key, row[key]) : key === "trainable_params" ? "failed" : ""))));
+    row.peak_gib = row.peak_gpu_gib ?? row.peak_rss_gib;  // GPU memory where the run had a GPU
+    table.append(el("tr", {}, ...COLUMNS.map(([key]) => el("td", {}, compareCell(row, key)))));
   }
   const png = $("compare-png");
   png.hidden = !report.plot;
