@@ -1,4 +1,5 @@
-"""`lmtune train|chat|export|plan|compare|serve|predict|eval`: every subcommand reads the same YAML keys.
+"""`lmtune train|chat|export|plan|compare|serve|predict|eval|webui`: every subcommand reads the same
+YAML keys.
 
 A mistake the user can fix (LmtuneError) prints one message and exits with code 2; `--debug` shows
 the traceback as well.
@@ -112,6 +113,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
           max_batch=args.max_batch, max_tokens=args.max_tokens)
 
 
+def cmd_webui(args: argparse.Namespace) -> None:
+    from lmtune.webui.app import serve
+
+    serve(args.host, args.port, args.runs_dir, allow_remote=args.allow_remote)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmtune", description="Fine-tune LLMs from one YAML file.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -200,6 +207,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-tokens", dest="max_tokens", type=int,
                        help="most tokens one request may ask for (default: max_new_tokens)")
     serve.set_defaults(func=cmd_serve)
+
+    webui = sub.add_parser(
+        "webui", help="a web page to train, chat, compare and export",
+        description="Serve a page for the current folder: train from a form (plan, YAML, live "
+        "loss, stop and resume), chat with the base model or a trained run, see compare reports, "
+        "export a run. Paths are relative to the current folder, as in a YAML.")
+    webui.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    webui.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    webui.add_argument("--runs-dir", dest="runs_dir", default="saves/webui",
+                       help="folder for the runs started from the page (default saves/webui)")
+    webui.add_argument("--allow-remote", dest="allow_remote", action="store_true",
+                       help="allow a --host other than loopback (the page has no login)")
+    webui.add_argument("--debug", action="store_true", help="show tracebacks")
+    webui.set_defaults(func=cmd_webui)
     return parser
 
 

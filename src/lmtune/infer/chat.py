@@ -7,12 +7,15 @@ token-for-token those it was trained on; generation stops at the end-of-turn tok
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase, TextStreamer
+from transformers import (PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList,
+                          TextIteratorStreamer, TextStreamer)
 
 from lmtune.config import RunConfig
 from lmtune.data.encode import ChatEncoder
@@ -97,6 +100,44 @@ class ChatSession:
 
     def answer_once(self, prompt: str, sample: bool = False) -> str:
         return self.reply([{"role": "user", "content": prompt}], sample=sample)
+
+    def stream(self, messages: list[Message], sample: bool) -> Iterator[str]:
+        """The reply as text pieces while they are generated (generation runs in a thread). Closing
+        the iterator early stops generation at the next token."""
+        ids = torch.tensor([self.encoder.prompt_ids(messages)])
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        cancelled = threading.Event()
+        stop = StoppingCriteriaList([_Cancelled(cancelled)])
+
+        failed: list[BaseException] = []
+
+        def generate() -> None:
+            try:
+                with torch.no_grad():
+                    self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                        streamer=streamer, stopping_criteria=stop,
+                                        **self._generation_kwargs(sample))
+            except BaseException as exc:  # handed to the reader, whose loop would wait forever
+                failed.append(exc)
+                streamer.end()
+
+        worker = threading.Thread(target=generate, daemon=True)
+        worker.start()
+        try:
+            yield from (piece for piece in streamer if piece)
+        finally:
+            cancelled.set()
+            worker.join()
+        if failed:
+            raise failed[0]
+
+
+class _Cancelled(StoppingCriteria):
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> bool:
+        return self.event.is_set()
 
 
 def interactive(session: ChatSession) -> None:
