@@ -9,16 +9,9 @@ import torch
 
 from lmtune.train.losses import (AdaptiveKL, bradley_terry, gae, kl_penalised_rewards, kto_loss,
                                  orpo_odds_ratio_loss, ppo_policy_loss, ppo_value_loss,
-                                 preference_loss, sequence_logps, whiten)
+                                 preference_loss, whiten)
 
 t = torch.tensor
-
-
-def test_sequence_logps_sums_only_targets():
-    logits = torch.zeros(1, 4, 4)  # uniform over 4 tokens: log p = log 1/4 everywhere
-    labels = t([[-100, 1, 2, -100]])
-    total, count = sequence_logps(logits, labels)
-    assert total.item() == pytest.approx(2 * math.log(0.25)) and count.item() == 2
 
 
 def test_bradley_terry():

@@ -17,7 +17,7 @@ from lmtune.data.encode import IGNORE_INDEX, ChatEncoder, EncodedRow, TextEncode
 from lmtune.data.formats import Conversation, Document
 from lmtune.errors import ConfigError
 from lmtune.train.logs import read_log
-from lmtune.train.sft import count_targets, token_loss_sum
+from lmtune.train.forward import count_targets, token_loss_sum
 from tests.conftest import ALPACA, write_yaml
 
 EOS = 2

@@ -19,13 +19,9 @@ from lmtune.errors import ConfigError
 from lmtune.train import dpo
 from lmtune.train.checkpoint import COMPLETE_MARKER
 from lmtune.train.logs import read_log
-from lmtune.train.preference import collate_pairs, reference_logps
-from tests.conftest import ALPACA, write_json, write_yaml
+from lmtune.train.preference import collate_pairs, reference_reply_logps
+from tests.conftest import ALPACA, PAIRS, QUESTIONS, train, write_json, write_yaml
 
-QUESTIONS = ["Is the sky blue?", "Do fish swim?", "Is fire hot?", "Can birds fly?", "Is snow cold?",
-             "Do cats purr?", "Is water wet?", "Do trees grow?", "Is sugar sweet?", "Do bees buzz?",
-             "Is ice solid?", "Do dogs bark?"]
-PAIRS = [{"instruction": q, "input": "", "chosen": "Yes.", "rejected": "No."} for q in QUESTIONS]
 KTO = [{"messages": [{"role": "user", "content": q},
                      {"role": "assistant", "content": "Yes." if i % 2 == 0 else "No."}],
         "label": i % 2 == 0} for i, q in enumerate(QUESTIONS)]
@@ -56,11 +52,6 @@ def stage_config(tmp_path, tiny_model_dir, data_dir) -> dict:
 
 def full(config: dict) -> dict:
     return {k: v for k, v in config.items() if k != "lora_rank"} | {"finetuning_type": "full"}
-
-
-def train(tmp_path: Path, config: dict) -> dict:
-    assert main(["train", str(write_yaml(tmp_path / "run.yaml", config))]) == 0
-    return json.loads((Path(config["output_dir"]) / "all_results.json").read_text())
 
 
 def test_pt_reports_perplexity_and_packs_documents(tmp_path, stage_config):
@@ -154,10 +145,11 @@ def test_dpo_reference_is_the_starting_policy_and_stays_fixed(tmp_path, stage_co
 
     from transformers import AutoModelForCausalLM
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    fresh = torch.tensor(reference_logps(base, seen["rows"], collate_pairs, cfg, seen["pad"], "check"))
+    fresh = torch.tensor(reference_reply_logps(base, seen["rows"], collate_pairs, cfg, seen["pad"],
+                                               "check"))
     assert torch.allclose(stored, fresh, atol=1e-4)  # the untouched base, computed before training
-    trained = torch.tensor(reference_logps(seen["model"].eval(), seen["rows"], collate_pairs, cfg,
-                                           seen["pad"], "check"))
+    trained = torch.tensor(reference_reply_logps(seen["model"].eval(), seen["rows"], collate_pairs,
+                                                 cfg, seen["pad"], "check"))
     assert (trained - fresh).abs().max() > 0.1  # while the policy itself moved
 
 

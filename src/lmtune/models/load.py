@@ -157,6 +157,14 @@ def is_quantized(model: torch.nn.Module) -> bool:
     return bool(getattr(model, "is_quantized", False))
 
 
+def move_to_device(model: torch.nn.Module) -> torch.device:
+    """Move the model to the GPU when there is one (a quantized model already sits where it was
+    loaded and cannot move); returns the device its weights are on."""
+    if torch.cuda.is_available() and not is_quantized(model):
+        model.cuda()
+    return next(model.parameters()).device
+
+
 def load_model(name: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
                quantization: BitsAndBytesConfig | None = None) -> PreTrainedModel:
     folder = Path(name)

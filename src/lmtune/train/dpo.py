@@ -20,9 +20,9 @@ import torch
 from lmtune.config import RunConfig
 from lmtune.models.methods import apply_method
 from lmtune.train.engine import Batch, Metrics, Objective, fit
+from lmtune.train.forward import response_logps
 from lmtune.train.losses import orpo_odds_ratio_loss, preference_loss
-from lmtune.train.preference import (collate_pairs, count_pairs, reference_of, response_logps,
-                                     score_pairs)
+from lmtune.train.preference import collate_pairs, count_pairs, reference_of, score_pairs
 from lmtune.train.setup import start_run
 
 REFERENCE_FREE = ("orpo", "simpo")

@@ -24,7 +24,8 @@ from lmtune.data.encode import IGNORE_INDEX, EncodedRow, KTORow
 from lmtune.models.methods import apply_method
 from lmtune.train.engine import Batch, Metrics, Objective, fit
 from lmtune.train.losses import kto_loss
-from lmtune.train.preference import reference_logps, reference_of, response_logps
+from lmtune.train.forward import response_logps
+from lmtune.train.preference import reference_of, reference_reply_logps
 from lmtune.train.setup import start_run
 
 
@@ -52,8 +53,8 @@ def score_answers(rows: list[KTORow], reference: torch.nn.Module, cfg: RunConfig
                   what: str) -> list[ScoredAnswer]:
     answers = [ScoredAnswer(r.row(), m, r.desirable, 0.0, 0.0)
                for r, m in zip(rows, mismatched_rows(rows, cfg.cutoff_len))]
-    for item, (ref, ref_mismatched) in zip(answers, reference_logps(reference, answers, collate_answers,
-                                                                    cfg, pad_id, what)):
+    logps = reference_reply_logps(reference, answers, collate_answers, cfg, pad_id, what)
+    for item, (ref, ref_mismatched) in zip(answers, logps):
         item.ref, item.ref_mismatched = ref, ref_mismatched
     return answers
 

@@ -10,17 +10,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lmtune.data.encode import IGNORE_INDEX
-
-
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of log p(label), number of labels) per row; logits[:, t] predicts labels[:, t + 1]."""
-    targets = labels[:, 1:]
-    mask = targets != IGNORE_INDEX
-    logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    token_logps = logps.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (token_logps * mask).sum(-1), mask.sum(-1)
-
 
 def bradley_terry(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
     """Reward-model loss per pair: -log sigmoid(r_chosen - r_rejected)."""

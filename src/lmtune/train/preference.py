@@ -15,28 +15,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from lmtune.config import RunConfig
 from lmtune.data.batching import collate
-from lmtune.data.encode import IGNORE_INDEX, PreferenceRow
+from lmtune.data.encode import PreferenceRow
 from lmtune.errors import ModelError
-from lmtune.models.load import is_quantized, load_model, load_tokenizer, resolve_model
+from lmtune.models.load import load_model, load_tokenizer, move_to_device, resolve_model
 from lmtune.models.methods import evaluation
 from lmtune.train.engine import Batch
-from lmtune.train.sft import target_logits
-
-
-def response_logps(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: (sum of log p of its target tokens, number of target tokens)."""
-    logits, labels = target_logits(model, batch)  # only at target positions, flattened
-    token_logps = -F.cross_entropy(logits.float(), labels, reduction="none")
-    mask = batch["labels"][:, 1:] != IGNORE_INDEX
-    row_of_token = mask.nonzero()[:, 0]  # same row-major order as target_logits' selection
-    sums = torch.zeros(len(mask), dtype=token_logps.dtype, device=token_logps.device)
-    return sums.index_add(0, row_of_token, token_logps), mask.sum(-1)
+from lmtune.train.forward import response_logps
 
 
 # --- pairs ----------------------------------------------------------------------------------------
@@ -95,18 +84,13 @@ def reference_of(cfg: RunConfig, policy: torch.nn.Module,
         del reference
 
 
-def _device_for(model: torch.nn.Module) -> torch.device:
-    if torch.cuda.is_available() and not is_quantized(model):
-        model.cuda()
-    return next(model.parameters()).device
-
-
-def reference_logps(model: torch.nn.Module, items: list[Any], collate_fn: Callable[[list[Any], int], Batch],
-                    cfg: RunConfig, pad_id: int, what: str) -> list[list[float]]:
+def reference_reply_logps(model: torch.nn.Module, items: list[Any],
+                          collate_fn: Callable[[list[Any], int], Batch], cfg: RunConfig, pad_id: int,
+                          what: str) -> list[list[float]]:
     """For each item, the summed reply log-probs under `model` of each row `collate_fn` makes of it
     (a pair: chosen, rejected), in the run's precision, without gradients. Items are batched as eval
     batches them, so on the val split the policy's first eval matches the reference exactly."""
-    device = _device_for(model)
+    device = move_to_device(model)
     out: list[list[float]] = []
     size = cfg.per_device_eval_batch_size
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
@@ -124,7 +108,7 @@ def score_pairs(pairs: list[PreferenceRow], reference: torch.nn.Module | None, c
     """Attach reference log-probs to every pair (none when `reference` is None)."""
     scored = [ScoredPair(p) for p in pairs]
     if reference is not None and pairs:
-        for item, (chosen, rejected) in zip(scored, reference_logps(reference, scored, collate_pairs,
-                                                                   cfg, pad_id, what)):
+        logps = reference_reply_logps(reference, scored, collate_pairs, cfg, pad_id, what)
+        for item, (chosen, rejected) in zip(scored, logps):
             item.ref_chosen, item.ref_rejected = chosen, rejected
     return scored

@@ -4,8 +4,8 @@ reply scores above the rejected one (Bradley-Terry: -log sigmoid(r_chosen - r_re
 Reads top to bottom: setup -> method on the LM -> scalar head on top (models/scalar_head.py; it
 always trains) -> the shared loop. Logged per step and on the val split: accuracy (share of pairs
 scored chosen-first) and margin (mean r_chosen - r_rejected). The output folder holds the adapter
-(or full model) and scalar_head.safetensors; `load_reward_model` loads it by path for ppo and for
-scoring.
+(or full model) and scalar_head.safetensors; `RewardModel(folder)` below loads it by path for ppo
+and for scoring.
 """
 
 from __future__ import annotations
