@@ -7,6 +7,10 @@ test runs the real tokenizer, chat template and forward/backward in seconds on a
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,8 +18,11 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from lmtune.cli import main
 from lmtune.models.load import load_tokenizer, resolve_model
 from lmtune.runtime import configure
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # The process set-up of every entry point: the suite runs library code as the CLI would.
 configure()
@@ -71,6 +78,19 @@ ALPACA = [
 ]
 
 
+QUESTIONS = ["Is the sky blue?", "Do fish swim?", "Is fire hot?", "Can birds fly?", "Is snow cold?",
+             "Do cats purr?", "Is water wet?", "Do trees grow?", "Is sugar sweet?", "Do bees buzz?",
+             "Is ice solid?", "Do dogs bark?"]
+# Preference pairs (alpaca ranking layout) for rm, dpo and ppo's reward model.
+PAIRS = [{"instruction": q, "input": "", "chosen": "Yes.", "rejected": "No."} for q in QUESTIONS]
+
+
+def train(tmp_path: Path, config: dict) -> dict:
+    """`lmtune train` on `config`, written to tmp_path/run.yaml; returns its all_results.json."""
+    assert main(["train", str(write_yaml(tmp_path / "run.yaml", config))]) == 0
+    return json.loads((Path(config["output_dir"]) / "all_results.json").read_text())
+
+
 @pytest.fixture
 def alpaca_file(tmp_path) -> Path:
     return write_json(tmp_path / "data" / "tiny.json", ALPACA)
@@ -83,3 +103,24 @@ def train_config(tmp_path, tiny_model_dir, alpaca_file) -> dict:
             "output_dir": str(tmp_path / "out"), "finetuning_type": "lora", "lora_rank": 4,
             "per_device_train_batch_size": 2, "learning_rate": 1e-3, "max_steps": 4,
             "logging_steps": 1, "save_steps": 100, "seed": 0}
+
+
+def start_train(config_path: Path) -> subprocess.Popen:
+    """`python -m lmtune.cli train config_path` as a real process (for tests that signal it)."""
+    env = os.environ | {"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.Popen([sys.executable, "-m", "lmtune.cli", "train", str(config_path)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def wait_for_log_lines(output_dir: Path, lines: int, proc: subprocess.Popen,
+                       timeout: float = 120) -> None:
+    """Until the run's trainer_log.jsonl holds `lines` records (the process must still run)."""
+    log = output_dir / "trainer_log.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        if log.is_file() and len(log.read_text().splitlines()) >= lines:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the run did not log {lines} records")

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,33 +15,13 @@ from safetensors.torch import load_file
 from lmtune.cli import main
 from lmtune.train.checkpoint import complete_checkpoints
 from lmtune.train.logs import read_log
-from tests.conftest import write_yaml
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import ROOT, start_train, wait_for_log_lines, write_yaml
 
 
 def _config(train_config: dict, output_dir: Path) -> dict:
     return train_config | {"output_dir": str(output_dir), "max_steps": 80, "save_steps": 7,
                            "gradient_accumulation_steps": 2, "lora_dropout": 0.1,
                            "logging_steps": 1, "plot_loss": False}
-
-
-def _start(config_path: Path) -> subprocess.Popen:
-    env = os.environ | {"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT / "src")}
-    return subprocess.Popen([sys.executable, "-m", "lmtune.cli", "train", str(config_path)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-
-
-def _wait_for_step(output_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    log = output_dir / "trainer_log.jsonl"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        if log.is_file() and len(log.read_text().splitlines()) >= step:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"the run did not reach step {step}")
 
 
 def _trajectory(output_dir: Path) -> list[tuple]:
@@ -79,8 +58,8 @@ def test_signal_saves_a_checkpoint_and_says_how_to_resume(tmp_path, train_config
                                                           sig):
     out = tmp_path / "out"
     config_path = write_yaml(tmp_path / "run.yaml", _config(train_config_module, out))
-    proc = _start(config_path)
-    _wait_for_step(out, 10, proc)
+    proc = start_train(config_path)
+    wait_for_log_lines(out, 10, proc)
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
@@ -97,8 +76,8 @@ def test_signal_saves_a_checkpoint_and_says_how_to_resume(tmp_path, train_config
 def test_sigkill_then_resume_is_bit_exact(tmp_path, train_config_module, uninterrupted, kill_at_step):
     out = tmp_path / "out"
     config_path = write_yaml(tmp_path / "run.yaml", _config(train_config_module, out))
-    proc = _start(config_path)
-    _wait_for_step(out, kill_at_step, proc)
+    proc = start_train(config_path)
+    wait_for_log_lines(out, kill_at_step, proc)
     proc.kill()  # SIGKILL: no handler runs, whatever the run was doing (a step, a write) stops
     proc.communicate(timeout=60)
 

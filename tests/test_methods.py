@@ -4,6 +4,7 @@ stay put, that its output reloads for chat and merges on export, and the keys it
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -148,7 +149,7 @@ def test_method_trains_reloads_and_exports(method, monkeypatch, tmp_path, train_
     out = Path(config["output_dir"])
     results = json.loads((out / "all_results.json").read_text())
     assert results["trainable_params"] == expected
-    assert results["train_loss"] == pytest.approx(results["train_loss"])  # finite
+    assert math.isfinite(results["train_loss"]) and results["train_loss"] > 0
 
     # The trainable parameters moved; every frozen one is byte-identical.
     params = dict(model.named_parameters())

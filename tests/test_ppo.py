@@ -4,6 +4,7 @@ reference held fixed, logs, checkpoints and exact resume."""
 from __future__ import annotations
 
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -14,11 +15,12 @@ from transformers import AutoModelForCausalLM
 
 from lmtune.data.encode import IGNORE_INDEX
 from lmtune.models.scalar_head import ScalarHeadModel
+from lmtune.train.checkpoint import complete_checkpoints
 from lmtune.train.logs import read_log
 from lmtune.train.ppo import prompt_of, reference_token_logps, rollout_batch, token_logps
 from lmtune.data.encode import EncodedRow
-from tests.conftest import ALPACA, write_json
-from tests.test_stages import PAIRS, train
+from tests.conftest import (ALPACA, PAIRS, start_train, train, wait_for_log_lines, write_json,
+                            write_yaml)
 
 
 @pytest.fixture
@@ -124,7 +126,6 @@ def test_ppo_reference_without_an_adapter_to_switch_off(tmp_path, ppo_config, ti
 
 def test_a_reward_function_that_cannot_load_is_named(tmp_path, ppo_config, capsys):
     from lmtune.cli import main
-    from tests.conftest import write_yaml
 
     config = ppo_config | {"reward_model": "no_such_module:score"}
     assert main(["train", str(write_yaml(tmp_path / "bad.yaml", config))]) == 2
@@ -132,24 +133,22 @@ def test_a_reward_function_that_cannot_load_is_named(tmp_path, ppo_config, capsy
     assert "reward_model: cannot load no_such_module:score" in err and "my_rewards:score" in err
 
 
-def test_ppo_stop_request_saves_a_checkpoint_and_resumes(tmp_path, ppo_config, monkeypatch):
-    from contextlib import contextmanager
-
-    from lmtune.cli import main
-    from lmtune.train import ppo
-    from tests.conftest import write_yaml
-
-    @contextmanager
-    def ctrl_c_at_once():
-        yield [2]  # as if SIGINT arrived during the first iteration
-
-    config = ppo_config | {"max_steps": 3}
-    monkeypatch.setattr(ppo, "stop_requests", ctrl_c_at_once)
-    assert main(["train", str(write_yaml(tmp_path / "run.yaml", config))]) == 130
+@pytest.mark.slow
+def test_ctrl_c_during_ppo_saves_a_checkpoint_and_resumes(tmp_path, ppo_config):
+    """A real SIGINT to a real `lmtune train` process: the iteration in progress finishes, is
+    checkpointed, the process exits 130 saying how to resume, and the resumed run goes to the end."""
+    config = ppo_config | {"max_steps": 8, "plot_loss": False}
     out = Path(config["output_dir"])
-    assert (out / "checkpoint-1" / "value_head.safetensors").is_file()
-    assert not (out / "all_results.json").exists()
-    monkeypatch.undo()
+    proc = start_train(write_yaml(tmp_path / "run.yaml", config))
+    wait_for_log_lines(out, 2, proc)  # the start's eval (step 0) and iteration 1
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "resume_from_checkpoint=auto" in stderr and "Traceback" not in stderr
+    stopped = complete_checkpoints(out)[-1]
+    at = int(stopped.name.split("-")[1])
+    assert 1 <= at < 8 and f"stopped at iteration {at} of 8" in stderr
+    assert (stopped / "value_head.safetensors").is_file() and not (out / "all_results.json").exists()
     results = train(tmp_path, config | {"resume_from_checkpoint": "auto"})
-    assert results["global_step"] == 3
-    assert [r["step"] for r in read_log(out / "trainer_log.jsonl")] == [0, 1, 2, 3]
+    assert results["global_step"] == 8
+    assert [r["step"] for r in read_log(out / "trainer_log.jsonl")] == list(range(9))
