@@ -105,7 +105,11 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise ConfigError(f"{p}: not valid YAML{where}: {getattr(exc, 'problem', exc)}",
+        problem = getattr(exc, "problem", None)
+        if isinstance(exc, yaml.reader.ReaderError):  # its str() ends in PyYAML's own position text
+            where = f" (character {exc.position + 1})"
+            problem = f"character U+{exc.character:04X} cannot appear in YAML ({exc.reason})"
+        raise ConfigError(f"{p}: not valid YAML{where}: {problem or exc}",
                           "fix the YAML syntax; keys are flat, e.g. `learning_rate: 1.0e-4`.") from None
     except RecursionError:
         raise ConfigError(f"{p}: values are nested too deeply to read.",
