@@ -19,13 +19,13 @@ import torch
 
 from lmtune.config import RunConfig
 from lmtune.errors import ConfigError, ModelError, TrainingError
-from lmtune.infer.chat import trained_output
+from lmtune.models.lineage import EXPORT_RECORD, lineage_of, weights_of
 from lmtune.models.load import is_quantized, load_model, load_tokenizer, resolve_model, tokenizer_source
 from lmtune.models.methods import MERGEABLE, adapter_type, load_adapters
 from lmtune.models.scalar_head import HEAD_FILE
 from lmtune.train.checkpoint import RUN_CONFIG
 
-EXPORT_MARKER = "lmtune_export.json"
+EXPORT_MARKER = EXPORT_RECORD  # also what tells export a folder is its own to overwrite
 
 
 def _check_export_dir(cfg: RunConfig) -> Path:
@@ -40,12 +40,12 @@ def _check_export_dir(cfg: RunConfig) -> Path:
 
 def export(cfg: RunConfig) -> Path:
     out = _check_export_dir(cfg)
-    adapters = cfg.adapter_paths
-    model_name = cfg.model_name_or_path
-    if not adapters:
-        full, adapters = trained_output(cfg)
-        model_name = full or model_name
+    model_name, adapters = weights_of(cfg)
     if not adapters and model_name == cfg.model_name_or_path:
+        if cfg.null_on_command_line("adapter_name_or_path"):
+            raise ConfigError("nothing to export: adapter_name_or_path is null, so there is no "
+                              "adapter to merge.", "name the adapter, or leave adapter_name_or_path "
+                              "out to export what output_dir holds.")
         raise ConfigError("nothing to export: no adapter_name_or_path, and output_dir holds no "
                           "trained model.", "set adapter_name_or_path, or output_dir of a finished run.")
     for path in adapters:
@@ -90,7 +90,9 @@ def export(cfg: RunConfig) -> Path:
         # it, so the merged folder scores as the adapter did (lmtune.train.rm.RewardModel).
         for name in (HEAD_FILE, RUN_CONFIG):
             shutil.copyfile(trained / name, out / name)
-    (out / EXPORT_MARKER).write_text(json.dumps({"base": cfg.model_name_or_path, "adapters": adapters},
-                                                indent=2))
+    # The merged adapters' fingerprints go with the weights: an adapter put on them again is
+    # refused by name, and one trained on them is told apart from one trained on the base.
+    (out / EXPORT_MARKER).write_text(json.dumps({"base": cfg.model_name_or_path, "adapters": adapters,
+                                                 "lineage": lineage_of(model).to_json()}, indent=2))
     print(f"exported {model_name}" + (f" + {', '.join(adapters)}" if adapters else "") + f" to {out}")
     return out

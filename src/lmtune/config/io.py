@@ -136,7 +136,9 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
             values[key] = {**values[key], **value}
         else:
             values[key] = value
-    return build_config(values, source=str(path) if path else "command line")
+    cfg = build_config(values, source=str(path) if path else "command line")
+    cfg._null_on_command_line = {key for key, value in extra.items() if value is None}
+    return cfg
 
 
 def describe_keys() -> str:

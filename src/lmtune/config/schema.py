@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 # Keys users bring from LLaMA-Factory / HF TrainingArguments that only change behaviour on other
 # hardware or launchers (multi-GPU, DeepSpeed, dataloader workers). They are accepted so that existing
@@ -345,6 +345,10 @@ class RunConfig(BaseModel):
 
     # Keys from ACCEPTED_NOT_APPLIED that the YAML set, kept to report them.
     not_applied: dict[str, Any] = Field(default_factory=dict, exclude=True)
+    # Keys given as null on the command line (`adapter_name_or_path=null`). Null there means none,
+    # where leaving the key out lets a command work a value out (chat: the adapter in output_dir).
+    # A YAML's null does not count: saved run configs list every key, null where nothing was given.
+    _null_on_command_line: set[str] = PrivateAttr(default_factory=set)
 
     @field_validator("report_to", mode="before")
     @classmethod
@@ -398,6 +402,9 @@ class RunConfig(BaseModel):
         if 0 < self.warmup_steps < 1:
             return int(round(self.warmup_steps * total_steps))
         return int(self.warmup_steps)
+
+    def null_on_command_line(self, key: str) -> bool:
+        return key in self._null_on_command_line
 
     def to_yaml_dict(self) -> dict[str, Any]:
         """The resolved config as plain YAML-able values, saved next to every checkpoint."""

@@ -21,22 +21,11 @@ from lmtune.config import RunConfig
 from lmtune.data.encode import ChatEncoder
 from lmtune.data.formats import Message, fill_placeholders, Conversation
 from lmtune.errors import DataError, ModelError
+from lmtune.models.lineage import weights_of
 from lmtune.models.load import (load_model, load_tokenizer, resolve_model, stop_token_ids,
                                 tokenizer_source)
 from lmtune.models.methods import load_adapters
 from lmtune.models.scalar_head import HEAD_FILE
-
-
-def trained_output(cfg: RunConfig) -> tuple[str | None, list[str]]:
-    """What a finished run in cfg.output_dir offers: (full model folder or None, adapter folders)."""
-    if not cfg.output_dir:
-        return None, []
-    out = Path(cfg.output_dir)
-    if (out / "adapter_config.json").is_file():
-        return None, [str(out)]
-    if (out / "config.json").is_file():
-        return str(out), []
-    return None, []
 
 
 @dataclass
@@ -48,15 +37,18 @@ class ChatSession:
 
     @classmethod
     def from_config(cls, cfg: RunConfig, use_trained: bool = True) -> "ChatSession":
-        model_name, adapters = cfg.model_name_or_path, cfg.adapter_paths
-        if use_trained and not adapters:
-            full, trained_adapters = trained_output(cfg)
-            model_name, adapters = full or model_name, trained_adapters
-            if (Path(cfg.output_dir or "") / HEAD_FILE).is_file():
-                raise ModelError(f"{cfg.output_dir} holds a reward model: it scores answers, it "
-                                 "does not write them.",
-                                 "score with lmtune.train.rm.RewardModel(output_dir).score(prompts, "
-                                 "replies), use it as reward_model of stage ppo, or chat with --base.")
+        """The model and adapters `weights_of(cfg, use_trained)` names."""
+        model_name, adapters = weights_of(cfg, use_trained)
+        out = Path(cfg.output_dir) if cfg.output_dir else None
+        if out and (out / HEAD_FILE).is_file() and out in {Path(model_name), *map(Path, adapters)}:
+            raise ModelError(f"{cfg.output_dir} holds a reward model: it scores answers, it "
+                             "does not write them.",
+                             "score with lmtune.train.rm.RewardModel(output_dir).score(prompts, "
+                             "replies), use it as reward_model of stage ppo, or chat with --base.")
+        return cls.load(cfg, model_name, adapters)
+
+    @classmethod
+    def load(cls, cfg: RunConfig, model_name: str, adapters: list[str]) -> "ChatSession":
         model_path = resolve_model(model_name)
         tokenizer = load_tokenizer(tokenizer_source(model_path, adapters), cfg.trust_remote_code)
         model = load_model(model_path, cfg.trust_remote_code)

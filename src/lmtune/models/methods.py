@@ -25,6 +25,7 @@ from transformers import PreTrainedModel
 
 from lmtune.config import RunConfig, split_list
 from lmtune.errors import ConfigError, ModelError
+from lmtune.models.lineage import check_adapter, note_merged, record_base
 from lmtune.models.load import is_quantized, load_model, quantization_config
 
 log = logging.getLogger(__name__)
@@ -213,7 +214,8 @@ def adapter_type(path: str) -> str:
 def load_adapters(model: PreTrainedModel, paths: list[str], trainable_last: bool,
                   merge_last: bool = False):
     """Load PEFT adapters in order. All but the last are merged into the base weights; the last stays
-    an adapter (trainable when `trainable_last`) unless `merge_last`."""
+    an adapter (trainable when `trainable_last`) unless `merge_last`. Each must have been trained on
+    the weights it goes on (models/lineage.py: check_adapter)."""
     for i, path in enumerate(paths):
         folder = Path(path)
         if (folder / "adapter_config.json").is_file() and not (folder / "adapter_model.safetensors").is_file():
@@ -228,6 +230,7 @@ def load_adapters(model: PreTrainedModel, paths: list[str], trainable_last: bool
                              "the weights, so it cannot be merged into them.",
                              "list it last in adapter_name_or_path (and do not set "
                              "create_new_adapter), or use it on its own.")
+        check_adapter(model, path)
         try:
             model = PeftModel.from_pretrained(model, path, is_trainable=last and trainable_last)
         except (RuntimeError, ValueError, KeyError) as exc:
@@ -235,6 +238,7 @@ def load_adapters(model: PreTrainedModel, paths: list[str], trainable_last: bool
                              "use the base model the adapter was trained on.") from None
         if merge:
             model = model.merge_and_unload()
+            note_merged(model, path)
     if not trainable_last and isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning:
         model.generate = partial(generate_with_virtual_tokens, model)
     return model
@@ -398,8 +402,10 @@ class TrainingHooks:
         """After optimizer.step(), while the gradients are still there."""
 
     def save(self, model: torch.nn.Module, folder: Path, final: bool) -> None:
-        """Write the model or adapter; `final` for the run's output, not a checkpoint."""
+        """Write the model or adapter, an adapter with the record of its base; `final` for the
+        run's output, not a checkpoint."""
         model.save_pretrained(folder, safe_serialization=True)
+        record_base(model, folder)
 
 
 class AdaLoraHooks(TrainingHooks):
@@ -456,6 +462,7 @@ class PissaHooks(TrainingHooks):
             return
         model.save_pretrained(folder, safe_serialization=True,
                               path_initial_model_for_weight_conversion=str(self.initial))
+        record_base(model, folder)
         shutil.rmtree(self.initial)
 
 
