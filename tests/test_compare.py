@@ -97,10 +97,10 @@ def test_overrides_apply_to_the_base_and_variants_win(tmp_path, base_yaml):
         "output_dir": str(tmp_path / "cmp"), "base_config": str(base_yaml), "base": {"max_steps": 5},
         "variants": [{"name": "a"}, {"name": "b", "max_steps": 7, "finetuning_type": "ia3"}]})
     _, (a, b) = load_spec(str(path), ["max_steps=3", "learning_rate=0.5"])
-    assert a.values["max_steps"] == 3 and b.values["max_steps"] == 7
-    assert a.values["learning_rate"] == b.values["learning_rate"] == 0.5
-    assert a.values["output_dir"] == str(tmp_path / "cmp" / "a") and a.values["overwrite_output_dir"]
-    assert b.left_out == ["lora_rank", "lora_target"] and "lora_rank" not in b.values
+    assert a.config["max_steps"] == 3 and b.config["max_steps"] == 7
+    assert a.config["learning_rate"] == b.config["learning_rate"] == 0.5
+    assert a.config["output_dir"] == str(tmp_path / "cmp" / "a") and a.config["overwrite_output_dir"]
+    assert b.left_out == ["lora_rank", "lora_target"] and "lora_rank" not in b.config
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "examples").glob("**/compare*.yaml")),
@@ -108,5 +108,5 @@ def test_overrides_apply_to_the_base_and_variants_win(tmp_path, base_yaml):
 def test_every_compare_example_loads(path, monkeypatch):
     monkeypatch.chdir(REPO)  # examples name their base_config and data relative to the repository
     spec, variants = load_spec(str(path.relative_to(REPO)), [])
-    assert variants and all(Path(v.values["output_dir"]).parent == Path(spec.output_dir)
+    assert variants and all(Path(v.config["output_dir"]).parent == Path(spec.output_dir)
                             for v in variants)

@@ -1,0 +1,100 @@
+"""compare.yaml: the spec and its variants, each validated as a complete training config before
+anything trains. The file's layout is in lmtune/compare/__init__.py."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lmtune.config import (build_config, check_training_inputs, keys_for_other_methods,
+                           parse_overrides, read_yaml)
+from lmtune.errors import ConfigError
+
+REPORT_MD, REPORT_JSON, REPORT_PNG = "compare.md", "compare.json", "compare.png"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+class CompareSpec(BaseModel):
+    """compare.yaml. Each field's description is its documentation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    output_dir: str = Field(description="Folder for compare.md/json/png and one folder per variant.")
+    base_config: str | None = Field(None, description="Training YAML every variant starts from.")
+    base: dict[str, Any] = Field(default_factory=dict,
+                                 description="Training keys for every variant, over base_config's.")
+    variants: list[dict[str, Any]] = Field(
+        min_length=1, description="Each a `name` plus the training keys it changes.")
+    score: Literal["exact", "contains"] = Field(
+        "exact", description="exact: the answer equals the reference reply (whitespace aside); "
+        "contains: it holds score_expect, on the val rows whose reference holds it.")
+    score_expect: str | None = Field(
+        None, description="contains: the text a right answer holds; {{key}} from data_vars.")
+    score_max_new_tokens: int = Field(64, ge=1, description="Most tokens generated per answer.")
+
+
+class Variant(BaseModel):
+    name: str
+    changes: dict[str, Any]  # the training keys the variant itself sets
+    config: dict[str, Any]  # its complete training config: base, minus left_out, plus changes
+    left_out: list[str]  # base keys of other methods
+
+
+def load_spec(path: str, overrides: list[str]) -> tuple[CompareSpec, list[Variant]]:
+    """Read compare.yaml and validate every variant's training config before anything trains.
+    `overrides` (key=value) apply to the base."""
+    raw = read_yaml(path)
+    known = list(CompareSpec.model_fields)
+    for key in raw:
+        if key not in known:
+            guess = difflib.get_close_matches(str(key), known, n=1)
+            raise ConfigError(f"{path}: unknown key '{key}'.",
+                              f"did you mean '{guess[0]}'?" if guess else f"use {', '.join(known)}.")
+    try:
+        spec = CompareSpec(**raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"{path}: {where}: {first['msg'].lower()}",
+                          "see the example in examples/compare_methods.yaml.") from None
+    if spec.score == "contains" and not spec.score_expect:
+        raise ConfigError(f"{path}: score: contains needs score_expect.",
+                          "add e.g. score_expect: '{{name}}' (filled from data_vars).")
+    base = read_yaml(spec.base_config) if spec.base_config else {}
+    base |= spec.base
+    base |= parse_overrides(overrides)
+    return spec, [_variant(path, spec, base, raw) for raw in _unique(path, spec.variants)]
+
+
+def _unique(path: str, variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    names = [str(v.get("name", "")) for v in variants]
+    for name in names:
+        if not _NAME.match(name) or name in (REPORT_MD, REPORT_JSON, REPORT_PNG):
+            raise ConfigError(f"{path}: variant name {name!r} cannot name a folder in output_dir.",
+                              "give each variant a name of letters, digits and _ . + -, e.g. lora-r16.")
+        if names.count(name) > 1:
+            raise ConfigError(f"{path}: two variants are named {name}.", "give each a unique name.")
+    return variants
+
+
+def _variant(path: str, spec: CompareSpec, base: dict[str, Any], raw: dict[str, Any]) -> Variant:
+    changes = {k: v for k, v in raw.items() if k != "name"}
+    if "output_dir" in changes:
+        raise ConfigError(f"{path}: variant {raw['name']} sets output_dir.",
+                          "remove it: each variant trains in output_dir/<name>.")
+    method = changes.get("finetuning_type", base.get("finetuning_type", "lora"))
+    foreign = keys_for_other_methods(str(method))
+    left_out = sorted(k for k in base if k in foreign and k not in changes)
+    config = {k: v for k, v in base.items() if k not in left_out} | changes
+    config |= {"output_dir": str(Path(spec.output_dir) / raw["name"]), "overwrite_output_dir": True}
+    where = f"{path}: variant {raw['name']}"
+    try:
+        check_training_inputs(build_config(config, source=where))
+    except ConfigError as exc:  # key and type errors name their source already; combinations not
+        message = exc.message if exc.message.startswith(where) else f"{where}: {exc.message}"
+        raise ConfigError(message, exc.fix) from None
+    return Variant(name=raw["name"], changes=changes, config=config, left_out=left_out)
