@@ -137,7 +137,7 @@ def test_a_reward_function_that_cannot_load_is_named(tmp_path, ppo_config, capsy
 def test_ctrl_c_during_ppo_saves_a_checkpoint_and_resumes(tmp_path, ppo_config):
     """A real SIGINT to a real `lmtune train` process: the iteration in progress finishes, is
     checkpointed, the process exits 130 saying how to resume, and the resumed run goes to the end."""
-    config = ppo_config | {"max_steps": 8, "plot_loss": False}
+    config = ppo_config | {"max_steps": 4, "gradient_accumulation_steps": 1, "plot_loss": False}
     out = Path(config["output_dir"])
     proc = start_train(write_yaml(tmp_path / "run.yaml", config))
     wait_for_log_lines(out, 2, proc)  # the start's eval (step 0) and iteration 1
@@ -147,8 +147,8 @@ def test_ctrl_c_during_ppo_saves_a_checkpoint_and_resumes(tmp_path, ppo_config):
     assert "resume_from_checkpoint=auto" in stderr and "Traceback" not in stderr
     stopped = complete_checkpoints(out)[-1]
     at = int(stopped.name.split("-")[1])
-    assert 1 <= at < 8 and f"stopped at iteration {at} of 8" in stderr
+    assert 1 <= at < 4 and f"stopped at iteration {at} of 4" in stderr
     assert (stopped / "value_head.safetensors").is_file() and not (out / "all_results.json").exists()
     results = train(tmp_path, config | {"resume_from_checkpoint": "auto"})
-    assert results["global_step"] == 8
-    assert [r["step"] for r in read_log(out / "trainer_log.jsonl")] == list(range(9))
+    assert results["global_step"] == 4
+    assert [r["step"] for r in read_log(out / "trainer_log.jsonl")] == list(range(5))
