@@ -178,3 +178,18 @@ def test_a_plain_peft_adapter_is_checked_by_the_base_it_names(tiny_model_dir, ot
     config["base_model_name_or_path"] = "someone/elses-model"
     (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(config))
     check_adapter(AutoModelForCausalLM.from_pretrained(other_model_dir), adapter)
+
+
+def test_serve_and_predict_apply_the_same_rule(run, tiny_model_dir):
+    from lmtune.evaluate.predict import _load
+    from lmtune.serve.app import build_server, served_adapters
+
+    nulled = load_config(run["yaml"], ["adapter_name_or_path=null"])
+    assert served_adapters(nulled, []) == (tiny_model_dir, [], [])
+    assert served_adapters(load_config(run["yaml"]), [])[2] == [("out", run["out"])]
+    model, _, _, what = _load(nulled)
+    assert what == "base" and not isinstance(model, PeftModel)
+    on_export = load_config(run["yaml"], [f"model_name_or_path={run['merged']}"])
+    for load in (lambda: build_server(on_export, []), lambda: _load(on_export)):
+        with pytest.raises(ModelError, match=f"adapter {run['out']} is already merged into"):
+            load()

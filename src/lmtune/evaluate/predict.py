@@ -31,7 +31,7 @@ from lmtune.data.pipeline import make_encoder
 from lmtune.data.sources import load_records
 from lmtune.errors import ConfigError, DataError, TrainingError
 from lmtune.evaluate.metrics import similarity
-from lmtune.infer.chat import trained_output
+from lmtune.models.lineage import run_output, weights_of
 from lmtune.models.load import (is_quantized, load_model, load_tokenizer, resolve_model,
                                 stop_token_ids, tokenizer_source)
 from lmtune.models.methods import load_adapters
@@ -214,12 +214,8 @@ def predict_with(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, inp
 def _load(cfg: RunConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str, str]:
     """(model, tokenizer, description, what): the config's adapters, else what output_dir holds;
     `what` is "adapter", "full" (a fully trained model) or "base"."""
-    model_name, adapters = cfg.model_name_or_path, cfg.adapter_paths
-    what = "adapter" if adapters else "base"
-    if not adapters:
-        full, adapters = trained_output(cfg)
-        what = "full" if full else "adapter" if adapters else "base"
-        model_name = full or model_name
+    model_name, adapters = weights_of(cfg)
+    what = "adapter" if adapters else "full" if model_name != cfg.model_name_or_path else "base"
     model_path = resolve_model(model_name)
     tokenizer = load_tokenizer(tokenizer_source(model_path, adapters), cfg.trust_remote_code)
     model = load_model(model_path, cfg.trust_remote_code)
@@ -279,10 +275,6 @@ def predict_after_training(cfg: RunConfig) -> dict[str, float]:
     autocast wrappers or PiSSA's unconverted form) predicts exactly what `lmtune predict` would
     later. Adapters merged under the trained one are merged again; a new adapter trained over them
     (create_new_adapter) sits on top of all of them."""
-    full, trained = trained_output(cfg)
-    if full:
-        update: dict[str, Any] = {"model_name_or_path": full, "adapter_name_or_path": None}
-    else:
-        below = cfg.adapter_paths if cfg.create_new_adapter else cfg.adapter_paths[:-1]
-        update = {"adapter_name_or_path": ",".join(below + trained)}
+    model_name, adapters = run_output(cfg)
+    update = {"model_name_or_path": model_name, "adapter_name_or_path": ",".join(adapters) or None}
     return run_predict(cfg.model_copy(update=update))["model"]

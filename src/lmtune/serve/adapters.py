@@ -31,6 +31,7 @@ from lmtune.data.encode import ChatEncoder
 from lmtune.data.pipeline import make_encoder
 from lmtune.errors import LmtuneError, ModelError
 from lmtune.infer.generate import GenResult, GenRow, OnToken, generate
+from lmtune.models.lineage import check_adapter
 from lmtune.models.load import load_tokenizer, stop_token_ids
 from lmtune.models.methods import adapter_type
 
@@ -150,6 +151,7 @@ class AdapterSet:
     def _load_prompt(self, path: str) -> PeftModel:
         # peft keeps prompt-learning adapters outside the base's modules, so this container adds
         # only the virtual tokens; the base weights are shared.
+        check_adapter(self.base, path)
         try:
             model = PeftModel.from_pretrained(self.base, path)
         except (RuntimeError, ValueError, KeyError) as exc:
@@ -163,6 +165,7 @@ class AdapterSet:
                              "per base model.",
                              f"serve {kind} adapters from another `lmtune serve`, or merge this one "
                              "into its base with `lmtune export` and serve the export.")
+        check_adapter(self.base, path)
         try:
             if self.peft is None:
                 self.peft = PeftModel.from_pretrained(self.base, path, adapter_name=name).eval()

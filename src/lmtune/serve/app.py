@@ -429,15 +429,16 @@ def served_adapters(cfg: RunConfig, extra: list[str]) -> tuple[str, list[str], l
 
     As in chat and training, adapter_name_or_path's folders before the last are merged into the
     base; the last is served by its folder's name. Without adapter_name_or_path, what output_dir
-    holds is used: a full model becomes the base, an adapter is served."""
-    from lmtune.infer.chat import trained_output
+    holds is used: a full model becomes the base, an adapter is served (adapter_name_or_path=null
+    on the command line: the base alone)."""
+    from lmtune.models.lineage import trained_output
     from lmtune.models.scalar_head import HEAD_FILE
 
     model_name, merged, served = cfg.model_name_or_path, [], []
     if cfg.adapter_paths:
         merged, last = cfg.adapter_paths[:-1], cfg.adapter_paths[-1]
         served.append((adapter_name(last), last))
-    else:
+    elif not cfg.null_on_command_line("adapter_name_or_path"):
         if (Path(cfg.output_dir or "") / HEAD_FILE).is_file():
             raise ModelError(f"{cfg.output_dir} holds a reward model: it scores answers, it does not "
                              "write them.", "serve the model it was trained from, or another run.")
