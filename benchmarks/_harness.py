@@ -2,8 +2,9 @@
 the document sections a benchmark rewrites from its own JSON.
 
 Each measured thing runs in a child process of its own, one after another (two torch processes on
-two cores slow each other several-fold), so its peak RSS is its own: the kernel reports it for the
-child when it is reaped (wait4), the same figure `resource.getrusage(RUSAGE_SELF)` gives inside it.
+two cores slow each other several-fold), so its peak RSS is its own: lmtune.measure runs it, and
+the child (every lmtune entry point) writes its own memory high-water mark as it exits, not the
+figure wait4 reports, which carries the parent's peak.
 
 `--smoke` (every script takes it) runs the same code on a tiny random model for a step or two and
 writes its JSON and a rewritten copy of BENCHMARKS.md / README.md into a temporary folder: a check
@@ -18,13 +19,13 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from lmtune import measure
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -42,18 +43,17 @@ def run_child(command: list[str], log: Path, env: dict[str, str] | None = None) 
     """Run `command` from the repository root, stdout into `log` and stderr beside it (`.stderr`);
     its wall time and peak RSS."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    errors = log.with_name(log.name + ".stderr")
-    started = time.perf_counter()
+    errors, peak = log.with_name(log.name + ".stderr"), log.with_name(log.name + ".peak")
+    peak.unlink(missing_ok=True)
     with open(log, "w") as out, open(errors, "w") as err:
-        child = subprocess.Popen(command, stdout=out, stderr=err, cwd=ROOT,
-                                 env=None if env is None else os.environ | env)
-        _, status, usage = os.wait4(child.pid, 0)
-    wall = time.perf_counter() - started
-    child.returncode = os.waitstatus_to_exitcode(status)
+        child = measure.run_child(command, stdout=out, stderr=err, cwd=ROOT,
+                                  env=os.environ | (env or {}) | {measure.PEAK_RSS_FILE_ENV: str(peak)})
     if child.returncode != 0:
         tail = "\n".join(errors.read_text(errors="replace").splitlines()[-30:])
         sys.exit(f"{' '.join(command)} failed (exit {child.returncode}); the end of its output:\n{tail}")
-    return Run(round(wall, 2), round(usage.ru_maxrss / 2**20, 3), log)  # ru_maxrss is in KiB
+    if not peak.is_file():
+        sys.exit(f"{' '.join(command)} did not report its peak memory: run lmtune entry points only.")
+    return Run(child.wall_s, round(int(peak.read_text()) / 2**30, 3), log)
 
 
 def lmtune(*args: str) -> list[str]:

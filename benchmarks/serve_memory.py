@@ -31,6 +31,7 @@ MIB = 2**20
 def child(model: str, adapters: list[str], out: str) -> None:
     from lmtune.config import RunConfig
     from lmtune.infer.generate import GenRow, Sampling
+    from lmtune.measure import peak_rss_bytes
     from lmtune.runtime import configure
     from lmtune.serve.app import build_server
 
@@ -46,7 +47,7 @@ def child(model: str, adapters: list[str], out: str) -> None:
                                                      served.name)], lambda i, t: True)
     server.scheduler.close()
     rss = int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()  # this process's own high-water mark, not the parent's
     Path(out).write_text(json.dumps({"rss": rss, "peak": peak}))
 
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lmtune.measure import peak_rss_bytes, run_child
+from lmtune.measure import PEAK_RSS_FILE_ENV, peak_rss_bytes, run_child
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 _REPORT = "import json, sys; from lmtune.measure import peak_rss_bytes; print(json.dumps(peak_rss_bytes()))"
@@ -54,3 +54,15 @@ def test_ctrl_c_waits_for_the_child_to_finish_then_raises(tmp_path):
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130 and out.strip() == "interrupted"
     assert done.read_text() == "saved"  # the child was not killed before it finished
+
+
+def test_an_entry_point_reports_its_peak_to_the_file_its_parent_names(tmp_path):
+    held = bytearray(800 * 2**20)
+    held[::4096] = b"x" * len(held[::4096])  # the parent's peak must not leak into the report
+    report = tmp_path / "peak"
+    code = ("from lmtune.runtime import configure; configure()\n"
+            "b = bytearray(100 * 2**20); b[::4096] = b'x' * len(b[::4096])")
+    env = os.environ | {"PYTHONPATH": SRC, PEAK_RSS_FILE_ENV: str(report)}
+    assert run_child([sys.executable, "-c", code], env=env).returncode == 0
+    assert 100 * 2**20 < int(report.read_text()) < 800 * 2**20
+    del held

@@ -6,6 +6,8 @@ reports `peak_rss_bytes()` when its work is done.
 
 from __future__ import annotations
 
+import atexit
+import os
 import resource
 import subprocess
 import sys
@@ -27,6 +29,19 @@ def peak_rss_bytes() -> int:
                 return int(line.split()[1]) * 1024  # kB
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
+
+
+# A parent that measures a child from outside names a file here; the child writes its own peak
+# there as it exits (wait4's figure would carry the parent's peak, see above).
+PEAK_RSS_FILE_ENV = "LMTUNE_PEAK_RSS_FILE"
+
+
+def report_peak_rss_at_exit() -> None:
+    """If the parent asked for it (PEAK_RSS_FILE_ENV), write this process's peak RSS in bytes to
+    that file when the process exits."""
+    target = os.environ.get(PEAK_RSS_FILE_ENV)
+    if target:
+        atexit.register(lambda: Path(target).write_text(str(peak_rss_bytes())))
 
 
 def device_name() -> str:

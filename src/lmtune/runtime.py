@@ -27,3 +27,6 @@ def configure() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    from lmtune.measure import report_peak_rss_at_exit
+
+    report_peak_rss_at_exit()
