@@ -124,3 +124,15 @@ def wait_for_log_lines(output_dir: Path, lines: int, proc: subprocess.Popen,
             return
         time.sleep(0.02)
     raise AssertionError(f"the run did not log {lines} records")
+
+
+@pytest.fixture
+def ppo_config(tmp_path, tiny_model_dir) -> dict:
+    """A short ppo run on the tiny model, rewarded by a function of the reply text."""
+    data = write_json(tmp_path / "data" / "prompts.json", ALPACA * 3)
+    return {"model_name_or_path": tiny_model_dir, "dataset": str(data), "stage": "ppo",
+            "reward_model": "tests.ppo_rewards:letter_share", "output_dir": str(tmp_path / "out"),
+            "finetuning_type": "lora", "lora_rank": 8, "per_device_train_batch_size": 4,
+            "gradient_accumulation_steps": 2, "learning_rate": 1e-2, "max_steps": 15,
+            "max_new_tokens": 8, "val_size": 8, "logging_steps": 1, "save_steps": 100,
+            "top_p": 1.0, "top_k": 0, "temperature": 1.0, "ppo_target": None, "seed": 0}

@@ -19,19 +19,8 @@ from lmtune.train.checkpoint import complete_checkpoints
 from lmtune.train.logs import read_log
 from lmtune.train.ppo import prompt_of, reference_token_logps, rollout_batch, token_logps
 from lmtune.data.encode import EncodedRow
-from tests.conftest import (ALPACA, PAIRS, start_train, train, wait_for_log_lines, write_json,
+from tests.conftest import (PAIRS, start_train, train, wait_for_log_lines, write_json,
                             write_yaml)
-
-
-@pytest.fixture
-def ppo_config(tmp_path, tiny_model_dir) -> dict:
-    data = write_json(tmp_path / "data" / "prompts.json", ALPACA * 3)
-    return {"model_name_or_path": tiny_model_dir, "dataset": str(data), "stage": "ppo",
-            "reward_model": "tests.ppo_rewards:letter_share", "output_dir": str(tmp_path / "out"),
-            "finetuning_type": "lora", "lora_rank": 8, "per_device_train_batch_size": 4,
-            "gradient_accumulation_steps": 2, "learning_rate": 1e-2, "max_steps": 15,
-            "max_new_tokens": 8, "val_size": 8, "logging_steps": 1, "save_steps": 100,
-            "top_p": 1.0, "top_k": 0, "temperature": 1.0, "ppo_target": None, "seed": 0}
 
 
 def test_ppo_raises_the_held_out_reward_and_reports_what_it_paid(tmp_path, ppo_config, tiny_model_dir):
