@@ -77,6 +77,33 @@ def test_unknown_key_from_override_is_refused():
     assert "'lora_rank'" in info.value.fix
 
 
+def test_every_unknown_key_is_reported_at_once_each_with_its_guess(tmp_path):
+    path = write_yaml(tmp_path / "c.yaml", {"dataset": "identity", "learning_rat": 1e-4,
+                                            "zzzqqq_xyz": 3, "lora_rnak": 8, "ld_alpha": 0.5})
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    lines = info.value.message.splitlines()
+    assert lines[0] == f"{path}: 4 keys lmtune cannot use:"
+    assert lines[1:] == [
+        "  - unknown key 'learning_rat': did you mean 'learning_rate'?",
+        "  - unknown key 'lora_rnak': did you mean 'lora_rank'?",
+        "  - unknown key 'zzzqqq_xyz'",
+        "  - ld_alpha: 0.5 is a LLaMA-Factory feature lmtune does not have: LD-DPO's length "
+        "weighting is not implemented; remove it.",
+    ]
+    assert "--help" in info.value.fix
+
+
+def test_cli_reports_unknown_keys_of_file_and_overrides_together(tmp_path, capsys):
+    path = write_yaml(tmp_path / "c.yaml", {"dataset": "identity", "output_dir": str(tmp_path / "o"),
+                                            "learning_rat": 1e-4})
+    assert main(["train", str(path), "num_train_epoch=2"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'learning_rate'?" in err
+    assert "did you mean 'num_train_epochs'?" in err
+    assert "Traceback" not in err
+
+
 # --- wrong types --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("key,value", [

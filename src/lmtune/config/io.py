@@ -40,18 +40,24 @@ def build_config(values: dict[str, Any], source: str = "config") -> RunConfig:
     not_applied = {k: values.pop(k) for k in list(values) if k in ACCEPTED_NOT_APPLIED}
     off_only = {k: values.pop(k) for k in list(values) if k in NOT_SUPPORTED}
     valid = known_keys()
-    unknown = [k for k in values if k not in valid]
-    if unknown:
-        key = unknown[0]
-        guess = _closest(key, valid + list(ACCEPTED_NOT_APPLIED) + list(NOT_SUPPORTED))
-        hint = f"did you mean '{guess}'?" if guess else "see `lmtune train --help` for every key."
-        raise ConfigError(f"{source}: unknown key '{key}'.", hint)
+    problems = []  # (message, fix) per key, all reported at once: one edit fixes the whole file
+    for key in values:
+        if key not in valid:
+            guess = _closest(key, valid + list(ACCEPTED_NOT_APPLIED) + list(NOT_SUPPORTED))
+            problems.append((f"unknown key '{key}'",
+                             f"did you mean '{guess}'?" if guess else None))
     for key, value in off_only.items():
         default, fix = NOT_SUPPORTED[key]
         # reward_model_type 'full' is accepted too: the folder says what it holds.
         if value != default and not (key == "reward_model_type" and value == "full"):
-            raise ConfigError(f"{source}: {key}: {value!r} is a LLaMA-Factory feature lmtune does "
-                              "not have.", fix)
+            problems.append((f"{key}: {value!r} is a LLaMA-Factory feature lmtune does not have", fix))
+    if len(problems) == 1:
+        message, fix = problems[0]
+        raise ConfigError(f"{source}: {message}.", fix or "see `lmtune train --help` for every key.")
+    if problems:
+        lines = "".join(f"\n  - {message}" + (f": {fix}" if fix else "") for message, fix in problems)
+        raise ConfigError(f"{source}: {len(problems)} keys lmtune cannot use:{lines}",
+                          "rename or remove each key above; `lmtune train --help` lists every key.")
     try:
         cfg = RunConfig(**values)
     except ValidationError as exc:
