@@ -113,7 +113,7 @@ def test_cli_reports_unknown_keys_of_file_and_overrides_together(tmp_path, capsy
     ("finetuning_type", "qlora"),
     ("cutoff_len", 1),
     ("lr_scheduler_type", "exponential"),
-    ("report_to", "wandb"),
+    ("report_to", "comet_ml"),
     ("data_vars", ["name", "Orrin"]),
 ])
 def test_wrong_type_names_the_key(tmp_path, key, value):

@@ -352,7 +352,7 @@ wrong_types = st.sampled_from([
     ("lora_rank", "many"), ("lora_rank", 0), ("learning_rate", "fast"), ("learning_rate", float("inf")),
     ("bf16", "maybe"), ("finetuning_type", "partial"), ("stage", "grpo"), ("cutoff_len", 1),
     ("max_samples", 0), ("top_p", 2), ("num_train_epochs", 0), ("warmup_steps", float("nan")),
-    ("seed", [1, 2]), ("data_vars", "name"), ("report_to", "wandb"), ("export_legacy_format", True),
+    ("seed", [1, 2]), ("data_vars", "name"), ("report_to", "comet_ml"), ("export_legacy_format", True),
     ("val_size", -1), ("lr_scheduler_type", "cosine_with_restarts"), ("per_device_train_batch_size", 1.5),
     ("dataset_dir", {"a": 1}), ("output_dir", ["a", "b"]), ("eval_steps", -3),
 ])

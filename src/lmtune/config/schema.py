@@ -51,6 +51,9 @@ NOT_SUPPORTED: dict[str, tuple[Any, str]] = {
 }
 
 
+TrackerName = Literal["none", "all", "tensorboard", "mlflow", "wandb", "swanlab"]
+
+
 class RunConfig(BaseModel):
     """Every key a YAML file may set. Each field's description is its one-line documentation."""
 
@@ -254,8 +257,14 @@ class RunConfig(BaseModel):
     save_total_limit: int | None = Field(
         None, ge=1, description="Keep only the newest n complete checkpoints (none = keep all).")
     plot_loss: bool = Field(True, description="Write training_loss.png at the end.")
-    report_to: Literal["none"] | list[Literal["none"]] = Field(
-        "none", description="Experiment trackers; lmtune logs to trainer_log.jsonl, so only 'none'.")
+    report_to: TrackerName | list[TrackerName] = Field(
+        "none", description="Experiment trackers that get trainer_log.jsonl's numbers and the run "
+        "config: none, tensorboard, mlflow, wandb, swanlab, or all (every one installed); a comma "
+        "list or YAML list. Offline by default (files under output_dir).")
+    run_name: str | None = Field(
+        None, description="The run's name in the trackers (default: output_dir's folder name).")
+    logging_dir: str | None = Field(
+        None, description="Where tensorboard writes its event files (default output_dir/runs).")
 
     # --- training ----------------------------------------------------------------------------
     per_device_train_batch_size: int = Field(1, ge=1, description="Rows per micro-batch.")
@@ -354,7 +363,9 @@ class RunConfig(BaseModel):
     @classmethod
     def _report_to_list(cls, value: Any) -> Any:
         if isinstance(value, str) and "," in value:
-            return [v.strip() for v in value.split(",")]
+            value = [v.strip() for v in value.split(",")]
+        if isinstance(value, list) and "none" in value and set(value) != {"none"}:
+            raise ValueError("'none' cannot be listed with trackers")
         return value
 
     @field_validator("replay", mode="before")

@@ -39,6 +39,7 @@ from lmtune.models.methods import (TrainingHooks, check_untouched_4bit, count_pa
                                    evaluation, learning_rate_of, training_hooks)
 from lmtune.train import checkpoint as ckpt
 from lmtune.train.logs import GENERATION_METRICS, PLOT_FILE, TrainerLog, plot_loss
+from lmtune.train.trackers import open_trackers
 from lmtune.train.results import write_results
 
 Batch = dict[str, torch.Tensor]
@@ -326,6 +327,7 @@ def finish(trainer: Trainer, results: dict[str, Any], log: TrainerLog,
     trainable_count, total_count = count_parameters(trainer.unwrapped)
     results = results | {"trainable_params": trainable_count, "total_params": total_count}
     write_results(output_dir, results, cfg.to_yaml_dict())
+    log.close()
     if cfg.plot_loss:
         for key, name in plots:
             if plot_loss(log.records, output_dir / name, f"{cfg.stage} / {cfg.finetuning_type}",
@@ -372,7 +374,7 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
     model, pad_id = trainer.model, tokenizer.pad_token_id
     state = trainer.resume(resume_dir, {"global_step": 0, "tokens_seen": 0, "units_seen": 0,
                                         "loss_sum": 0.0})
-    log = TrainerLog(output_dir, resume_step=state["global_step"])
+    log = TrainerLog(output_dir, state["global_step"], open_trackers(cfg, output_dir))
     windows = _windows(len(train_rows), cfg)
     for _ in range(state["global_step"]):  # replay the data order up to the resumed step
         next(windows)

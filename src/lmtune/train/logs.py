@@ -6,14 +6,18 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lmtune.train.trackers import Tracker, log_record
+
 LOG_FILE = "trainer_log.jsonl"
 PLOT_FILE = "training_loss.png"
 
 
 class TrainerLog:
-    """Appends one line per logged step and flushes it, so the file is readable while a run goes."""
+    """Appends one line per logged step and flushes it, so the file is readable while a run goes.
+    The same record goes to each of `trackers` (report_to)."""
 
-    def __init__(self, output_dir: Path, resume_step: int = 0):
+    def __init__(self, output_dir: Path, resume_step: int = 0, trackers: list[Tracker] = ()):
+        self.trackers = list(trackers)
         self.path = output_dir / LOG_FILE
         self.records: list[dict[str, Any]] = []
         if resume_step and self.path.is_file():
@@ -29,6 +33,11 @@ class TrainerLog:
         self.records.append(record)
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
+        log_record(self.trackers, record)
+
+    def close(self) -> None:
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:

@@ -46,6 +46,7 @@ from lmtune.train import checkpoint as ckpt
 from lmtune.train.engine import (Trainer, checkpoint_or_stop, finish, is_eval_step, is_log_step,
                                  prepare_trainer, schedule, stop_requests)
 from lmtune.train.logs import PLOT_FILE, TrainerLog
+from lmtune.train.trackers import open_trackers
 from lmtune.train.losses import (AdaptiveKL, gae, kl_penalised_rewards, masked_mean,
                                  ppo_policy_loss, ppo_value_loss, whiten)
 from lmtune.train.preference import load_ref_model
@@ -354,7 +355,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                                                "score_moments": None, "eval_reward_start": None})
     kl_control = AdaptiveKL(state["kl_coef"], cfg.ppo_target, horizon=10_000)
     moments = RunningMoments(state["score_moments"])
-    log = TrainerLog(output_dir, resume_step=state["global_step"])
+    log = TrainerLog(output_dir, state["global_step"], open_trackers(cfg, output_dir))
     batch_size = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
     updates_per_iteration = plan.optimizer_steps // max(plan.total, 1)
 

@@ -13,6 +13,7 @@ from lmtune.config import RunConfig
 from lmtune.data.pipeline import prepare_data, training_rows
 from lmtune.models.load import load_model, load_tokenizer, resolve_model, stop_token_ids
 from lmtune.train.checkpoint import prepare_run
+from lmtune.train.trackers import tracker_names
 
 
 @dataclass
@@ -29,6 +30,7 @@ class RunInputs:
 
 
 def start_run(cfg: RunConfig) -> RunInputs:
+    tracker_names(cfg)  # a tracker asked for but not installed stops the run before anything starts
     output_dir = Path(cfg.output_dir)
     # The output folder is checked before anything heavy loads.
     resume_dir = prepare_run(output_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir,
