@@ -472,7 +472,8 @@ def test_preference_file_by_path_is_refused_by_sft(tmp_path):
 
 
 def test_hub_entry_offline_fails_at_once_naming_the_entry(tmp_path, monkeypatch):
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # lmtune's default is offline anyway
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the user's choice: the cache only
+    monkeypatch.delenv("LMTUNE_HUB_AUTO", raising=False)
     started = time.perf_counter()
     with pytest.raises(DataError) as info:
         load(tmp_path, "hub", {"hub": {"hf_hub_url": "someone/some-data"}})

@@ -8,11 +8,15 @@ import logging
 import os
 import warnings
 
+from lmtune.hub import AUTO_MARKER
+
 
 def configure() -> None:
     """Offline hub defaults, quiet libraries, plain log lines. Safe to call more than once."""
-    # Models and data are local unless the user opts in to the hub (HF_HUB_OFFLINE=0).
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Every library starts offline; lmtune.hub allows the network around a hub id's load when the
+    # hub answers, unless the user set HF_HUB_OFFLINE themselves.
+    if "HF_HUB_OFFLINE" not in os.environ:
+        os.environ["HF_HUB_OFFLINE"] = os.environ[AUTO_MARKER] = "1"
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     # The tokenizers library's own threads fight the data workers and torch for the same cores.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

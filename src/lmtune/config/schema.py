@@ -29,8 +29,8 @@ ACCEPTED_NOT_APPLIED: dict[str, str] = {
     "disable_gradient_checkpointing": "gradient checkpointing is controlled by gradient_checkpointing",
     "include_num_input_tokens_seen": "tokens seen are always logged",
     "remove_unused_columns": "records are encoded by lmtune, never by column name",
-    "hf_hub_token": "lmtune runs offline",
-    "model_revision": "lmtune runs offline on local or cached models",
+    "hf_hub_token": "the hub libraries read the token from HF_TOKEN or `hf auth login`",
+    "model_revision": "hub models are fetched at their default revision",
 }
 
 

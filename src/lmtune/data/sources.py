@@ -11,10 +11,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import random
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ from lmtune.data.formats import (PARSERS, STAGE_KINDS, DatasetAttr, Kind, Record
                                  fill_placeholders, guess_formatting, parse_record)
 from lmtune.data.report import DataReport, DatasetCounts
 from lmtune.errors import DataError
+from lmtune.hub import how_to_get, hub_access, why_offline
 
 # File types by suffix, as LLaMA-Factory's FILEEXT2TYPE. A folder holds files of one type.
 FILE_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text",
@@ -245,35 +244,19 @@ def _saved_dataset(folder: Path, split: str) -> Any:
     return loaded
 
 
-@contextmanager
-def _hub_policy() -> Iterator[bool]:
-    """lmtune runs offline unless HF_HUB_OFFLINE=0 allows the network. The hub libraries read that
-    variable once, at import, so the policy is applied around each call; offline, a dataset comes
-    from the local cache or fails at once instead of retrying a connection."""
-    import datasets.config
-    import huggingface_hub.constants
-
-    online = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("0", "false", "no", "off")
-    saved = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
-    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = not online
-    try:
-        yield online
-    finally:
-        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
-
-
 def _hub_dataset(attr: DatasetAttr) -> Any:
     import datasets
 
-    with _hub_policy() as online:
+    with hub_access() as online:
         try:
             return datasets.load_dataset(attr.hf_hub_url, name=attr.subset, split=attr.split)
         except Exception as exc:  # offline, unknown repo, missing split: all end the same way
-            where = "the Hugging Face hub" if online else "the local cache (lmtune runs offline)"
+            where = "the Hugging Face hub" if online else f"the local cache ({why_offline()})"
             raise DataError(f"dataset '{attr.name}': cannot load hf_hub_url {attr.hf_hub_url} from "
                             f"{where}: {str(exc).splitlines()[0]}",
-                            "allow the network once with HF_HUB_OFFLINE=0 to download it, or download "
-                            "the files and set file_name to them.", file=attr.info_file) from None
+                            how_to_get(attr.hf_hub_url, "dataset").removesuffix(".")
+                            + "; or download the files and set file_name to them.",
+                            file=attr.info_file) from None
 
 
 def open_source(attr: DatasetAttr) -> Source:

