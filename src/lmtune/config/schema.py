@@ -14,13 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 # hardware or launchers (multi-GPU, DeepSpeed, dataloader workers). They are accepted so that existing
 # YAMLs run unchanged, and listed at start-up as not applied in this run.
 ACCEPTED_NOT_APPLIED: dict[str, str] = {
-    "ddp_timeout": "only matters for multi-process runs",
-    "ddp_find_unused_parameters": "only matters for multi-process runs",
     "dataloader_num_workers": "batches come from pre-tokenised tensors in memory",
     "dataloader_pin_memory": "only matters on GPUs",
-    "deepspeed": "only matters for multi-GPU runs launched with accelerate/torchrun",
-    "fsdp": "only matters for multi-GPU runs launched with accelerate/torchrun",
-    "fsdp_config": "only matters for multi-GPU runs launched with accelerate/torchrun",
     "save_only_model": "checkpoints always hold everything needed to resume",
     "flash_attn": "the attention kernel is chosen by transformers for the device",
     "low_cpu_mem_usage": "weights are always loaded directly",
@@ -287,6 +282,23 @@ class RunConfig(BaseModel):
         "generation and log BLEU-4, ROUGE and exact match against their replies (0 = off).")
     resume_from_checkpoint: str | None = Field(
         None, description="'auto' (newest complete checkpoint in output_dir) or a checkpoint path.")
+
+    # --- several processes (torchrun / accelerate launch / --nproc) ---------------------------
+    ddp_timeout: int = Field(
+        1800, ge=1, description="Seconds a rank waits for the others in a collective before the "
+        "job fails (a crashed rank ends the job within this bound).")
+    ddp_find_unused_parameters: bool | None = Field(
+        None, description="DDP looks for parameters without a gradient each step (slower); "
+        "needed only by models whose forward skips trainable modules.")
+    fsdp: str | list[str] | None = Field(
+        None, description="FSDP2 options as in LLaMA-Factory/HF ('full_shard auto_wrap', "
+        "'offload'); shards weights, gradients and optimizer states across ranks.")
+    fsdp_config: dict[str, Any] | str | None = Field(
+        None, description="FSDP options: a dict or a JSON/YAML file (transformer_layer_cls_to_wrap, "
+        "reshard_after_forward, cpu_ram_efficient_loading, activation_checkpointing).")
+    deepspeed: str | None = Field(
+        None, description="DeepSpeed JSON config (ZeRO stage 2/3, offload); needs the deepspeed "
+        "extra and CUDA GPUs.")
 
     # --- generation (chat) -------------------------------------------------------------------
     do_sample: bool = Field(True, description="Sample in chat; --prompt answers greedily unless set.")

@@ -59,18 +59,26 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(output_dir: Path, step: int, save_weights, optimizer, scheduler,
+def rng_file(rank: int) -> str:
+    """Each rank's random state (dropout differs per rank); rank 0's keeps the one-process name."""
+    return "rng_state.pt" if rank == 0 else f"rng_state_{rank}.pt"
+
+
+def save_checkpoint(output_dir: Path, step: int, save_weights, optimizer_state: dict[str, Any],
+                    scheduler_state: dict[str, Any], rng_states: list[dict[str, Any]],
                     trainer_state: dict[str, Any], run_config: dict[str, Any]) -> Path:
-    """Write checkpoint-`step` atomically. `save_weights(folder)` writes the model in HF/PEFT format."""
+    """Write checkpoint-`step` atomically (one process writes it, whatever the world size).
+    `save_weights(folder)` writes the model in HF/PEFT format; `rng_states` holds every rank's."""
     final = output_dir / f"checkpoint-{step}"
     staging = output_dir / f".checkpoint-{step}.staging"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
         save_weights(staging)
-        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
-        torch.save(rng_state(), staging / "rng_state.pt")
+        torch.save(optimizer_state, staging / "optimizer.pt")
+        torch.save(scheduler_state, staging / "scheduler.pt")
+        for rank, state in enumerate(rng_states):
+            torch.save(state, staging / rng_file(rank))
         (staging / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
         (staging / RUN_CONFIG).write_text(yaml.safe_dump(run_config, sort_keys=False))
         _fsync_tree(staging)
@@ -132,13 +140,14 @@ def prepare_output_dir(output_dir: Path, overwrite: bool, resuming: bool) -> Non
     output_dir.mkdir(parents=True, exist_ok=True)
 
 
-# Keys that change what a run computes. Resuming with any of them changed would silently make a
+# Keys that change what a run computes (gradient_accumulation_steps is checked at resume as part
+# of the global batch, which may be split over another number of processes). Resuming with any of them changed would silently make a
 # different run than the checkpoint belongs to; logging, saving and eval cadence may change freely.
 RESUME_MUST_MATCH = (
     "model_name_or_path", "adapter_name_or_path", "template", "stage", "finetuning_type",
     "lora_target", "lora_rank", "lora_alpha", "lora_dropout", "freeze_trainable_layers",
     "freeze_trainable_modules", "dataset", "dataset_dir", "data_vars", "cutoff_len", "max_samples",
-    "val_size", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
+    "val_size", "per_device_train_batch_size", "learning_rate",
     "num_train_epochs", "max_steps", "lr_scheduler_type", "warmup_ratio", "warmup_steps",
     "weight_decay", "max_grad_norm", "adam_beta1", "adam_beta2", "adam_epsilon", "bf16", "fp16",
     "seed",
@@ -211,10 +220,20 @@ def _load_tensors(path: Path) -> Any:
                             "(tensors and plain values, never arbitrary objects).") from None
 
 
-def load_training_state(folder: Path, optimizer, scheduler) -> dict[str, Any]:
-    optimizer.load_state_dict(_load_tensors(folder / "optimizer.pt"))
+def load_optimizer_state(folder: Path) -> dict[str, Any]:
+    return _load_tensors(folder / "optimizer.pt")
+
+
+def load_training_state(folder: Path, optimizer, scheduler, rank: int = 0,
+                        load_optimizer: bool = True) -> dict[str, Any]:
+    """Optimizer (unless a sharded engine loaded it already), schedule, this rank's RNG and the
+    loop's state."""
+    if load_optimizer:
+        optimizer.load_state_dict(load_optimizer_state(folder))
     scheduler.load_state_dict(_load_tensors(folder / "scheduler.pt"))
-    restore_rng_state(_load_tensors(folder / "rng_state.pt"))
+    # A rank the checkpoint's run did not have (more processes now) continues from rank 0's state.
+    own = folder / rng_file(rank)
+    restore_rng_state(_load_tensors(own if own.is_file() else folder / rng_file(0)))
     return json.loads((folder / TRAINER_STATE).read_text())
 
 

@@ -11,11 +11,15 @@ PLOT_FILE = "training_loss.png"
 
 
 class TrainerLog:
-    """Appends one line per logged step and flushes it, so the file is readable while a run goes."""
+    """Appends one line per logged step and flushes it, so the file is readable while a run goes.
+    With `files` false (ranks other than 0) it keeps the records in memory only."""
 
-    def __init__(self, output_dir: Path, resume_step: int = 0):
+    def __init__(self, output_dir: Path, resume_step: int = 0, files: bool = True):
         self.path = output_dir / LOG_FILE
         self.records: list[dict[str, Any]] = []
+        self.files = files
+        if not files:
+            return
         if resume_step and self.path.is_file():
             # A resumed run continues the log from its checkpoint; later lines belonged to the
             # interrupted attempt and are replaced by the steps re-run now.
@@ -27,6 +31,8 @@ class TrainerLog:
 
     def write(self, record: dict[str, Any]) -> None:
         self.records.append(record)
+        if not self.files:
+            return
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
 
