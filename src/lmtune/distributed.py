@@ -337,7 +337,7 @@ def engine(cfg: RunConfig) -> str:
         import importlib.util
 
         missing = [what for what, present in (
-            ("the deepspeed package (pip install 'lmtune[deepspeed]')",
+            ("the deepspeed package",
              importlib.util.find_spec("deepspeed") is not None),
             ("a CUDA GPU (DeepSpeed ZeRO runs on CUDA devices)", torch.cuda.is_available()))
             if not present]
