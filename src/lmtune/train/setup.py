@@ -31,8 +31,7 @@ class RunInputs:
 def start_run(cfg: RunConfig) -> RunInputs:
     output_dir = Path(cfg.output_dir)
     # The output folder is checked before anything heavy loads.
-    resume_dir = prepare_run(output_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir,
-                             cfg.to_yaml_dict())
+    resume_dir = prepare_run(cfg)
     set_seed(cfg.seed)
     model_path = resolve_model(cfg.model_name_or_path)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
