@@ -31,7 +31,8 @@ class WriteError(LmtuneError):
 def _free_space(path: Path) -> str:
     for folder in (path, *path.parents):
         if folder.is_dir():
-            return f"{shutil.disk_usage(folder).free / 2**20:,.1f} MiB free on that disk"
+            free = shutil.disk_usage(folder).free / 2**20
+            return f"the disk is full ({free:,.1f} MiB free)" if free < 1 else f"{free:,.1f} MiB free there"
     return "its folder does not exist"
 
 
