@@ -3,6 +3,8 @@ one message. Disk-full cases run on a real, small tmpfs (mounting one needs root
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -12,6 +14,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
 from lmtune.cli import main
@@ -306,3 +310,61 @@ def test_reward_function_is_imported_without_leaving_the_working_folder_on_sys_p
     (tmp_path / "raising_rewards.py").write_text("raise RuntimeError('no GPU here')\n")
     with pytest.raises(ConfigError, match="RuntimeError: no GPU here"):
         load_reward_function("raising_rewards:score")
+
+
+# --- fuzzing past the config: the CLI loads the model, reads the data and writes the folder -------
+
+SITUATIONS = ["missing", "empty", "foreign", "lmtune", "file", "under_a_file", "model_inside"]
+
+
+@settings(max_examples=14, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(situation=st.sampled_from(SITUATIONS), overwrite=st.booleans(), resume=st.booleans(),
+       nested=st.booleans())
+def test_train_cli_with_any_output_folder(tmp_path_factory, tiny_model_dir, alpaca_file_module,
+                                          situation, overwrite, resume, nested):
+    root = tmp_path_factory.mktemp("fuzz")
+    out = root / "a" / "out" if nested or situation == "under_a_file" else root / "out"
+    precious = []
+    if situation in ("empty", "foreign", "lmtune", "model_inside"):
+        out.mkdir(parents=True)
+    if situation == "foreign":
+        precious.append(out / "adapter_model.safetensors")
+        precious[-1].write_text("someone else's")
+    if situation == "lmtune":
+        (out / RUN_MARKER).write_text("{}")
+    if situation == "file":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("a file")
+        precious.append(out)
+    if situation == "under_a_file":
+        out.parent.parent.mkdir(parents=True, exist_ok=True)
+        out.parent.write_text("a file")
+        precious.append(out.parent)
+    model = tiny_model_dir
+    if situation == "model_inside":
+        model = str(out / "model")
+        shutil.copytree(tiny_model_dir, model)
+        precious.append(out / "model" / "model.safetensors")
+    config = {"model_name_or_path": model, "dataset": str(alpaca_file_module), "output_dir": str(out),
+              "do_train": False, "overwrite_output_dir": overwrite and not resume,
+              "resume_from_checkpoint": "auto" if resume else None}
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main(["train", str(write_yaml(root / "run.yaml", config))])
+    err = stderr.getvalue()
+    assert code in (0, 2), err
+    assert "Traceback" not in err
+    if code == 2:
+        assert err.startswith("error: ") and "fix: " in err
+    else:
+        assert (out / RUN_MARKER).is_file() and (out / "data_report.json").is_file()
+    for path in precious:
+        assert path.exists(), (situation, err)
+
+
+@pytest.fixture(scope="module")
+def alpaca_file_module(tmp_path_factory):
+    from tests.conftest import ALPACA, write_json
+
+    return write_json(tmp_path_factory.mktemp("data") / "tiny.json", ALPACA)
