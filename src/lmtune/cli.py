@@ -127,6 +127,12 @@ def cmd_webui(args: argparse.Namespace) -> None:
     serve(args.host, args.port, args.runs_dir, allow_remote=args.allow_remote)
 
 
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmtune", description="Fine-tune LLMs from one YAML file.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -197,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "effective batch and the memory per rank of DDP, FSDP2 and ZeRO-2/3")
     plan.add_argument("--measure", action="store_true",
                       help="run a few real training steps for tokens/s and the wall time")
-    plan.add_argument("--measure-steps", dest="measure_steps", type=int, default=3,
+    plan.add_argument("--measure-steps", dest="measure_steps", type=_positive_int, default=3,
                       help="steps --measure times, after one warm-up step (default 3)")
     plan.add_argument("--examples", type=int, default=0, metavar="N",
                       help="show N encoded training rows decoded, trained tokens marked")

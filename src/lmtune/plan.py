@@ -26,8 +26,9 @@ from lmtune.config import RunConfig
 from lmtune.data.encode import IGNORE_INDEX, EncodedRow, KTORow, PreferenceRow, Row
 from lmtune.data.pipeline import PreparedData, prepare_data, training_rows
 from lmtune.data.report import DataReport
-from lmtune.errors import ConfigError
-from lmtune.models.load import load_tokenizer, resolve_model, stop_token_ids
+from lmtune.durable import write_with
+from lmtune.errors import ConfigError, ModelError
+from lmtune.models.load import from_pretrained_or_error, load_tokenizer, resolve_model, stop_token_ids
 from lmtune.models.methods import apply_method, count_parameters
 from lmtune.train.engine import schedule
 
@@ -37,10 +38,16 @@ GIB = 2**30
 def meta_model(model_path: str, cfg: RunConfig) -> torch.nn.Module:
     """The model's modules and parameter shapes without its weights (nothing is read or allocated),
     carrying its generation config for the stop tokens."""
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
-                                                 trust_remote_code=cfg.trust_remote_code)
+    config = from_pretrained_or_error(AutoConfig, model_path, "config",
+                                      trust_remote_code=cfg.trust_remote_code)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                     trust_remote_code=cfg.trust_remote_code)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{model_path}/config.json does not describe a causal language model "
+                         f"transformers can build: {str(exc).splitlines()[0]}",
+                         "point model_name_or_path to a decoder-only model folder.") from None
     with contextlib.suppress(OSError):  # a folder without generation_config.json
         model.generation_config = GenerationConfig.from_pretrained(model_path)
     return model
@@ -199,11 +206,14 @@ def show_row(tokenizer: PreTrainedTokenizerBase, row: Row) -> str:
 
 def dump_encoded(data: PreparedData, path: Path) -> int:
     """Every encoded row (before packing) as one JSON line with its split; returns the count."""
-    with open(path, "w", encoding="utf-8") as out:
-        for split, rows in (("train", data.train), ("val", data.val)):
-            for row in rows:
-                fields = {k: v for k, v in dataclasses.asdict(row).items() if v is not None}
-                out.write(json.dumps({"split": split} | fields) + "\n")
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as out:
+            for split, rows in (("train", data.train), ("val", data.val)):
+                for row in rows:
+                    fields = {k: v for k, v in dataclasses.asdict(row).items() if v is not None}
+                    out.write(json.dumps({"split": split} | fields) + "\n")
+
+    write_with(Path(path), write, "the encoded rows (--dump-encoded)")
     return len(data.train) + len(data.val)
 
 
@@ -211,6 +221,9 @@ def build_plan(cfg: RunConfig, measure_steps: int = 0, world_size: int | None = 
                ) -> tuple[dict[str, Any], PreparedData, PreTrainedTokenizerBase]:
     """The plan as a JSON-able dict, plus the prepared data and tokenizer (for --examples / dumps),
     for `world_size` processes (default: WORLD_SIZE, else 1)."""
+    if measure_steps < 0:
+        raise ConfigError(f"--measure-steps {measure_steps}: a number of steps is 1 or more.",
+                          "use e.g. --measure-steps 3.")
     world = world_size or distributed.world_size()
     if not cfg.dataset_names:
         raise ConfigError("lmtune plan needs a dataset, and none is set.",

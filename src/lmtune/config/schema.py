@@ -6,6 +6,7 @@ their default. Combination rules live in rules.py, YAML and override parsing in 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
@@ -375,6 +376,12 @@ class RunConfig(BaseModel):
         if isinstance(value, bool):  # YAML `replay: true` would otherwise count as 1 prompt
             raise ValueError("replay is a prompt count or a prompts file, not true/false")
         return value
+
+    @field_validator("output_dir", "export_dir", "dataset_dir", "resume_from_checkpoint", "ref_model")
+    @classmethod
+    def _home_folder(cls, value: str | None) -> str | None:
+        # YAML and `key=value` reach lmtune without a shell, so `~/x` would be a folder named '~'.
+        return str(Path(value).expanduser()) if value and value.startswith("~") else value
 
     # --- derived values ----------------------------------------------------------------------
     @property

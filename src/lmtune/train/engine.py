@@ -322,11 +322,12 @@ class Trainer:
 
         weights = self.model_state()
 
-        def write() -> None:
-            self.hooks.save(model, folder, final, weights)
-            self.tokenizer.save_pretrained(folder)
+        def into(target: Path) -> None:
+            self.hooks.save(model, target, final, weights)
+            self.tokenizer.save_pretrained(target)
 
-        dist.on_main(write)
+        # The run's output is staged, flushed and moved in; write_results marks it complete last.
+        dist.on_main(ckpt.save_final, folder, into) if final else dist.on_main(into, folder)
 
     def save_checkpoint(self, step: int, state: dict[str, Any]) -> None:
         """checkpoint-`step` with every rank's random state, written once (by rank 0); sharded
@@ -473,12 +474,12 @@ def finish(trainer: Trainer, results: dict[str, Any], log: TrainerLog,
     results = results | {"trainable_params": trainable_count, "total_params": total_count}
 
     def write() -> None:
-        write_results(output_dir, results, cfg.to_yaml_dict())
         if cfg.plot_loss:
             for key, name in plots:
                 if plot_loss(log.records, output_dir / name, f"{cfg.stage} / {cfg.finetuning_type}",
                              key=key, beside=GENERATION_METRICS if key == "loss" else ()):
                     print(f"{key} plot: {output_dir / name}")
+        write_results(output_dir, results, cfg.to_yaml_dict())  # last: it marks the run complete
 
     dist.on_main(write)
     return results

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lmtune.durable import write_with
+
 LOG_FILE = "trainer_log.jsonl"
 PLOT_FILE = "training_loss.png"
 
@@ -86,6 +88,8 @@ def plot_loss(records: list[dict[str, Any]], path: Path, title: str, key: str = 
         handles, labels = handles + more_handles, labels + more_labels
     ax.legend(handles, labels)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        write_with(path, lambda tmp: fig.savefig(tmp, format="png"), f"the plot {path.name}")
+    finally:
+        plt.close(fig)
     return True

@@ -33,8 +33,7 @@ def start_run(cfg: RunConfig) -> RunInputs:
     output_dir = Path(cfg.output_dir)
     dist.init(cfg)
     # The output folder is checked (by rank 0, for all ranks) before anything heavy loads.
-    resume_dir = dist.on_main(prepare_run, output_dir, cfg.resume_from_checkpoint,
-                              cfg.overwrite_output_dir, cfg.to_yaml_dict())
+    resume_dir = dist.on_main(prepare_run, cfg)
     set_seed(cfg.seed)
     model_path = resolve_model(cfg.model_name_or_path)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
