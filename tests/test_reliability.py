@@ -219,6 +219,21 @@ def test_disk_full_during_the_final_save_leaves_an_output_chat_refuses(tmp_path,
     assert code == 2 and "did not finish" in err
 
 
+def test_disk_full_in_a_runs_final_save_is_one_message_and_no_finished_output(tmp_path,
+                                                                               train_config,
+                                                                               small_disk, capsys):
+    # The tiny model's full weights (~13 MB) cannot fit on 12 MB: the run's own final save fails.
+    out = small_disk(12) / "out"
+    config = {k: v for k, v in train_config.items() if k != "lora_rank"} | {
+        "finetuning_type": "full", "output_dir": str(out), "max_steps": 1, "plot_loss": False}
+    run_yaml = write_yaml(tmp_path / "run.yaml", config)
+    code, err = run(["train", str(run_yaml)], capsys)
+    assert code == 2 and "could not write the final model" in err and "Traceback" not in err
+    assert not (out / FINAL_MARKER).exists() and not (out / "model.safetensors").exists()
+    code, err = run(["chat", str(run_yaml), "--prompt", "hi"], capsys)
+    assert code == 2 and "did not finish" in err
+
+
 def test_disk_full_during_export_leaves_no_folder(tmp_path, train_config, small_disk, capsys):
     assert main(["train", str(write_yaml(tmp_path / "run.yaml", train_config))]) == 0
     disk = small_disk(8)  # the merged tiny model needs ~17 MB with its tokenizer
@@ -294,6 +309,15 @@ def test_reward_module_with_a_syntax_error(tmp_path, monkeypatch):
         load_reward_function("broken_rewards:score")
     assert "broken_rewards.py, line 1" in info.value.message
     assert "" not in sys.path
+
+
+def test_ppo_with_a_broken_reward_module_is_one_message(tmp_path, ppo_config, monkeypatch,
+                                                        capsys):
+    (tmp_path / "broken_rewards.py").write_text("def score(prompts, replies:\n    return []\n")
+    monkeypatch.chdir(tmp_path)
+    config = ppo_config | {"reward_model": "broken_rewards:score"}
+    code, err = run(["train", str(write_yaml(tmp_path / "ppo.yaml", config))], capsys)
+    assert code == 2 and "broken_rewards.py, line 1" in err and "Traceback" not in err
 
 
 def test_reward_function_is_imported_without_leaving_the_working_folder_on_sys_path(tmp_path,
