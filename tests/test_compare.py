@@ -4,6 +4,10 @@ and a report whose numbers are the runs' own."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +16,8 @@ from safetensors.torch import load_file
 from lmtune.cli import main
 from lmtune.compare import load_spec
 from lmtune.errors import ConfigError
-from tests.conftest import write_json, write_yaml
+from lmtune.train.checkpoint import complete_checkpoints
+from tests.conftest import wait_for_log_lines, write_json, write_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 GREETING = [{"instruction": "Greet me.", "input": "", "output": "Hello from {{who}}."}] * 6
@@ -99,7 +104,8 @@ def test_overrides_apply_to_the_base_and_variants_win(tmp_path, base_yaml):
     _, (a, b) = load_spec(str(path), ["max_steps=3", "learning_rate=0.5"])
     assert a.config["max_steps"] == 3 and b.config["max_steps"] == 7
     assert a.config["learning_rate"] == b.config["learning_rate"] == 0.5
-    assert a.config["output_dir"] == str(tmp_path / "cmp" / "a") and a.config["overwrite_output_dir"]
+    assert a.config["output_dir"] == str(tmp_path / "cmp" / "a")
+    assert a.config["overwrite_output_dir"] is False  # only compare.yaml's own key turns it on
     assert b.left_out == ["lora_rank", "lora_target"] and "lora_rank" not in b.config
 
 
@@ -110,3 +116,39 @@ def test_every_compare_example_loads(path, monkeypatch):
     spec, variants = load_spec(str(path.relative_to(REPO)), [])
     assert variants and all(Path(v.config["output_dir"]).parent == Path(spec.output_dir)
                             for v in variants)
+
+
+def test_an_existing_variant_folder_is_refused_unless_asked(tmp_path, base_yaml, capsys):
+    # `output_dir: saves` with a variant named rm must not touch the rm run already in saves/rm.
+    earlier = tmp_path / "saves" / "rm"
+    earlier.mkdir(parents=True)
+    (earlier / "lmtune_run.json").write_text("{}")
+    (earlier / "adapter_model.safetensors").write_text("an earlier run")
+    spec = {"output_dir": str(tmp_path / "saves"), "base_config": str(base_yaml),
+            "variants": [{"name": "rm"}]}
+    assert main(["compare", str(write_yaml(tmp_path / "compare.yaml", spec))]) == 2
+    err = capsys.readouterr().err
+    assert f"{earlier} already exists" in err and "overwrite_output_dir: true" in err
+    assert (earlier / "adapter_model.safetensors").read_text() == "an earlier run"
+    _, (variant,) = load_spec(str(write_yaml(tmp_path / "again.yaml",
+                                             spec | {"overwrite_output_dir": True})), [])
+    assert variant.config["overwrite_output_dir"] is True
+
+
+def test_ctrl_c_during_compare_lets_the_variant_save_its_checkpoint(tmp_path, base_yaml):
+    spec = write_yaml(tmp_path / "compare.yaml", {
+        "output_dir": str(tmp_path / "cmp"), "base_config": str(base_yaml),
+        "base": {"max_steps": 400, "logging_steps": 1, "eval_strategy": "no", "save_steps": 1000},
+        "variants": [{"name": "only"}]})
+    env = os.environ | {"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO / "src")}
+    # Its own session, so the SIGINT goes to the whole process group, as a terminal's Ctrl-C does.
+    proc = subprocess.Popen([sys.executable, "-m", "lmtune.cli", "compare", str(spec)], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    wait_for_log_lines(tmp_path / "cmp" / "only", 3, proc, timeout=300)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    checkpoints = complete_checkpoints(tmp_path / "cmp" / "only")
+    assert checkpoints and (checkpoints[-1] / "adapter_model.safetensors").is_file()

@@ -270,7 +270,26 @@ def test_invalid_jsonl_line_names_file_and_line(tmp_path):
     path.write_text(json.dumps(GOOD) + "\n" + json.dumps(GOOD) + "\n{not json}\n")
     with pytest.raises(DataError) as info:
         load(tmp_path, str(path))
-    assert info.value.message.startswith(f"{path}: line 3 is not valid JSON")
+    assert info.value.message.startswith(f"{path}, record 2: line 3 is not valid JSON")
+    assert "skip_bad_records" in info.value.fix
+
+
+def test_invalid_jsonl_line_is_skipped_by_skip_bad_records(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n{not json}\n" + json.dumps(GOOD) + "\n")
+    records, report = load(tmp_path, str(path), skip_bad_records=True)
+    assert len(records) == 2
+    assert report.datasets[0].bad == 1 and "line 2" in report.datasets[0].bad_examples[0]
+
+
+def test_jsonl_string_holding_a_unicode_line_separator_is_one_record(tmp_path):
+    record = {"instruction": "a\u2028b\u0085c\u000bd", "output": "e\u2029f"}
+    path = tmp_path / "seps.jsonl"
+    # ensure_ascii=False writes the separators raw, as most JSON writers do.
+    path.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+    records, _ = load(tmp_path, str(path))
+    assert len(records) == 1
+    assert records[0].messages[0]["content"] == record["instruction"]
 
 
 def test_invalid_dataset_info_json(tmp_path):

@@ -27,6 +27,8 @@ def _config(args: argparse.Namespace, **fixed) -> RunConfig:
 def cmd_train(args: argparse.Namespace) -> None:
     from lmtune.train import STAGES
 
+    from lmtune import distributed
+
     cfg = _config(args)
     if cfg.do_predict and not cfg.do_train:  # LLaMA-Factory's predict-only run
         from lmtune.evaluate.predict import run_predict
@@ -34,6 +36,11 @@ def cmd_train(args: argparse.Namespace) -> None:
         run_predict(cfg)
         return
     check_training_inputs(cfg)
+    if args.nproc > 1 and distributed.world_size() == 1:
+        # Checked above in this process, so a config mistake is reported once, before any rank.
+        distributed.launch(args.nproc, ["-m", "lmtune.cli", "train", args.config,
+                                        *args.overrides, *(["--debug"] if args.debug else [])])
+        return
     for key, reason in sorted(cfg.not_applied.items()):
         print(f"note: {key} is accepted but not applied here ({reason})")
     results = STAGES[cfg.stage](cfg)
@@ -69,7 +76,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
     from lmtune.plan import build_plan, dump_encoded, plan_lines, show_row
 
     cfg = _config(args)
-    plan, data, tokenizer = build_plan(cfg, measure_steps=args.measure_steps if args.measure else 0)
+    plan, data, tokenizer = build_plan(cfg, measure_steps=args.measure_steps if args.measure else 0,
+                                       world_size=args.world_size)
     if args.dump_encoded:
         count = dump_encoded(data, args.dump_encoded)
         plan["dumped"] = {"file": args.dump_encoded, "rows": count}
@@ -119,6 +127,12 @@ def cmd_webui(args: argparse.Namespace) -> None:
     serve(args.host, args.port, args.runs_dir, allow_remote=args.allow_remote)
 
 
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmtune", description="Fine-tune LLMs from one YAML file.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -134,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     train = add("train", "train a model as the config says", True)
+    train.add_argument("--nproc", type=int, default=1, metavar="N",
+                       help="train as N processes on this machine (starts torchrun; DDP, or FSDP2 / "
+                       "DeepSpeed when the config asks); under torchrun or accelerate launch "
+                       "already, leave it out")
     train.set_defaults(func=cmd_train)
 
     chat = add("chat", "chat in the terminal with a model, its adapter, or a trained output_dir", False)
@@ -180,9 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan = add("plan", "count the data, steps, parameters and memory a training run would use, "
                "without training", True)
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("--world-size", dest="world_size", type=int, metavar="N",
+                      help="plan for N training processes (default: WORLD_SIZE, else 1): the "
+                      "effective batch and the memory per rank of DDP, FSDP2 and ZeRO-2/3")
     plan.add_argument("--measure", action="store_true",
                       help="run a few real training steps for tokens/s and the wall time")
-    plan.add_argument("--measure-steps", dest="measure_steps", type=int, default=3,
+    plan.add_argument("--measure-steps", dest="measure_steps", type=_positive_int, default=3,
                       help="steps --measure times, after one warm-up step (default 3)")
     plan.add_argument("--examples", type=int, default=0, metavar="N",
                       help="show N encoded training rows decoded, trained tokens marked")
@@ -230,9 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except LmtuneError as exc:
+        from lmtune.distributed import record_error
+
         if args.debug:
             traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
+        if not record_error(exc):  # a rank under `--nproc`: the launcher reports it once
+            print(f"error: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

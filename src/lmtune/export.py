@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from lmtune.config import RunConfig
+from lmtune.durable import replace_folder, staging_name, writing
 from lmtune.errors import ConfigError, ModelError, TrainingError
 from lmtune.models.lineage import EXPORT_RECORD, lineage_of, weights_of
 from lmtune.models.load import is_quantized, load_model, load_tokenizer, resolve_model, tokenizer_source
@@ -32,6 +33,16 @@ def _check_export_dir(cfg: RunConfig) -> Path:
     if not cfg.export_dir:
         raise ConfigError("lmtune export needs export_dir.", "add export_dir=saves/merged.")
     out = Path(cfg.export_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"export_dir {out} is a file, not a folder.", "choose a folder path.")
+    inputs = [("model_name_or_path", cfg.model_name_or_path), ("output_dir", cfg.output_dir or "")]
+    inputs += [("adapter_name_or_path", p) for p in cfg.adapter_paths]
+    for key, value in inputs:
+        path = Path(value).expanduser()
+        if value and path.exists() and (path.resolve() == out.resolve() or out.resolve() in
+                                        path.resolve().parents):
+            raise ConfigError(f"{key}: {value} lies inside export_dir {out}, which the export "
+                              "replaces.", "choose another export_dir, e.g. saves/merged.")
     if out.is_dir() and any(out.iterdir()) and not (out / EXPORT_MARKER).is_file():
         raise ConfigError(f"export_dir {out} is not empty and was not written by lmtune export.",
                           "choose a new or empty export_dir.")
@@ -81,18 +92,30 @@ def export(cfg: RunConfig) -> Path:
         if not torch.isfinite(param).all():
             raise TrainingError(f"the merged weight {name} holds NaN/inf; nothing was exported.",
                                 "export an adapter from a run that finished with a finite loss.")
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True, max_shard_size=f"{cfg.export_size}GB")
-    tokenizer.save_pretrained(out)
     trained = Path(adapters[-1]) if adapters else Path(model_path)
-    if (trained / HEAD_FILE).is_file():
-        # A reward model: its scalar head (and the run config that says how it encodes) go with
-        # it, so the merged folder scores as the adapter did (lmtune.train.rm.RewardModel).
-        for name in (HEAD_FILE, RUN_CONFIG):
-            shutil.copyfile(trained / name, out / name)
-    # The merged adapters' fingerprints go with the weights: an adapter put on them again is
-    # refused by name, and one trained on them is told apart from one trained on the base.
-    (out / EXPORT_MARKER).write_text(json.dumps({"base": cfg.model_name_or_path, "adapters": adapters,
-                                                 "lineage": lineage_of(model).to_json()}, indent=2))
+    kept = (f"The previous export in {out} is unchanged." if out.exists() else "Nothing was exported.")
+    # Written whole into a staging folder beside export_dir, then renamed: a failed export never
+    # leaves a folder that loads as a model.
+    staging = staging_name(out)
+    try:
+        with writing("the exported model", out, kept):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            staging.mkdir()
+            model.save_pretrained(staging, safe_serialization=True,
+                                  max_shard_size=f"{cfg.export_size}GB")
+            tokenizer.save_pretrained(staging)
+            if (trained / HEAD_FILE).is_file():
+                # A reward model: its scalar head (and the run config that says how it encodes) go
+                # with it, so the merged folder scores as the adapter did (lmtune.train.rm.RewardModel).
+                for name in (HEAD_FILE, RUN_CONFIG):
+                    shutil.copyfile(trained / name, staging / name)
+            # The merged adapters' fingerprints go with the weights: an adapter put on them again is
+            # refused by name, and one trained on them is told apart from one trained on the base.
+            (staging / EXPORT_MARKER).write_text(json.dumps(
+                {"base": cfg.model_name_or_path, "adapters": adapters,
+                 "lineage": lineage_of(model).to_json()}, indent=2))
+            replace_folder(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     print(f"exported {model_name}" + (f" + {', '.join(adapters)}" if adapters else "") + f" to {out}")
     return out

@@ -21,12 +21,14 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerBase
 
+from lmtune import distributed
 from lmtune.config import RunConfig
 from lmtune.data.encode import IGNORE_INDEX, EncodedRow, KTORow, PreferenceRow, Row
 from lmtune.data.pipeline import PreparedData, prepare_data, training_rows
 from lmtune.data.report import DataReport
-from lmtune.errors import ConfigError
-from lmtune.models.load import load_tokenizer, resolve_model, stop_token_ids
+from lmtune.durable import write_with
+from lmtune.errors import ConfigError, ModelError
+from lmtune.models.load import from_pretrained_or_error, load_tokenizer, resolve_model, stop_token_ids
 from lmtune.models.methods import apply_method, count_parameters
 from lmtune.train.engine import schedule
 
@@ -36,20 +38,29 @@ GIB = 2**30
 def meta_model(model_path: str, cfg: RunConfig) -> torch.nn.Module:
     """The model's modules and parameter shapes without its weights (nothing is read or allocated),
     carrying its generation config for the stop tokens."""
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
-                                                 trust_remote_code=cfg.trust_remote_code)
+    config = from_pretrained_or_error(AutoConfig, model_path, "config",
+                                      trust_remote_code=cfg.trust_remote_code)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                     trust_remote_code=cfg.trust_remote_code)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{model_path}/config.json does not describe a causal language model "
+                         f"transformers can build: {str(exc).splitlines()[0]}",
+                         "point model_name_or_path to a decoder-only model folder.") from None
     with contextlib.suppress(OSError):  # a folder without generation_config.json
         model.generation_config = GenerationConfig.from_pretrained(model_path)
     return model
 
 
-def schedule_summary(cfg: RunConfig, n_rows: int, report_packing: Any) -> dict[str, Any]:
+def schedule_summary(cfg: RunConfig, n_rows: int, report_packing: Any,
+                     world_size: int = 1) -> dict[str, Any]:
     """Steps as the training loop counts them: the loop's own `schedule` (fit's optimizer steps,
-    or ppo's iterations)."""
-    plan = schedule(cfg, n_rows)
+    or ppo's iterations) for `world_size` processes."""
+    plan = schedule(cfg, n_rows, world_size)
     out = {"train_rows": n_rows, "effective_batch": plan.rows_per_step,
+           "per_device_batch": cfg.per_device_train_batch_size,
+           "accumulation": cfg.gradient_accumulation_steps, "world_size": world_size,
            "steps_per_epoch": plan.per_epoch, "optimizer_steps": plan.optimizer_steps,
            "epochs": plan.epochs, "warmup_steps": cfg.warmup_for(plan.optimizer_steps)}
     if cfg.stage == "ppo":
@@ -88,7 +99,29 @@ def memory_estimate(model: torch.nn.Module, cfg: RunConfig, micro_batch_tokens: 
         "total": round(sum(parts.values()) / GIB, 3)}
 
 
-def model_side(model: torch.nn.Module, cfg: RunConfig, train_rows: list[Row]) -> dict[str, Any]:
+def memory_per_rank(model: torch.nn.Module, memory: dict[str, float],
+                    world_size: int) -> dict[str, float]:
+    """Peak GiB on each of `world_size` ranks under each engine, from the one-process estimate:
+    DDP replicates everything; ZeRO-2 (FSDP2 shard_grad_op) shards gradients and optimizer states;
+    ZeRO-3 (FSDP2 full_shard) shards the weights too, plus the largest unit gathered whole at a
+    time (two decoder layers with prefetch, or the embedding); offload moves the optimizer (ZeRO-2)
+    or optimizer and weights (ZeRO-3) to CPU memory. Activations are per rank in every engine."""
+    w, g, o, a = (memory[k] for k in ("weights", "gradients", "optimizer", "activations"))
+    n = world_size
+    layers = getattr(model.config, "num_hidden_layers", 1)
+    embedding = model.get_input_embeddings()
+    embed = embedding.weight.numel() * embedding.weight.element_size() / GIB
+    gathered = max(2 * (w - embed) / max(layers, 1), embed)
+    out = {"ddp": w + g + o + a,
+           "fsdp2_shard_grad_op_or_zero2": w + (g + o) / n + a,
+           "zero2_offload": w + g / n + a,
+           "fsdp2_full_shard_or_zero3": (w + g + o) / n + (gathered if n > 1 else 0.0) + a,
+           "zero3_offload": gathered + a}
+    return {k: round(v, 3) for k, v in out.items()}
+
+
+def model_side(model: torch.nn.Module, cfg: RunConfig, train_rows: list[Row],
+               world_size: int = 1) -> dict[str, Any]:
     """Total and trainable parameters for cfg's method, and the memory estimate."""
     out: dict[str, Any] = {"architecture": type(model).__name__}
     # PiSSA initialises its factors from an SVD of real weights, which a meta model has not; it
@@ -111,6 +144,7 @@ def model_side(model: torch.nn.Module, cfg: RunConfig, train_rows: list[Row]) ->
             "trainable_percent": round(100 * trainable / total, 4),
             "memory_gib": memory_estimate(model, cfg, tokens, sum(targets)),
             "micro_batch_tokens": tokens}
+    out["memory_per_rank_gib"] = memory_per_rank(model, out["memory_gib"], world_size)
     return out
 
 
@@ -172,17 +206,25 @@ def show_row(tokenizer: PreTrainedTokenizerBase, row: Row) -> str:
 
 def dump_encoded(data: PreparedData, path: Path) -> int:
     """Every encoded row (before packing) as one JSON line with its split; returns the count."""
-    with open(path, "w", encoding="utf-8") as out:
-        for split, rows in (("train", data.train), ("val", data.val)):
-            for row in rows:
-                fields = {k: v for k, v in dataclasses.asdict(row).items() if v is not None}
-                out.write(json.dumps({"split": split} | fields) + "\n")
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as out:
+            for split, rows in (("train", data.train), ("val", data.val)):
+                for row in rows:
+                    fields = {k: v for k, v in dataclasses.asdict(row).items() if v is not None}
+                    out.write(json.dumps({"split": split} | fields) + "\n")
+
+    write_with(Path(path), write, "the encoded rows (--dump-encoded)")
     return len(data.train) + len(data.val)
 
 
-def build_plan(cfg: RunConfig, measure_steps: int = 0) -> tuple[dict[str, Any], PreparedData,
-                                                                 PreTrainedTokenizerBase]:
-    """The plan as a JSON-able dict, plus the prepared data and tokenizer (for --examples / dumps)."""
+def build_plan(cfg: RunConfig, measure_steps: int = 0, world_size: int | None = None
+               ) -> tuple[dict[str, Any], PreparedData, PreTrainedTokenizerBase]:
+    """The plan as a JSON-able dict, plus the prepared data and tokenizer (for --examples / dumps),
+    for `world_size` processes (default: WORLD_SIZE, else 1)."""
+    if measure_steps < 0:
+        raise ConfigError(f"--measure-steps {measure_steps}: a number of steps is 1 or more.",
+                          "use e.g. --measure-steps 3.")
+    world = world_size or distributed.world_size()
     if not cfg.dataset_names:
         raise ConfigError("lmtune plan needs a dataset, and none is set.",
                           "add e.g. dataset: identity (a name in dataset_info.json) or a file path.")
@@ -192,8 +234,9 @@ def build_plan(cfg: RunConfig, measure_steps: int = 0) -> tuple[dict[str, Any], 
     data = prepare_data(cfg, tokenizer, stop_token_ids(tokenizer, model))
     train_rows, _ = training_rows(data, cfg, model.config)
     plan: dict[str, Any] = {"stage": cfg.stage, "data": data.report.to_dict(),
-                            "schedule": schedule_summary(cfg, len(train_rows), data.report.packing),
-                            "model": model_side(model, cfg, train_rows)}
+                            "schedule": schedule_summary(cfg, len(train_rows), data.report.packing,
+                                                         world),
+                            "model": model_side(model, cfg, train_rows, world)}
     warnings = data.report.warnings()
     steps = plan["schedule"]
     if steps["steps_per_epoch"] == 1 and cfg.max_steps <= 0:
@@ -226,6 +269,8 @@ def plan_lines(plan: dict[str, Any], report: DataReport) -> list[str]:
                      f"({s['epochs']} epochs), {s['optimizer_steps']:,} optimizer steps "
                      f"(ppo_epochs {s['ppo_epochs']}), {s['warmup_steps']:,} warmup")
     else:
+        lines.append(f"effective batch {s['effective_batch']} = {s['per_device_batch']} per device x "
+                     f"{s['accumulation']} accumulation x {s['world_size']} processes")
         lines.append(f"{s['train_rows']:,} training rows, effective batch {s['effective_batch']} -> "
                      f"{s['steps_per_epoch']:,} steps per epoch; {s['optimizer_steps']:,} optimizer "
                      f"steps ({s['epochs']} epochs), {s['warmup_steps']:,} warmup")
@@ -239,6 +284,11 @@ def plan_lines(plan: dict[str, Any], report: DataReport) -> list[str]:
     lines.append(f"estimated peak memory {g['total']:.2f} GiB: weights {g['weights']:.2f}, gradients "
                  f"{g['gradients']:.2f}, optimizer {g['optimizer']:.2f}, activations "
                  f"{g['activations']:.2f} (largest micro-batch {m['micro_batch_tokens']:,} tokens)")
+    r = m["memory_per_rank_gib"]
+    lines.append(f"per rank with {s['world_size']} processes: DDP {r['ddp']:.2f} GiB, FSDP2 "
+                 f"shard_grad_op / ZeRO-2 {r['fsdp2_shard_grad_op_or_zero2']:.2f}, ZeRO-2 + offload "
+                 f"{r['zero2_offload']:.2f}, FSDP2 full_shard / ZeRO-3 "
+                 f"{r['fsdp2_full_shard_or_zero3']:.2f}, ZeRO-3 + offload {r['zero3_offload']:.2f}")
     if "measured" in plan:
         r = plan["measured"]
         lines.append(f"== measured ({r['steps']} steps) ==")

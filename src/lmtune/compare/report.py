@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lmtune.compare.spec import REPORT_JSON, REPORT_MD, REPORT_PNG, CompareSpec
+from lmtune.durable import write_file, write_with
 
 
 def _cell(value: Any, digits: int = 3) -> str:
@@ -98,14 +99,17 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.tick_params(axis="x", labelrotation=45)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        write_with(path, lambda tmp: fig.savefig(tmp, format="png"), f"the plot {path.name}")
+    finally:
+        plt.close(fig)
 
 
 def write_report(path: str, spec: CompareSpec, rows: list[dict[str, Any]]) -> Path:
     """The three files in spec.output_dir; returns compare.md."""
     out = Path(spec.output_dir)
-    (out / REPORT_JSON).write_text(json.dumps({"spec": spec.model_dump(), "variants": rows}, indent=2))
-    (out / REPORT_MD).write_text(markdown(path, spec, rows))
+    write_file(out / REPORT_JSON, json.dumps({"spec": spec.model_dump(), "variants": rows}, indent=2),
+               "the comparison's JSON")
+    write_file(out / REPORT_MD, markdown(path, spec, rows), "the comparison's report")
     plot(rows, out / REPORT_PNG)
     return out / REPORT_MD

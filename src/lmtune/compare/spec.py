@@ -35,6 +35,9 @@ class CompareSpec(BaseModel):
     score_expect: str | None = Field(
         None, description="contains: the text a right answer holds; {{key}} from data_vars.")
     score_max_new_tokens: int = Field(64, ge=1, description="Most tokens generated per answer.")
+    overwrite_output_dir: bool = Field(
+        False, description="Train again into variant folders an earlier compare left (each is "
+        "deleted first, and only if an lmtune run wrote it); without it, an existing one is refused.")
 
 
 class Variant(BaseModel):
@@ -90,8 +93,15 @@ def _variant(path: str, spec: CompareSpec, base: dict[str, Any], raw: dict[str, 
     foreign = keys_for_other_methods(str(method))
     left_out = sorted(k for k in base if k in foreign and k not in changes)
     config = {k: v for k, v in base.items() if k not in left_out} | changes
-    config |= {"output_dir": str(Path(spec.output_dir) / raw["name"]), "overwrite_output_dir": True}
+    folder = Path(spec.output_dir) / raw["name"]
+    config |= {"output_dir": str(folder), "overwrite_output_dir": spec.overwrite_output_dir}
     where = f"{path}: variant {raw['name']}"
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) \
+            and not spec.overwrite_output_dir:
+        raise ConfigError(f"{where}: its folder {folder} already exists; compare trains each variant "
+                          "into output_dir/<name> and will not replace it unasked.",
+                          "choose another output_dir for the comparison, or add "
+                          "overwrite_output_dir: true to compare.yaml to train those variants again.")
     try:
         check_training_inputs(build_config(config, source=where))
     except ConfigError as exc:  # key and type errors name their source already; combinations not

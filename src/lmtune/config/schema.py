@@ -6,6 +6,7 @@ their default. Combination rules live in rules.py, YAML and override parsing in 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
@@ -14,13 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 # hardware or launchers (multi-GPU, DeepSpeed, dataloader workers). They are accepted so that existing
 # YAMLs run unchanged, and listed at start-up as not applied in this run.
 ACCEPTED_NOT_APPLIED: dict[str, str] = {
-    "ddp_timeout": "only matters for multi-process runs",
-    "ddp_find_unused_parameters": "only matters for multi-process runs",
     "dataloader_num_workers": "batches come from pre-tokenised tensors in memory",
     "dataloader_pin_memory": "only matters on GPUs",
-    "deepspeed": "only matters for multi-GPU runs launched with accelerate/torchrun",
-    "fsdp": "only matters for multi-GPU runs launched with accelerate/torchrun",
-    "fsdp_config": "only matters for multi-GPU runs launched with accelerate/torchrun",
     "save_only_model": "checkpoints always hold everything needed to resume",
     "flash_attn": "the attention kernel is chosen by transformers for the device",
     "low_cpu_mem_usage": "weights are always loaded directly",
@@ -297,6 +293,23 @@ class RunConfig(BaseModel):
     resume_from_checkpoint: str | None = Field(
         None, description="'auto' (newest complete checkpoint in output_dir) or a checkpoint path.")
 
+    # --- several processes (torchrun / accelerate launch / --nproc) ---------------------------
+    ddp_timeout: int = Field(
+        1800, ge=1, description="Seconds a rank waits for the others in a collective before the "
+        "job fails (a crashed rank ends the job within this bound).")
+    ddp_find_unused_parameters: bool | None = Field(
+        None, description="DDP looks for parameters without a gradient each step (slower); "
+        "needed only by models whose forward skips trainable modules.")
+    fsdp: str | list[str] | None = Field(
+        None, description="FSDP2 options as in LLaMA-Factory/HF ('full_shard auto_wrap', "
+        "'offload'); shards weights, gradients and optimizer states across ranks.")
+    fsdp_config: dict[str, Any] | str | None = Field(
+        None, description="FSDP options: a dict or a JSON/YAML file (transformer_layer_cls_to_wrap, "
+        "reshard_after_forward, cpu_ram_efficient_loading, activation_checkpointing).")
+    deepspeed: str | None = Field(
+        None, description="DeepSpeed JSON config (ZeRO stage 2/3, offload); needs the deepspeed "
+        "extra and CUDA GPUs.")
+
     # --- generation (chat) -------------------------------------------------------------------
     do_sample: bool = Field(True, description="Sample in chat; --prompt answers greedily unless set.")
     temperature: float = Field(0.95, gt=0.0, description="Sampling temperature.")
@@ -374,6 +387,12 @@ class RunConfig(BaseModel):
         if isinstance(value, bool):  # YAML `replay: true` would otherwise count as 1 prompt
             raise ValueError("replay is a prompt count or a prompts file, not true/false")
         return value
+
+    @field_validator("output_dir", "export_dir", "dataset_dir", "resume_from_checkpoint", "ref_model")
+    @classmethod
+    def _home_folder(cls, value: str | None) -> str | None:
+        # YAML and `key=value` reach lmtune without a shell, so `~/x` would be a folder named '~'.
+        return str(Path(value).expanduser()) if value and value.startswith("~") else value
 
     # --- derived values ----------------------------------------------------------------------
     @property

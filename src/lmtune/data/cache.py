@@ -12,8 +12,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import uuid
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 from transformers import PreTrainedTokenizerBase
 
+from lmtune.durable import WriteError, write_with, writing
 from lmtune.data.encode import EncodedRow, KTORow, PreferenceRow, Result
 from lmtune.data.formats import Record
 
@@ -122,10 +121,18 @@ def load(key: str) -> list[Result] | None:
     return from_arrays(arrays, meta)
 
 
-def save(key: str, results: list[Result]) -> None:
+def save(key: str, results: list[Result]) -> bool:
+    """Store one dataset's results; False (with one warning line) when the cache cannot be written:
+    the cache only saves time, so a read-only or full disk never stops a run."""
     arrays, meta = to_arrays(results)
     folder = cache_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    staging = folder / f".{key}.{uuid.uuid4().hex[:8]}.tmp"
-    save_file(arrays, staging, metadata=meta)
-    os.replace(staging, folder / f"{key}.safetensors")
+    path = folder / f"{key}.safetensors"
+    try:
+        with writing("the encoded-data cache", path, "Training goes on without the cache."):
+            folder.mkdir(parents=True, exist_ok=True)
+        write_with(path, lambda tmp: save_file(arrays, tmp, metadata=meta), "the encoded-data cache",
+                   "Training goes on without the cache.")
+    except WriteError as exc:
+        print(f"warning: {exc.message}\n  (set LMTUNE_HOME to a writable folder to cache encoded data)")
+        return False
+    return True

@@ -198,4 +198,6 @@ class DataReport:
         return payload | {"warnings": self.warnings()}
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_dict(), indent=2), encoding="utf-8")
+        from lmtune.durable import write_file
+
+        write_file(path, json.dumps(self.to_dict(), indent=2), "the data report")

@@ -83,26 +83,34 @@ class RecordFile:
         return [self.items[i] for i in indices]
 
 
+class UnreadableRecord:
+    """A record whose text is not valid JSON: a bad record like any other, so skip_bad_records
+    skips it and the error names it."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
 class JsonLinesFile(RecordFile):
     """One JSON value per non-blank line; a line is parsed only when its record is taken."""
 
     def __init__(self, path: Path, text: str):
-        lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+        # Lines end at \n only (JSON Lines): str.splitlines would also split at U+2028, U+0085 and
+        # other characters that JSON strings may hold unescaped.
+        lines = [(n, line) for n, line in enumerate(text.split("\n"), start=1) if line.strip()]
         super().__init__(path, lines)
 
     def take(self, indices: Sequence[int]) -> list[Any]:
-        records = []
+        records: list[Any] = []
         for i in indices:
             number, line = self.items[i]
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as exc:
-                raise DataError(f"line {number} is not valid JSON: {exc.msg}",
-                                "write one JSON object per line (JSON Lines) or one JSON list.",
-                                file=str(self.path)) from None
+                records.append(UnreadableRecord(f"line {number} is not valid JSON: {exc.msg} "
+                                                "(write one JSON object per line)"))
             except _JSON_LIMITS as exc:
-                problem, fix = _json_limit(exc)
-                raise DataError(f"line {number}: {problem}", fix, file=str(self.path)) from None
+                records.append(UnreadableRecord(f"line {number}: {' '.join(_json_limit(exc))}"))
         return records
 
 
@@ -407,15 +415,23 @@ def load_dataset_records(attr: DatasetAttr, cfg: RunConfig, counts: DatasetCount
     indices = sample_indices(counts.found, attr, cfg, counts)
     raw = source.take(indices)
     if not attr.formatting:
-        try:
-            attr.formatting, attr.ranking = guess_formatting(raw[0])
-        except RecordError as exc:
+        first = next((i for i, r in enumerate(raw) if not isinstance(r, UnreadableRecord)), None)
+        if first is None:
             file, index = source.locate(indices[0])
+            raise DataError(f"no record can be read; {raw[0].reason}", "write one JSON object per "
+                            "line (JSON Lines) or one JSON list.", file=file, record=index)
+        try:
+            attr.formatting, attr.ranking = guess_formatting(raw[first])
+        except RecordError as exc:
+            file, index = source.locate(indices[first])
             raise DataError(f"record {index}: {exc}", "register the file in dataset_info.json with "
                             "its formatting and columns.", file=file) from None
         check_kind(attr, kind, cfg.stage, main_file, registered=False)
     records, bad, missing = [], [], set()
     for index, record in zip(indices, raw):
+        if isinstance(record, UnreadableRecord):
+            bad.append((*source.locate(index), record.reason))
+            continue
         try:
             parsed = parse_record(record, attr, kind)
         except RecordError as exc:

@@ -20,6 +20,7 @@ from transformers import (PreTrainedTokenizerBase, StoppingCriteria, StoppingCri
 from lmtune.config import RunConfig
 from lmtune.data.encode import ChatEncoder
 from lmtune.data.formats import Message, fill_placeholders, Conversation
+from lmtune.durable import write_file
 from lmtune.errors import DataError, ModelError
 from lmtune.models.lineage import weights_of
 from lmtune.models.load import (load_model, load_tokenizer, resolve_model, stop_token_ids,
@@ -158,9 +159,13 @@ def read_prompts(path: str, data_vars: dict[str, str]) -> list[dict[str, Any]]:
     """A JSON list of {prompt | instruction, expect?, kind?}; {{key}} filled from data_vars."""
     try:
         items = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"cannot read prompts: {exc}", "give a JSON list of objects with a 'prompt'.",
-                        file=path) from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"cannot read prompts: byte {exc.start} is not UTF-8 text",
+                        "save the file as UTF-8.", file=path) from None
+    except (OSError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0][:200]
+        raise DataError(f"cannot read prompts: {reason}", "give a JSON list of objects with a "
+                        "'prompt'.", file=path) from None
     prompts = []
     for index, item in enumerate(items if isinstance(items, list) else [None]):
         text = item.get("prompt", item.get("instruction")) if isinstance(item, dict) else None
@@ -196,6 +201,7 @@ def answer_file(session: ChatSession, path: str, data_vars: dict[str, str], save
     if save:
         records = [{"instruction": i["prompt"], "input": "", "output": i["answer"]}
                    | ({"expect": i["expect"], "hit": i["hit"]} if i["expect"] else {}) for i in items]
-        Path(save).write_text(json.dumps(records, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_file(Path(save), json.dumps(records, indent=2, ensure_ascii=False) + "\n",
+                   "the answers (--save)")
         print(f"answers saved to {save}")
     return items

@@ -42,7 +42,10 @@ def trained_output(cfg: RunConfig) -> tuple[str | None, list[str]]:
     """What a finished run in cfg.output_dir offers: (full model folder or None, adapter folders)."""
     if not cfg.output_dir:
         return None, []
+    from lmtune.train.checkpoint import require_complete_output  # train imports models
+
     out = Path(cfg.output_dir)
+    require_complete_output(out)
     if (out / "adapter_config.json").is_file():
         return None, [str(out)]
     if (out / "config.json").is_file():

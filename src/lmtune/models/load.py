@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig,
                           PreTrainedModel, PreTrainedTokenizerBase)
 
@@ -112,9 +113,13 @@ def resolve_model(name: str) -> str:
     return model_snapshot(name, "model_name_or_path")
 
 
-def _from_pretrained(loader, name: str, what: str, **kwargs):
+def from_pretrained_or_error(loader, name: str, what: str, **kwargs):
     try:
         return loader.from_pretrained(name, **kwargs)
+    except SafetensorError as exc:  # a truncated or damaged weights file
+        raise ModelError(f"the weights of '{name}' cannot be read: {str(exc).splitlines()[0]}",
+                         "the file is damaged or incomplete (an interrupted copy or download?): "
+                         "copy or save the model again.") from None
     except (OSError, ValueError) as exc:
         raise ModelError(f"could not load the {what} of '{name}': {str(exc).splitlines()[0]}",
                          "use an HF model folder, a .gguf file, 'default', or a hub id. Set "
@@ -130,7 +135,7 @@ def tokenizer_source(model_path: str, adapters: list[str]) -> str:
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    tokenizer = _from_pretrained(AutoTokenizer, name, "tokenizer", trust_remote_code=trust_remote_code)
+    tokenizer = from_pretrained_or_error(AutoTokenizer, name, "tokenizer", trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         # Labels are built before padding and padded with -100, so padding with EOS never masks
         # a real EOS label.
@@ -175,14 +180,14 @@ def load_model(name: str, trust_remote_code: bool = False, dtype: torch.dtype = 
         raise ModelError(f"{name} holds only pickle weights (*.bin); lmtune reads safetensors only.",
                          "convert it once where you trust the file: load it with transformers and "
                          "save_pretrained(folder, safe_serialization=True).")
-    config = _from_pretrained(AutoConfig, name, "config", trust_remote_code=trust_remote_code)
+    config = from_pretrained_or_error(AutoConfig, name, "config", trust_remote_code=trust_remote_code)
     extra = {}
     if quantization is not None:
         # bitsandbytes quantizes while loading, on the device the weights land on; a quantized
         # model cannot be moved to the GPU afterwards.
         extra = {"quantization_config": quantization,
                  "device_map": {"": torch.cuda.current_device()} if torch.cuda.is_available() else None}
-    return _from_pretrained(AutoModelForCausalLM, name, "weights", config=config, dtype=dtype,
+    return from_pretrained_or_error(AutoModelForCausalLM, name, "weights", config=config, dtype=dtype,
                             trust_remote_code=trust_remote_code, use_safetensors=True, **extra)
 
 

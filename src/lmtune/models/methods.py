@@ -401,10 +401,12 @@ class TrainingHooks:
     def after_step(self, step: int) -> None:
         """After optimizer.step(), while the gradients are still there."""
 
-    def save(self, model: torch.nn.Module, folder: Path, final: bool) -> None:
+    def save(self, model: torch.nn.Module, folder: Path, final: bool,
+             state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Write the model or adapter, an adapter with the record of its base; `final` for the
-        run's output, not a checkpoint."""
-        model.save_pretrained(folder, safe_serialization=True)
+        run's output, not a checkpoint; `state_dict`: the whole weights when the model's own are
+        sharded over ranks."""
+        model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
         record_base(model, folder)
 
 
@@ -456,11 +458,12 @@ class PissaHooks(TrainingHooks):
         self.initial = output_dir / "pissa_init"
         model.save_pretrained(self.initial, safe_serialization=True)
 
-    def save(self, model: torch.nn.Module, folder: Path, final: bool) -> None:
+    def save(self, model: torch.nn.Module, folder: Path, final: bool,
+             state_dict: dict[str, torch.Tensor] | None = None) -> None:
         if not final:
-            super().save(model, folder, final)
+            super().save(model, folder, final, state_dict)
             return
-        model.save_pretrained(folder, safe_serialization=True,
+        model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict,
                               path_initial_model_for_weight_conversion=str(self.initial))
         record_base(model, folder)
         shutil.rmtree(self.initial)

@@ -1,8 +1,12 @@
-"""Checkpoints that are either complete or ignored, and the output folder's safety rules.
+"""Checkpoints and final outputs that are either complete or refused, and the output folder's rules.
 
 A checkpoint is written into a hidden staging folder, flushed to disk, renamed to checkpoint-N and
 only then marked complete. Resume reads only marked checkpoints, so a run killed mid-write leaves
-nothing that could be picked up by mistake.
+nothing that could be picked up by mistake. The final model is staged the same way and the output
+folder gets FINAL_MARKER last; chat and export refuse a run folder without it.
+
+RUN_MARKER is a file only lmtune writes, naming the run: `overwrite_output_dir` deletes a folder
+only when it carries one, so a model, a LLaMA-Factory output or anything else is never deleted.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import pickle
 import random
 import re
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,22 +28,19 @@ import yaml
 from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from lmtune.errors import ConfigError, TrainingError
+from lmtune.config import RunConfig
+from lmtune.durable import fsync_path, replace_folder, write_file, writing
+from lmtune.errors import ConfigError, ModelError, TrainingError
 from lmtune.models.scalar_head import HEAD_FILE, VALUE_HEAD_FILE, ScalarHeadModel
+from lmtune.train.fingerprint import changed_keys, data_fingerprint, run_inputs
 
 COMPLETE_MARKER = "checkpoint_complete.json"
+RUN_MARKER = "lmtune_run.json"
+FINAL_MARKER = "lmtune_complete.json"
 TRAINER_STATE = "trainer_state.json"
 RUN_CONFIG = "run_config.yaml"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-# Files only lmtune writes into an output folder; their presence makes a folder safe to overwrite.
-_OUTPUT_SIGNS = (RUN_CONFIG, "trainer_log.jsonl", "all_results.json")
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
+_FINAL_STAGING = ".final.staging"
 
 
 def rng_state() -> dict[str, Any]:
@@ -59,30 +62,90 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(output_dir: Path, step: int, save_weights, optimizer, scheduler,
+def rng_file(rank: int) -> str:
+    """Each rank's random state (dropout differs per rank); rank 0's keeps the one-process name."""
+    return "rng_state.pt" if rank == 0 else f"rng_state_{rank}.pt"
+
+
+def _kept(output_dir: Path) -> str:
+    checkpoints = complete_checkpoints(output_dir)
+    if checkpoints:
+        return (f"Kept: {checkpoints[-1]}, the newest complete checkpoint; resume from it with "
+                "resume_from_checkpoint=auto.")
+    return f"No complete checkpoint of this run exists in {output_dir}."
+
+
+def save_checkpoint(output_dir: Path, step: int, save_weights, optimizer_state: dict[str, Any],
+                    scheduler_state: dict[str, Any], rng_states: list[dict[str, Any]],
                     trainer_state: dict[str, Any], run_config: dict[str, Any]) -> Path:
-    """Write checkpoint-`step` atomically. `save_weights(folder)` writes the model in HF/PEFT format."""
+    """Write checkpoint-`step` atomically (one process writes it, whatever the world size).
+    `save_weights(folder)` writes the model in HF/PEFT format; `rng_states` holds every rank's."""
     final = output_dir / f"checkpoint-{step}"
     staging = output_dir / f".checkpoint-{step}.staging"
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    kept = _kept(output_dir)
     try:
-        save_weights(staging)
-        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
-        torch.save(rng_state(), staging / "rng_state.pt")
-        (staging / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
-        (staging / RUN_CONFIG).write_text(yaml.safe_dump(run_config, sort_keys=False))
-        _fsync_tree(staging)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        (final / COMPLETE_MARKER).write_text(json.dumps({"step": step}))
-    except OSError as exc:
+        with writing(f"checkpoint-{step}", final, kept):
+            staging.mkdir(parents=True)
+            save_weights(staging)
+            torch.save(optimizer_state, staging / "optimizer.pt")
+            torch.save(scheduler_state, staging / "scheduler.pt")
+            for rank, state in enumerate(rng_states):
+                torch.save(state, staging / rng_file(rank))
+            (staging / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
+            (staging / RUN_CONFIG).write_text(yaml.safe_dump(run_config, sort_keys=False))
+            if (output_dir / RUN_MARKER).is_file():  # the data fingerprint resume compares
+                shutil.copyfile(output_dir / RUN_MARKER, staging / RUN_MARKER)
+            replace_folder(staging, final)
+            write_file(final / COMPLETE_MARKER, json.dumps({"step": step}), f"checkpoint-{step}'s marker")
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise TrainingError(f"could not write checkpoint-{step} in {output_dir}: {exc}",
-                            "free disk space or fix permissions; the previous checkpoint is intact.") from exc
     return final
+
+
+def save_final(output_dir: Path, write_fn: Callable[[Path], None]) -> None:
+    """Write the final model: `write_fn(folder)` writes weights and tokenizer into a staging folder,
+    which is flushed and moved into output_dir entry by entry. FINAL_MARKER is removed first and
+    written by `mark_complete` last, so an output_dir without it never passes for a finished run."""
+    (output_dir / FINAL_MARKER).unlink(missing_ok=True)
+    staging = output_dir / _FINAL_STAGING
+    shutil.rmtree(staging, ignore_errors=True)
+    kept = ("output_dir holds no complete final model (chat and export refuse it). "
+            + _kept(output_dir))
+    try:
+        with writing("the final model", output_dir, kept):
+            staging.mkdir()
+            write_fn(staging)
+            for path in staging.rglob("*"):
+                if path.is_file():
+                    fsync_path(path)
+            for entry in sorted(staging.iterdir()):
+                target = output_dir / entry.name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                os.replace(entry, target)
+            fsync_path(output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def mark_complete(output_dir: Path) -> None:
+    write_file(output_dir / FINAL_MARKER, json.dumps({"finished": time.strftime("%Y-%m-%dT%H:%M:%S")}),
+               "the completion marker", f"The model in {output_dir} is written but not marked "
+               "complete; run again to finish it.")
+
+
+def require_complete_output(folder: Path) -> None:
+    """Refuse a run folder whose run did not finish: its model files may be partial or missing,
+    and using them (or quietly using the base model instead) would answer with another model."""
+    if (folder / RUN_MARKER).is_file() and not (folder / FINAL_MARKER).is_file():
+        checkpoints = complete_checkpoints(folder)
+        use = (f"use a checkpoint (adapter_name_or_path: {checkpoints[-1]} for an adapter run), "
+               if checkpoints else "")
+        raise ModelError(f"{folder} holds an lmtune run that did not finish (no {FINAL_MARKER}): "
+                         "its model may be partial or missing.",
+                         f"finish it with resume_from_checkpoint=auto, {use}or pass --base for the "
+                         "base model.")
 
 
 def complete_checkpoints(output_dir: Path) -> list[Path]:
@@ -111,57 +174,87 @@ def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
     return path
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def check_inputs_outside(output_dir: Path, cfg: RunConfig, resume_dir: Path | None) -> None:
+    """Nothing a run reads may lie in the folder it writes (and may delete): a base model or data
+    set inside output_dir would be overwritten by the run's own files."""
+    inputs = run_inputs(cfg)
+    if resume_dir is not None and not (_CHECKPOINT.match(resume_dir.name)
+                                       and resume_dir.resolve().parent == output_dir.resolve()):
+        inputs.append(("resume_from_checkpoint", resume_dir))  # only output_dir's own checkpoints
+    for key, path in inputs:
+        if path.exists() and _inside(path, output_dir):
+            raise ConfigError(f"{key}: {path} lies inside output_dir {output_dir}; the run would "
+                              "write over it (and overwrite_output_dir would delete it).",
+                              "choose an output_dir of its own, e.g. saves/my-run.")
+
+
 def prepare_output_dir(output_dir: Path, overwrite: bool, resuming: bool) -> None:
-    """Refuse to mix a new run into old results; clear only folders lmtune itself wrote."""
+    """Refuse to mix a new run into old results; delete only folders carrying RUN_MARKER."""
     if output_dir.is_dir() and any(output_dir.iterdir()) and not resuming:
         if not overwrite:
             raise ConfigError(f"output_dir {output_dir} is not empty.",
                               "set resume_from_checkpoint: auto to continue that run, or "
                               "overwrite_output_dir: true to start over (its contents are deleted).")
-        if not any((output_dir / sign).exists() for sign in _OUTPUT_SIGNS) and \
-                not any(_CHECKPOINT.match(p.name) for p in output_dir.iterdir()):
-            raise ConfigError(f"output_dir {output_dir} holds files lmtune did not write; "
-                              "overwrite_output_dir will not delete them.",
-                              "choose a new or empty output_dir.")
-        resolved, cwd = output_dir.resolve(), Path.cwd().resolve()
-        if resolved == cwd or resolved in cwd.parents or resolved == Path.home().resolve():
-            raise ConfigError(f"output_dir {output_dir} is the working folder, one of its parents, "
-                              "or the home folder; overwrite_output_dir will not delete it.",
-                              "use a dedicated folder such as saves/my-run.")
+        if not (output_dir / RUN_MARKER).is_file():
+            raise ConfigError(f"output_dir {output_dir} was not written by an lmtune run (it has no "
+                              f"{RUN_MARKER}); overwrite_output_dir deletes only folders lmtune "
+                              "wrote, so it deletes nothing here.",
+                              "choose a new or empty output_dir, or move the folder away yourself.")
         shutil.rmtree(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"output_dir {output_dir} cannot be created: {exc.strerror or exc}",
+                          "choose a folder you can write, e.g. saves/my-run.") from None
 
 
-# Keys that change what a run computes. Resuming with any of them changed would silently make a
-# different run than the checkpoint belongs to; logging, saving and eval cadence may change freely.
-RESUME_MUST_MATCH = (
-    "model_name_or_path", "adapter_name_or_path", "template", "stage", "finetuning_type",
-    "lora_target", "lora_rank", "lora_alpha", "lora_dropout", "freeze_trainable_layers",
-    "freeze_trainable_modules", "dataset", "dataset_dir", "data_vars", "cutoff_len", "max_samples",
-    "val_size", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
-    "num_train_epochs", "max_steps", "lr_scheduler_type", "warmup_ratio", "warmup_steps",
-    "weight_decay", "max_grad_norm", "adam_beta1", "adam_beta2", "adam_epsilon", "bf16", "fp16",
-    "seed",
-)
-
-
-def check_resume_config(resume_dir: Path, run_config: dict[str, Any]) -> None:
+def check_resume(resume_dir: Path, run_config: dict[str, Any], data_fp: str) -> None:
     saved = saved_run_config(resume_dir)
-    changed = [k for k in RESUME_MUST_MATCH if saved.get(k) != run_config.get(k)]
+    changed = changed_keys(saved, run_config)
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {run_config.get(k)!r}" for k in changed)
         raise ConfigError(f"cannot resume from {resume_dir}: the config changed what the run "
                           f"means ({details}).",
                           "restore those keys to resume, or start a new run in another output_dir.")
+    marker = resume_dir / RUN_MARKER
+    recorded = json.loads(marker.read_text()).get("data_fingerprint") if marker.is_file() else None
+    if recorded is not None and recorded != data_fp:
+        raise ConfigError(f"cannot resume from {resume_dir}: the contents of the data files "
+                          "changed since that checkpoint was written (same names, other data).",
+                          "restore the data to resume, or start a new run in another output_dir.")
 
 
-def prepare_run(output_dir: Path, resume: str | None, overwrite: bool,
-                run_config: dict[str, Any]) -> Path | None:
-    """Check the output folder before anything heavy loads; -> the checkpoint to resume, if any."""
-    resume_dir = resolve_resume(output_dir, resume)
+def prepare_run(cfg: RunConfig) -> Path | None:
+    """Check the output folder and the inputs before anything heavy loads; mark the folder as an
+    lmtune run's; -> the checkpoint to resume, if any."""
+    output_dir = Path(cfg.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"output_dir {output_dir} is a file, not a folder.",
+                          "choose a folder path, e.g. saves/my-run.")
+    resolved, cwd = output_dir.resolve(), Path.cwd().resolve()
+    if cfg.overwrite_output_dir and (resolved == cwd or resolved in cwd.parents
+                                     or resolved == Path.home().resolve()):
+        raise ConfigError(f"output_dir {output_dir} is the working folder, one of its parents, "
+                          "or the home folder; overwrite_output_dir will not delete it.",
+                          "use a dedicated folder such as saves/my-run.")
+    resume_dir = resolve_resume(output_dir, cfg.resume_from_checkpoint)
+    check_inputs_outside(output_dir, cfg, resume_dir)
+    run_config = cfg.to_yaml_dict()
+    data_fp = data_fingerprint(cfg)
     if resume_dir is not None:
-        check_resume_config(resume_dir, run_config)
-    prepare_output_dir(output_dir, overwrite, resuming=resume_dir is not None)
+        check_resume(resume_dir, run_config, data_fp)
+    prepare_output_dir(output_dir, cfg.overwrite_output_dir, resuming=resume_dir is not None)
+    (output_dir / FINAL_MARKER).unlink(missing_ok=True)
+    write_file(output_dir / RUN_MARKER,
+               json.dumps({"run": f"lmtune train, stage {cfg.stage}, {cfg.model_name_or_path}",
+                           "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                           "data_fingerprint": data_fp}, indent=2),
+               "the run marker")
     return resume_dir
 
 
@@ -211,10 +304,20 @@ def _load_tensors(path: Path) -> Any:
                             "(tensors and plain values, never arbitrary objects).") from None
 
 
-def load_training_state(folder: Path, optimizer, scheduler) -> dict[str, Any]:
-    optimizer.load_state_dict(_load_tensors(folder / "optimizer.pt"))
+def load_optimizer_state(folder: Path) -> dict[str, Any]:
+    return _load_tensors(folder / "optimizer.pt")
+
+
+def load_training_state(folder: Path, optimizer, scheduler, rank: int = 0,
+                        load_optimizer: bool = True) -> dict[str, Any]:
+    """Optimizer (unless a sharded engine loaded it already), schedule, this rank's RNG and the
+    loop's state."""
+    if load_optimizer:
+        optimizer.load_state_dict(load_optimizer_state(folder))
     scheduler.load_state_dict(_load_tensors(folder / "scheduler.pt"))
-    restore_rng_state(_load_tensors(folder / "rng_state.pt"))
+    # A rank the checkpoint's run did not have (more processes now) continues from rank 0's state.
+    own = folder / rng_file(rank)
+    restore_rng_state(_load_tensors(own if own.is_file() else folder / rng_file(0)))
     return json.loads((folder / TRAINER_STATE).read_text())
 
 

@@ -12,15 +12,23 @@ model, results and loss plot.
 ppo runs rollouts between its updates, so it has its own loop in ppo.py, built from the same pieces
 (`Trainer`, `is_log_step`, `is_eval_step`, `checkpoint_or_stop`, `finish`): a guard added here holds
 for every stage.
+
+Several processes (torchrun, accelerate launch, --nproc) run the same loop; what differs lives in
+the pieces and in lmtune.distributed: each rank takes its share of every step's window, the loss is
+normalised by the units of the window on ALL ranks (so N ranks make the same update as one process
+with the same global batch), the model is wrapped by accelerate (DDP, FSDP2 or DeepSpeed) and only
+rank 0 writes logs, checkpoints and the output.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +37,11 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_scheduler
 
+from lmtune import distributed as dist
 from lmtune.config import RunConfig
 from lmtune.data.batching import collate, micro_batches, steps_per_epoch
 from lmtune.errors import ConfigError, RunInterrupted, TrainingError
@@ -69,18 +79,26 @@ class MetricTotals:
             entry[0] += float(total)
             entry[1] += count
 
+    def add_sums(self, sums: dict[str, list[float]]) -> None:
+        for name, (total, count) in sums.items():
+            entry = self.sums.setdefault(name, [0.0, 0])
+            entry[0] += total
+            entry[1] += count
+
     def means(self, prefix: str = "") -> dict[str, float]:
         return {prefix + name: round(total / count, 6)
                 for name, (total, count) in self.sums.items() if count}
 
 
 def _windows(n_rows: int, cfg: RunConfig) -> Iterator[list[list[int]]]:
-    """The micro-batches (lists of row indices) of every optimizer step, epoch after epoch."""
+    """The micro-batches (lists of row indices) of every optimizer step on all ranks together,
+    epoch after epoch: accumulation x world size micro-batches per step."""
+    per_step = cfg.gradient_accumulation_steps * dist.world_size()
     epoch = 0
     while True:
         batches = micro_batches(n_rows, cfg.per_device_train_batch_size, cfg.seed, epoch)
-        for i in range(0, len(batches), cfg.gradient_accumulation_steps):
-            yield batches[i: i + cfg.gradient_accumulation_steps]
+        for i in range(0, len(batches), per_step):
+            yield batches[i: i + per_step]
         epoch += 1
 
 
@@ -101,17 +119,18 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optim
         lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
 
 
-def evaluate(model, rows: list[Any], objective: Objective, cfg: RunConfig, pad_id: int,
-             accelerator: Accelerator) -> dict[str, float]:
+def evaluate(trainer: Trainer, rows: list[Any], objective: Objective, pad_id: int) -> dict[str, float]:
     """eval_loss (mean per unit over `rows`), the stage's metrics as eval_<name>, and
-    eval_perplexity for token objectives."""
+    eval_perplexity for token objectives. Every rank evaluates all of `rows` (sharded engines
+    need every rank in each forward), so each rank's numbers are the whole split's."""
+    cfg = trainer.cfg
     total, units, metrics = 0.0, 0, MetricTotals()
-    with evaluation(model), torch.no_grad():
+    with evaluation(trainer.model), torch.no_grad():
         for i in range(0, len(rows), cfg.per_device_eval_batch_size):
-            batch = {k: v.to(accelerator.device) for k, v in
-                     objective.collate(rows[i: i + cfg.per_device_eval_batch_size], pad_id).items()}
-            with accelerator.autocast():
-                loss, batch_metrics = objective.loss(model, batch)
+            batch = trainer.to_device(
+                objective.collate(rows[i: i + cfg.per_device_eval_batch_size], pad_id))
+            with trainer.autocast():
+                loss, batch_metrics = trainer.forward(objective.loss, batch)
             total += loss.item()
             units += objective.units(batch)
             metrics.add(batch_metrics)
@@ -158,8 +177,11 @@ class Schedule:
         return round(self.total / self.per_epoch, 3) if self.per_epoch else 0.0
 
 
-def schedule(cfg: RunConfig, n_rows: int) -> Schedule:
-    batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+def schedule(cfg: RunConfig, n_rows: int, world_size: int | None = None) -> Schedule:
+    """The run's length for `world_size` processes (default: this job's): each optimizer step
+    takes per_device_train_batch_size x gradient_accumulation_steps rows on every rank."""
+    world = world_size or dist.world_size()
+    batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
     if cfg.stage == "ppo":
         # An iteration answers ppo_buffer_size batches of prompts, then trains each batch
         # ppo_epochs times, one optimizer step per pass; a short last batch of prompts is dropped.
@@ -169,7 +191,7 @@ def schedule(cfg: RunConfig, n_rows: int) -> Schedule:
     else:
         rows = batch
         per_epoch = steps_per_epoch(n_rows, cfg.per_device_train_batch_size,
-                                    cfg.gradient_accumulation_steps)
+                                    cfg.gradient_accumulation_steps * world)
         updates_per_step = 1
     total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * per_epoch)
     return Schedule(rows, per_epoch, total, total * updates_per_step)
@@ -188,11 +210,26 @@ def is_eval_step(cfg: RunConfig, step: int, plan: Schedule) -> bool:
 
 # --- the parts of one update ------------------------------------------------------------------------
 
+class LossModule(torch.nn.Module):
+    """The model with the loss as its forward. Engines that wrap a model (DDP, FSDP2, DeepSpeed)
+    act in the wrapper's forward (DDP arms its gradient all-reduce there, FSDP2 gathers the shards
+    there), while the stages' losses call into the model's parts (decoder, head); running the whole
+    loss inside one forward keeps every such call inside the engine's."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, loss_fn: Callable[[torch.nn.Module, Batch], Any], batch: Batch) -> Any:
+        return loss_fn(self.model, batch)
+
+
 @dataclass
 class Trainer:
     """What every loop's updates share, set up once by `prepare_trainer`: the accelerator
-    (device, mixed precision), the model as prepared, optimizer and schedule, the method's hooks.
-    Its methods are the guarded steps: no update, checkpoint or save skips a check."""
+    (device, mixed precision, the multi-process engine), the model (`model`: the model itself;
+    `wrapped`: the engine's wrapper, through which losses run), optimizer and schedule, the
+    method's hooks. Its methods are the guarded steps: no update, checkpoint or save skips a check."""
 
     cfg: RunConfig
     model: torch.nn.Module
@@ -203,10 +240,39 @@ class Trainer:
     hooks: TrainingHooks
     output_dir: Path
     trainable: list[torch.nn.Parameter] = field(default_factory=list)
+    wrapped: torch.nn.Module | None = None
+    engine: str = "single"  # distributed.engine(): single, ddp or fsdp2
 
     @property
     def unwrapped(self) -> torch.nn.Module:
-        return self.accelerator.unwrap_model(self.model)
+        return self.model
+
+    def forward(self, loss_fn: Callable[[torch.nn.Module, Batch], Any], batch: Batch) -> Any:
+        """`loss_fn(model, batch)` run through the engine's wrapper."""
+        return self.wrapped(loss_fn, batch)
+
+    def model_state(self) -> dict[str, torch.Tensor] | None:
+        """FSDP2: the full weights gathered from every rank (all ranks call it); else None, and
+        the model's own parameters are whole."""
+        if self.engine != "fsdp2":
+            return None
+        state = self.accelerator.get_state_dict(self.wrapped)
+        return {k.removeprefix("model."): v for k, v in state.items()}
+
+    def optimizer_state(self) -> dict[str, Any]:
+        """The optimizer's full state (FSDP2: gathered from the shards, so a checkpoint resumes on
+        any number of ranks)."""
+        if self.engine != "fsdp2":
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.wrapped, self.optimizer, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
+
+    def gradient_sync(self, sync: bool):
+        """Around a micro-batch's forward and backward: all-reduce (DDP) or reduce-scatter (FSDP2)
+        its gradients (the window's last micro-batch on this rank) or only accumulate them."""
+        return contextlib.nullcontext() if sync else self.accelerator.no_sync(self.wrapped)
 
     @property
     def device(self) -> torch.device:
@@ -247,23 +313,99 @@ class Trainer:
         return lr, grad_norm
 
     def save_weights(self, folder: Path, final: bool = False) -> None:
-        """The model or adapter (HF/PEFT format) and tokenizer; never weights holding NaN/inf."""
+        """The model or adapter (HF/PEFT format) and tokenizer, written by rank 0; never weights
+        holding NaN/inf. Every rank calls it (a sharded engine gathers the weights first)."""
         model = self.unwrapped
         for name, param in model.named_parameters():
             if param.requires_grad and not torch.isfinite(param).all():
                 raise TrainingError(f"parameter {name} holds NaN/inf; nothing was saved.",
                                     "lower learning_rate, or use bf16 instead of fp16.")
-        self.hooks.save(model, folder, final)
-        self.tokenizer.save_pretrained(folder)
+
+        weights = self.model_state()
+
+        def into(target: Path) -> None:
+            self.hooks.save(model, target, final, weights)
+            self.tokenizer.save_pretrained(target)
+
+        # The run's output is staged, flushed and moved in; write_results marks it complete last.
+        dist.on_main(ckpt.save_final, folder, into) if final else dist.on_main(into, folder)
+
+    def save_checkpoint(self, step: int, state: dict[str, Any]) -> None:
+        """checkpoint-`step` with every rank's random state, written once (by rank 0); sharded
+        states are gathered whole first."""
+        rng_states, weights, optimizer = dist.gather(ckpt.rng_state()), self.model_state(), \
+            self.optimizer_state()
+
+        def write() -> None:
+            ckpt.save_checkpoint(self.output_dir, step, lambda folder: (
+                self.hooks.save(self.unwrapped, folder, False, weights),
+                self.tokenizer.save_pretrained(folder)), optimizer,
+                self.scheduler.state_dict(), rng_states, state, self.cfg.to_yaml_dict())
+            ckpt.rotate_checkpoints(self.output_dir, self.cfg.save_total_limit)
+
+        dist.on_main(write)
+
+    @property
+    def global_batch(self) -> int:
+        return (self.cfg.per_device_train_batch_size * self.cfg.gradient_accumulation_steps
+                * dist.world_size())
 
     def resume(self, resume_dir: Path | None, fresh_state: dict[str, Any]) -> dict[str, Any]:
-        """Weights, optimizer, schedule and RNG from `resume_dir`; -> the loop's saved state."""
+        """Weights, optimizer, schedule and RNG from `resume_dir`; -> the loop's saved state.
+        Another number of processes may resume it when the global batch is the same (each rank
+        holds the whole state; the data order depends on the global window only)."""
         if resume_dir is None:
-            return fresh_state
-        ckpt.load_weights(self.unwrapped, resume_dir)
-        state = ckpt.load_training_state(resume_dir, self.optimizer, self.scheduler)
+            return fresh_state | {"global_batch": self.global_batch}
+        saved = ckpt.saved_run_config(resume_dir)
+        state = json.loads((resume_dir / ckpt.TRAINER_STATE).read_text())
+        saved_batch = state.get("global_batch", saved["per_device_train_batch_size"]
+                                * saved.get("gradient_accumulation_steps", 1))
+        if saved_batch != self.global_batch:
+            raise ConfigError(
+                f"cannot resume from {resume_dir}: it was trained with a global batch of "
+                f"{saved_batch} rows per step, and this run has {self.global_batch} "
+                f"(per_device_train_batch_size {self.cfg.per_device_train_batch_size} x "
+                f"gradient_accumulation_steps {self.cfg.gradient_accumulation_steps} x "
+                f"{dist.world_size()} processes).",
+                "choose gradient_accumulation_steps (or the number of processes) so the product "
+                f"is {saved_batch} again.")
+        if self.engine == "fsdp2":
+            self._load_sharded(resume_dir)
+        else:
+            ckpt.load_weights(self.unwrapped, resume_dir)
+        state = ckpt.load_training_state(resume_dir, self.optimizer, self.scheduler, dist.rank(),
+                                         load_optimizer=self.engine != "fsdp2")
         print(f"resuming from {resume_dir} at step {state['global_step']}")
-        return state
+        return state | {"global_batch": self.global_batch}
+
+
+    def _load_sharded(self, resume_dir: Path) -> None:
+        """FSDP2: the checkpoint's whole weights and optimizer state, split over this job's ranks
+        (whatever their number when the checkpoint was written)."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        whole = torch.nn.Module()
+        whole.model = _whole_copy(self.unwrapped)
+        ckpt.load_weights(whole.model, resume_dir)
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(self.wrapped, whole.state_dict(), options=options)
+        set_optimizer_state_dict(self.wrapped, self.optimizer,
+                                 ckpt.load_optimizer_state(resume_dir), options=options)
+
+
+def _whole_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A CPU copy of a sharded model with whole (gathered) parameters, to load a checkpoint into."""
+    import copy
+
+    from torch.distributed.tensor import DTensor
+
+    clone = copy.deepcopy(model).to("cpu")
+    for module in clone.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if isinstance(param, DTensor):
+                setattr(module, name, torch.nn.Parameter(param.full_tensor(), param.requires_grad))
+    return clone
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
@@ -281,12 +423,18 @@ def prepare_trainer(cfg: RunConfig, model: torch.nn.Module, tokenizer: PreTraine
     # accelerate keeps its precision settings in a process-wide singleton; a second run in the same
     # process (tests, comparisons) may ask for another precision, so start from a clean state.
     AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    # broadcast_buffers off: the buffers (rotary tables) are not trained, and DDP's per-forward
+    # broadcast would need every rank to run the same number of forwards.
+    ddp = DistributedDataParallelKwargs(
+        find_unused_parameters=bool(cfg.ddp_find_unused_parameters), broadcast_buffers=False)
+    # split_batches: the schedule counts global optimizer steps (lmtune shards the data itself),
+    # so the prepared scheduler steps once per optimizer step, not once per rank.
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=[ddp],
+                              dataloader_config=DataLoaderConfiguration(split_batches=True),
+                              **dist.accelerator_plugins(cfg, model))
     if cfg.fp16 and accelerator.device.type == "cpu":
         raise ConfigError("fp16 needs a GPU; this run is on the CPU.", "use bf16: true (or neither).")
-    if accelerator.num_processes > 1:
-        raise ConfigError("this version of lmtune trains in one process.",
-                          "launch `lmtune train` directly, without torchrun/accelerate launch.")
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise TrainingError("no parameter is trainable.", "check finetuning_type and its keys.")
@@ -296,11 +444,11 @@ def prepare_trainer(cfg: RunConfig, model: torch.nn.Module, tokenizer: PreTraine
                               num_warmup_steps=cfg.warmup_for(optimizer_steps),
                               num_training_steps=optimizer_steps)
     hooks = training_hooks(getattr(model, "lm", model), optimizer_steps, output_dir)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(accelerator.unwrap_model(model))
-    return Trainer(cfg, model, tokenizer, accelerator, optimizer, scheduler, hooks, output_dir,
-                   trainable)
+        enable_gradient_checkpointing(model)
+    wrapped, optimizer, scheduler = accelerator.prepare(LossModule(model), optimizer, scheduler)
+    return Trainer(cfg, accelerator.unwrap_model(wrapped).model, tokenizer, accelerator, optimizer,
+                   scheduler, hooks, output_dir, trainable, wrapped, dist.engine(cfg))
 
 
 def checkpoint_or_stop(trainer: Trainer, step: int, total: int, stop_requested: list[int],
@@ -308,11 +456,10 @@ def checkpoint_or_stop(trainer: Trainer, step: int, total: int, stop_requested: 
     """Write checkpoint-`step` on the save_steps cadence or when a stop was requested (then stop,
     saying how to resume). The last step saves nothing here: `finish` writes the run's output."""
     cfg, output_dir = trainer.cfg, trainer.output_dir
-    interrupted = bool(stop_requested) and step < total
+    # A signal may reach the ranks at different steps; all stop at the first step any rank saw it.
+    interrupted = bool(dist.sum_over_ranks(len(stop_requested))) and step < total
     if interrupted or (step % cfg.save_steps == 0 and step < total):
-        ckpt.save_checkpoint(output_dir, step, trainer.save_weights, trainer.optimizer,
-                             trainer.scheduler, state, cfg.to_yaml_dict())
-        ckpt.rotate_checkpoints(output_dir, cfg.save_total_limit)
+        trainer.save_checkpoint(step, state)
     if interrupted:
         raise RunInterrupted(f"stopped at {unit} {step} of {total}; checkpoint-{step} saved in "
                              f"{output_dir}.",
@@ -326,13 +473,17 @@ def finish(trainer: Trainer, results: dict[str, Any], log: TrainerLog,
     trainer.save_weights(output_dir, final=True)
     trainable_count, total_count = count_parameters(trainer.unwrapped)
     results = results | {"trainable_params": trainable_count, "total_params": total_count}
-    write_results(output_dir, results, cfg.to_yaml_dict())
+
+    def write() -> None:
+        if cfg.plot_loss:
+            for key, name in plots:
+                if plot_loss(log.records, output_dir / name, f"{cfg.stage} / {cfg.finetuning_type}",
+                             key=key, beside=GENERATION_METRICS if key == "loss" else ()):
+                    print(f"{key} plot: {output_dir / name}")
+        write_results(output_dir, results, cfg.to_yaml_dict())  # last: it marks the run complete
+
+    dist.on_main(write)
     log.close()
-    if cfg.plot_loss:
-        for key, name in plots:
-            if plot_loss(log.records, output_dir / name, f"{cfg.stage} / {cfg.finetuning_type}",
-                         key=key, beside=GENERATION_METRICS if key == "loss" else ()):
-                print(f"{key} plot: {output_dir / name}")
     return results
 
 
@@ -371,10 +522,11 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
         return {}
     plan = schedule(cfg, len(train_rows))
     trainer = prepare_trainer(cfg, model, tokenizer, output_dir, plan.optimizer_steps)
-    model, pad_id = trainer.model, tokenizer.pad_token_id
+    pad_id = tokenizer.pad_token_id
     state = trainer.resume(resume_dir, {"global_step": 0, "tokens_seen": 0, "units_seen": 0,
                                         "loss_sum": 0.0})
-    log = TrainerLog(output_dir, state["global_step"], open_trackers(cfg, output_dir))
+    log = TrainerLog(output_dir, state["global_step"],
+                     open_trackers(cfg, output_dir) if dist.is_main() else [], files=dist.is_main())
     windows = _windows(len(train_rows), cfg)
     for _ in range(state["global_step"]):  # replay the data order up to the resumed step
         next(windows)
@@ -382,7 +534,7 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
     generated = generation_metrics(cfg, tokenizer, eval_rows)
 
     def run_eval() -> dict[str, float]:
-        metrics = evaluate(model, eval_rows, objective, cfg, pad_id, trainer.accelerator)
+        metrics = evaluate(trainer, eval_rows, objective, pad_id)
         return metrics | (generated(trainer.unwrapped) if generated else {})
 
     # The val split's metrics before the first update: the baseline every later eval is read
@@ -391,9 +543,9 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
         log.write({"step": 0, "epoch": 0.0} | run_eval())
 
     # --- the loop ---------------------------------------------------------------------------------
-    model.train()
+    trainer.model.train()
     progress = tqdm(total=plan.total, initial=state["global_step"], desc="train", unit="step",
-                    mininterval=1.0)
+                    mininterval=1.0, disable=not dist.is_main())
     # Sums since the last log line; checkpointed so a resumed run logs exactly the same numbers.
     interval = state.pop("log_interval", {"loss": 0.0, "units": 0, "tokens": 0})
     interval_metrics = MetricTotals(state.pop("log_metrics", None))
@@ -402,17 +554,26 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
     last_eval: dict[str, float] = {}
     with stop_requests() as stop_requested:
         for step in range(state["global_step"] + 1, plan.total + 1):
+            # This rank's share of the step's window; weight 0 only joins the all-reduce.
+            share, weight = dist.rank_share(next(windows))
             batches = [trainer.to_device(objective.collate([train_rows[i] for i in rows], pad_id))
-                       for rows in next(windows)]
-            window_units = sum(objective.units(b) for b in batches)
-            step_loss, step_tokens = 0.0, 0
-            for batch in batches:
-                with trainer.autocast():
-                    loss, metrics = objective.loss(model, batch)
-                interval_metrics.add(metrics)
-                step_loss += trainer.backward(loss, f"step {step}", scale=1 / window_units)
-                step_tokens += int(batch["attention_mask"].sum())
+                       for rows in share]
+            window_units = dist.all_sum(weight * sum(objective.units(b) for b in batches))
+            # Gradients are averaged over ranks by the engine: scaling by the world size makes
+            # the update the sum over the window divided by its units, as in one process.
+            scale = weight * dist.world_size() / window_units
+            step_loss, step_tokens, step_metrics = 0.0, 0, MetricTotals()
+            for i, batch in enumerate(batches):
+                with trainer.gradient_sync(i == len(batches) - 1):
+                    with trainer.autocast():
+                        loss, metrics = trainer.forward(objective.loss, batch)
+                    step_loss += weight * trainer.backward(loss, f"step {step}", scale=scale)
+                step_metrics.add(metrics if weight else {})
+                step_tokens += int(weight * batch["attention_mask"].sum())
             lr, grad_norm = trainer.optimizer_step(step, f"step {step}")
+            step_loss, step_tokens, step_sums = dist.sum_over_ranks(
+                (step_loss, step_tokens, step_metrics.sums))
+            interval_metrics.add_sums(step_sums)
 
             for totals, loss_key, units_key, tokens_key in (
                     (interval, "loss", "units", "tokens"),

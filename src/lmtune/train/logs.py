@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lmtune.durable import write_with
 from lmtune.train.trackers import Tracker, log_record
 
 LOG_FILE = "trainer_log.jsonl"
@@ -14,12 +15,17 @@ PLOT_FILE = "training_loss.png"
 
 class TrainerLog:
     """Appends one line per logged step and flushes it, so the file is readable while a run goes.
-    The same record goes to each of `trackers` (report_to)."""
+    The same record goes to each of `trackers` (report_to). With `files` false (ranks other than 0)
+    it keeps the records in memory only."""
 
-    def __init__(self, output_dir: Path, resume_step: int = 0, trackers: list[Tracker] = ()):
+    def __init__(self, output_dir: Path, resume_step: int = 0, trackers: list[Tracker] = (),
+                 files: bool = True):
         self.trackers = list(trackers)
         self.path = output_dir / LOG_FILE
         self.records: list[dict[str, Any]] = []
+        self.files = files
+        if not files:
+            return
         if resume_step and self.path.is_file():
             # A resumed run continues the log from its checkpoint; later lines belonged to the
             # interrupted attempt and are replaced by the steps re-run now.
@@ -31,6 +37,8 @@ class TrainerLog:
 
     def write(self, record: dict[str, Any]) -> None:
         self.records.append(record)
+        if not self.files:
+            return
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
         log_record(self.trackers, record)
@@ -89,6 +97,8 @@ def plot_loss(records: list[dict[str, Any]], path: Path, title: str, key: str = 
         handles, labels = handles + more_handles, labels + more_labels
     ax.legend(handles, labels)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        write_with(path, lambda tmp: fig.savefig(tmp, format="png"), f"the plot {path.name}")
+    finally:
+        plt.close(fig)
     return True

@@ -20,9 +20,7 @@ iteration and at the end (eval_reward, eval_kl), so the gain and the KL it cost 
 from __future__ import annotations
 
 import copy
-import importlib
 import math
-import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -50,6 +48,7 @@ from lmtune.train.trackers import open_trackers
 from lmtune.train.losses import (AdaptiveKL, gae, kl_penalised_rewards, masked_mean,
                                  ppo_policy_loss, ppo_value_loss, whiten)
 from lmtune.train.preference import load_ref_model
+from lmtune.train.reward_fn import load_reward_function
 from lmtune.train.setup import start_run
 
 GAMMA, LAM = 1.0, 0.95  # no discount inside one reply; GAE's usual bias/variance trade-off
@@ -99,14 +98,7 @@ def reward_scorer(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, stop_ids: 
 
 
 def _function_scorer(spec: str, tokenizer: PreTrainedTokenizerBase, stop_ids: list[int]) -> Scorer:
-    module_name, _, name = spec.partition(":")
-    if "" not in sys.path and "." not in sys.path:
-        sys.path.insert(0, "")  # modules next to the config, as `python -m` would find them
-    try:
-        function = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"reward_model: cannot load {spec}: {exc}",
-                          "name an importable module and a function in it, e.g. my_rewards:score.") from None
+    function = load_reward_function(spec)
 
     def score(prompts: list[list[int]], replies: list[list[int]]) -> list[float]:
         texts = [tokenizer.decode([t for t in r if t not in stop_ids]) for r in replies]

@@ -9,6 +9,7 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
+from lmtune import distributed as dist
 from lmtune.config import RunConfig
 from lmtune.data.pipeline import prepare_data, training_rows
 from lmtune.models.load import load_model, load_tokenizer, resolve_model, stop_token_ids
@@ -32,15 +33,16 @@ class RunInputs:
 def start_run(cfg: RunConfig) -> RunInputs:
     tracker_names(cfg)  # a tracker asked for but not installed stops the run before anything starts
     output_dir = Path(cfg.output_dir)
-    # The output folder is checked before anything heavy loads.
-    resume_dir = prepare_run(output_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir,
-                             cfg.to_yaml_dict())
+    dist.init(cfg)
+    # The output folder is checked (by rank 0, for all ranks) before anything heavy loads.
+    resume_dir = dist.on_main(prepare_run, cfg)
     set_seed(cfg.seed)
     model_path = resolve_model(cfg.model_name_or_path)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     model = load_model(model_path, cfg.trust_remote_code)
-    data = prepare_data(cfg, tokenizer, stop_token_ids(tokenizer, model), model)
-    train_rows, val_rows = training_rows(data, cfg, model.config)
+    with dist.main_first():  # rank 0 fills the encoding cache, the others read it
+        data = prepare_data(cfg, tokenizer, stop_token_ids(tokenizer, model), model)
+        train_rows, val_rows = training_rows(data, cfg, model.config)
     data.report.show()
-    data.report.save(output_dir / "data_report.json")
+    dist.on_main(data.report.save, output_dir / "data_report.json")
     return RunInputs(output_dir, resume_dir, tokenizer, model, train_rows, val_rows)

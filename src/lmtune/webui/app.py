@@ -28,7 +28,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
-from lmtune.compare import REPORT_JSON, REPORT_PNG
+from lmtune.compare.spec import REPORT_JSON, REPORT_PNG
 from lmtune.config import build_config, load_config
 from lmtune.errors import ConfigError, LmtuneError, ModelError
 from lmtune.train.logs import PLOT_FILE

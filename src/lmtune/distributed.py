@@ -1,0 +1,376 @@
+"""What changes when lmtune runs as one of several processes: under `torchrun`, `accelerate launch`,
+or `lmtune train --nproc N` (which starts torchrun itself).
+
+Every function here is also right for one process (rank 0 of a world of 1), so the training loop
+calls them unconditionally and reads the same either way:
+- ranks: `world_size`, `rank`, `is_main`; `init` joins the process group (gloo on CPU, nccl on
+  CUDA, through accelerate) with `ddp_timeout`, and silences stdout on all but rank 0;
+- sharding: `rank_share` gives each rank its strided, non-overlapping part of a step's window of
+  micro-batches (the window, not the rank, decides the data order, so it is reproducible and the
+  same for any number of ranks);
+- global counts: `all_sum` / `sum_over_ranks` add numbers over ranks (the loss normaliser is the
+  target-token count of the WHOLE window on all ranks);
+- writes: `on_main` runs a function on rank 0 only and hands its result, or its LmtuneError, to
+  every rank, so a refusal on rank 0 ends all ranks at once with the same message;
+- the launcher: `launch` runs torchrun and reports the first failing rank's own error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from lmtune.config import RunConfig
+from lmtune.errors import ConfigError, LmtuneError
+
+T = TypeVar("T")
+# The launcher's folder where each rank that stops with an LmtuneError leaves its message.
+ERROR_DIR_ENV = "LMTUNE_ERROR_DIR"
+
+
+class RankFailed(LmtuneError):
+    """A rank of a multi-process job stopped; carries that rank's own message and exit code."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def world_size() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def init(cfg: RunConfig) -> None:
+    """Join the job's process group when launched as several processes (no-op for one), after
+    refusing what cannot run there. Ranks other than 0 print nothing to stdout: the data report,
+    progress and results are rank 0's to show (errors still reach stderr)."""
+    engine(cfg)  # a sharded engine this machine cannot run is refused before anything loads
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or _active():
+        return
+    if cfg.stage == "ppo":
+        raise ConfigError(
+            "stage ppo runs in one process: its rollouts (generation, rewards, advantages "
+            "normalised over the whole batch) are not split over ranks in this version.",
+            "run ppo with plain `lmtune train` (no torchrun / --nproc); the other stages scale out.")
+    from accelerate import PartialState
+
+    PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=cfg.ddp_timeout))
+    if not is_main():
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+
+
+def _device() -> torch.device:
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
+def barrier() -> None:
+    if _active():
+        dist.barrier()
+
+
+def all_sum(value: float) -> float:
+    """`value` added over all ranks (exact for counts: float64)."""
+    if not _active():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=_device())
+    dist.all_reduce(tensor)
+    return float(tensor.item())
+
+
+def _add(a: Any, b: Any) -> Any:
+    if isinstance(a, dict):
+        return {k: _add(a[k], b[k]) if k in a and k in b else a.get(k, b.get(k))
+                for k in a | b}
+    if isinstance(a, (list, tuple)):
+        return type(a)(_add(x, y) for x, y in zip(a, b))
+    return a + b
+
+
+def sum_over_ranks(values: T) -> T:
+    """Numbers, lists and dicts of them added over ranks (keys missing on a rank count as absent)."""
+    if not _active():
+        return values
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, values)
+    total = gathered[0]
+    for other in gathered[1:]:
+        total = _add(total, other)
+    return total
+
+
+def gather(value: T) -> list[T]:
+    """Every rank's `value`, in rank order, on every rank."""
+    if not _active():
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run `fn` on rank 0 only; every rank returns its result or raises its LmtuneError."""
+    if not _active():
+        return fn(*args, **kwargs)
+    outcome: list[Any] = [None]
+    if is_main():
+        try:
+            outcome = [("ok", fn(*args, **kwargs))]
+        except LmtuneError as exc:
+            outcome = [("error", exc)]
+    dist.broadcast_object_list(outcome, src=0)
+    kind, value = outcome[0]
+    if kind == "error":
+        raise value
+    return value
+
+
+@contextmanager
+def main_first() -> Iterator[None]:
+    """Rank 0 runs the block first (it may fill a cache the others then read); the other ranks run
+    it once rank 0 is through, or raise rank 0's LmtuneError instead of waiting for ever."""
+    if not _active():
+        yield
+        return
+    if not is_main():
+        on_main(lambda: None)  # waits for rank 0's outcome below
+        yield
+        return
+    try:
+        yield
+    except LmtuneError as exc:
+        dist.broadcast_object_list([("error", exc)], src=0)
+        raise
+    dist.broadcast_object_list([("ok", None)], src=0)
+
+
+def rank_share(window: list[list[int]]) -> tuple[list[list[int]], float]:
+    """This rank's micro-batches of a step's window (strided: ranks never overlap, and together
+    they cover the window) and their weight. A rank left with none (a short last window) re-runs
+    the window's first micro-batch at weight 0: every rank must join the gradient all-reduce."""
+    mine = window[rank()::world_size()]
+    return (mine, 1.0) if mine else (window[:1], 0.0)
+
+
+# --- errors and the launcher ------------------------------------------------------------------
+
+def record_error(exc: LmtuneError) -> bool:
+    """Under `lmtune train --nproc`, leave this rank's error for the launcher to report; -> whether
+    it was recorded (then the launcher, not this rank, prints it)."""
+    folder = os.environ.get(ERROR_DIR_ENV)
+    if not folder or not Path(folder).is_dir():
+        return False
+    path = Path(folder) / f"rank{rank()}.json"
+    path.write_text(json.dumps({"rank": rank(), "message": str(exc),
+                                "exit_code": getattr(exc, "exit_code", 2), "time": time.time()}))
+    return True
+
+
+def launch(nproc: int, program: list[str]) -> None:
+    """Run `program` (what follows torchrun's own flags, e.g. ["-m", "lmtune.cli", "train", ...]) as
+    `nproc` processes on this machine through torchrun. When a rank fails, torchrun stops the others;
+    the first rank to fail is reported with its own message. Ctrl-C reaches torchrun, which asks
+    every rank to stop (SIGTERM): they finish the step and save one checkpoint."""
+    with tempfile.TemporaryDirectory(prefix="lmtune-ranks-") as errors:
+        env = os.environ | {ERROR_DIR_ENV: errors}
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc-per-node={nproc}", *program]
+        process = subprocess.Popen(command, env=env)
+        # The terminal's Ctrl-C reaches torchrun directly; a SIGTERM sent to this process is
+        # passed on, so either way the ranks stop the same way.
+        previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+                    signal.SIGTERM: signal.signal(
+                        signal.SIGTERM, lambda signum, frame: process.send_signal(signal.SIGTERM))}
+        try:
+            code = process.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if code == 0:
+            return
+        reports = sorted((json.loads(p.read_text()) for p in Path(errors).glob("rank*.json")),
+                         key=lambda r: r["time"])
+    if reports:
+        first = reports[0]
+        raise RankFailed(f"rank {first['rank']} of {nproc}: {first['message']}", first["exit_code"])
+    raise RankFailed(f"the job of {nproc} processes failed (torchrun exit code {code}); the failing "
+                     "rank's output is above.", code if code > 0 else 1)
+
+
+# --- sharded engines: FSDP2 and DeepSpeed ZeRO, through accelerate's plugins ----------------------
+
+# LLaMA-Factory / HF `fsdp` options; lmtune runs FSDP2 (fully_shard), where "full_shard" reshards
+# parameters after each forward and "shard_grad_op" keeps them gathered until backward (ZeRO-2-like).
+FSDP_OPTIONS = ("full_shard", "shard_grad_op", "hybrid_shard", "offload", "auto_wrap")
+# fsdp_config keys (with or without the `fsdp_` prefix). Layers are always wrapped by class
+# (TRANSFORMER_BASED_WRAP), and saves always gather the full state on rank 0.
+FSDP_CONFIG_KEYS = ("version", "transformer_layer_cls_to_wrap", "reshard_after_forward",
+                    "cpu_ram_efficient_loading", "activation_checkpointing", "offload_params",
+                    "auto_wrap_policy", "state_dict_type")
+
+
+def _read_structured(path: str, key: str) -> dict[str, Any]:
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{key}: {path} does not exist.", f"point {key} at a JSON or YAML file.")
+    try:
+        data = (json.loads(file.read_text()) if file.suffix == ".json"
+                else yaml.safe_load(file.read_text()))
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{key}: {path} is not valid {file.suffix.lstrip('.') or 'YAML'} "
+                          f"({str(exc).splitlines()[0]}).", "fix the file's syntax.") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{key}: {path} must hold a mapping of options.", "see examples/.")
+    return data
+
+
+def fsdp_settings(cfg: RunConfig) -> dict[str, Any] | None:
+    """`fsdp` + `fsdp_config` (LLaMA-Factory's meaning; keys with or without the `fsdp_` prefix,
+    or an accelerate config file's `fsdp_config` section) -> accelerate FSDP2 plugin arguments."""
+    if not cfg.fsdp and not cfg.fsdp_config:
+        return None
+    options = cfg.fsdp.split() if isinstance(cfg.fsdp, str) else list(cfg.fsdp or ["full_shard"])
+    unknown = [o for o in options if o not in FSDP_OPTIONS]
+    if unknown:
+        raise ConfigError(f"fsdp: unknown option {', '.join(unknown)}.",
+                          f"use some of: {' '.join(FSDP_OPTIONS)}.")
+    raw = cfg.fsdp_config or {}
+    raw = _read_structured(raw, "fsdp_config") if isinstance(raw, str) else raw
+    raw = raw.get("fsdp_config", raw)  # an `accelerate config` file nests it
+    settings = {k.removeprefix("fsdp_"): v for k, v in raw.items()}
+    unknown = [k for k in settings if k not in FSDP_CONFIG_KEYS]
+    if unknown:
+        raise ConfigError(f"fsdp_config: unknown key {', '.join(unknown)}.",
+                          f"use some of: {', '.join(FSDP_CONFIG_KEYS)}.")
+    if str(settings.get("auto_wrap_policy", "TRANSFORMER_BASED_WRAP")).upper() != \
+            "TRANSFORMER_BASED_WRAP":
+        raise ConfigError(f"fsdp_config: auto_wrap_policy {settings['auto_wrap_policy']} is not "
+                          "supported; lmtune shards each decoder layer.",
+                          "set fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP (or leave it out).")
+    if int(settings.get("version", 2)) != 2:
+        raise ConfigError("fsdp_config: fsdp_version 1 is not supported; lmtune runs FSDP2.",
+                          "set fsdp_version: 2 (or leave it out).")
+    if "hybrid_shard" in options:
+        raise ConfigError("fsdp: hybrid_shard (shard within a node, replicate across nodes) is not "
+                          "supported.", "use full_shard or shard_grad_op.")
+    layers = settings.get("transformer_layer_cls_to_wrap")
+    return {
+        "fsdp_version": 2,
+        "reshard_after_forward": bool(settings.get("reshard_after_forward",
+                                                   "shard_grad_op" not in options)),
+        "cpu_offload": "offload" in options or bool(settings.get("offload_params", False)),
+        "auto_wrap_policy": "transformer_based_wrap",
+        "transformer_cls_names_to_wrap": [layers] if isinstance(layers, str) else layers,
+        "activation_checkpointing": bool(settings.get("activation_checkpointing", False)),
+        "cpu_ram_efficient_loading": bool(settings.get("cpu_ram_efficient_loading", False)),
+        "state_dict_type": "FULL_STATE_DICT",
+    }
+
+
+def deepspeed_settings(cfg: RunConfig) -> dict[str, Any] | None:
+    """`deepspeed: ds_config.json` -> {"stage": ZeRO stage, "offload_optimizer" / "offload_param":
+    "cpu", "nvme" or None}, checked against the run's own batch and clipping keys."""
+    if not cfg.deepspeed:
+        return None
+    config = _read_structured(cfg.deepspeed, "deepspeed")
+    zero = config.get("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed: {cfg.deepspeed} sets zero_optimization.stage {stage!r}.",
+                          "use stage 2 or 3.")
+    offload = {k: (zero.get(k) or {}).get("device") for k in ("offload_optimizer", "offload_param")}
+    offload = {k: None if v in (None, "none") else v for k, v in offload.items()}
+    if offload["offload_param"] and stage != 3:
+        raise ConfigError(f"deepspeed: {cfg.deepspeed} offloads parameters with ZeRO stage {stage}; "
+                          "DeepSpeed offloads parameters only at stage 3.",
+                          "set zero_optimization.stage: 3, or remove offload_param.")
+    # The YAML owns these numbers; the DeepSpeed file may only say "auto" or agree.
+    owned = {"train_micro_batch_size_per_gpu": cfg.per_device_train_batch_size,
+             "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+             "gradient_clipping": cfg.max_grad_norm}
+    for key, value in owned.items():
+        if config.get(key, "auto") not in ("auto", value):
+            raise ConfigError(f"deepspeed: {cfg.deepspeed} sets {key}: {config[key]}, but the run "
+                              f"has {value}.", f'set {key}: "auto" in the DeepSpeed file.')
+    return {"stage": stage} | offload
+
+
+def engine(cfg: RunConfig) -> str:
+    """The multi-process engine a run uses: "ddp" or "fsdp2" ("single": one process).
+    Refuses, naming what is missing, a sharded engine this machine cannot run."""
+    ds, fsdp = deepspeed_settings(cfg), fsdp_settings(cfg)
+    if ds and fsdp:
+        raise ConfigError("both deepspeed and fsdp are set.", "keep one of them.")
+    if ds:
+        import importlib.util
+
+        missing = [what for what, present in (
+            ("the deepspeed package",
+             importlib.util.find_spec("deepspeed") is not None),
+            ("a CUDA GPU (DeepSpeed ZeRO runs on CUDA devices)", torch.cuda.is_available()))
+            if not present]
+        if missing:
+            raise ConfigError(f"deepspeed: ZeRO stage {ds['stage']} from {cfg.deepspeed} needs "
+                              f"{' and '.join(missing)}, which this machine lacks.",
+                              "remove deepspeed (plain DDP), or run on CUDA GPUs with deepspeed "
+                              "installed.")
+        # A DeepSpeed engine steps, clips and accumulates inside its own backward and writes
+        # partitioned checkpoints: lmtune's loop (window-normalised loss, guarded step, atomic
+        # checkpoints) does not drive it yet, and a run that half-works would be worse.
+        raise ConfigError(f"deepspeed: lmtune's training loop does not drive a DeepSpeed engine in "
+                          f"this version (ZeRO stage {ds['stage']} parsed from {cfg.deepspeed}).",
+                          "use fsdp: full_shard (FSDP2 shards weights, gradients and optimizer "
+                          "states like ZeRO-3; shard_grad_op like ZeRO-2), or plain DDP.")
+    if fsdp and not torch.cuda.is_available():
+        raise ConfigError("fsdp: accelerate runs FSDP2 on GPUs only (on the CPU it would quietly "
+                          "fall back to DDP, replicating every weight).",
+                          "remove fsdp to train with DDP here, or run on CUDA GPUs.")
+    if world_size() == 1:
+        return "single"
+    return "fsdp2" if fsdp else "ddp"
+
+
+def accelerator_plugins(cfg: RunConfig, model: torch.nn.Module) -> dict[str, Any]:
+    """Accelerator keyword arguments for the run's sharded engine (none for DDP / one process)."""
+    kind = engine(cfg)
+    if kind == "fsdp2":
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        settings = fsdp_settings(cfg)
+        if not settings["transformer_cls_names_to_wrap"]:
+            settings["transformer_cls_names_to_wrap"] = list(
+                getattr(getattr(model, "lm", model), "_no_split_modules", None) or [])
+        return {"fsdp_plugin": FullyShardedDataParallelPlugin(**settings)}
+    return {}
