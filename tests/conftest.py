@@ -136,3 +136,17 @@ def ppo_config(tmp_path, tiny_model_dir) -> dict:
             "gradient_accumulation_steps": 2, "learning_rate": 1e-2, "max_steps": 15,
             "max_new_tokens": 8, "val_size": 8, "logging_steps": 1, "save_steps": 100,
             "top_p": 1.0, "top_k": 0, "temperature": 1.0, "ppo_target": None, "seed": 0}
+
+
+@pytest.fixture(scope="session")
+def random_adapter(tiny_model_dir, tmp_path_factory) -> str:
+    """A LoRA adapter whose B matrices are random, not zero, so it surely changes the answers."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=64, target_modules="all-linear",
+                                                  init_lora_weights=False))
+    folder = tmp_path_factory.mktemp("adapter")
+    peft_model.save_pretrained(folder)
+    return str(folder)

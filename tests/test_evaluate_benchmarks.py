@@ -172,20 +172,6 @@ def test_categories_and_forgetting_delta():
                                                                  AVERAGE: -30.0}
 
 
-@pytest.fixture(scope="module")
-def random_adapter(tiny_model_dir, tmp_path_factory) -> str:
-    """A LoRA adapter whose B matrices are random, not zero, so it surely changes the answers."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=64, target_modules="all-linear",
-                                                  init_lora_weights=False))
-    folder = tmp_path_factory.mktemp("adapter")
-    peft_model.save_pretrained(folder)
-    return str(folder)
-
-
 def test_eval_several_models_writes_results_and_deltas(tmp_path, tiny_model_dir, random_adapter,
                                                        capsys):
     save = tmp_path / "eval"

@@ -73,19 +73,6 @@ def test_score_rows_for_the_training_loop(tiny, tokenizer):
     model.eval()
 
 
-@pytest.fixture(scope="module")
-def random_adapter(tiny_model_dir, tmp_path_factory) -> str:
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=64, target_modules="all-linear",
-                                                  init_lora_weights=False))
-    folder = tmp_path_factory.mktemp("adapter")
-    peft_model.save_pretrained(folder)
-    return str(folder)
-
-
 def test_predict_writes_every_file_with_base_side_by_side(tmp_path, tiny_model_dir, random_adapter,
                                                           alpaca_file, capsys):
     out = tmp_path / "predict"
