@@ -193,3 +193,14 @@ def test_serve_and_predict_apply_the_same_rule(run, tiny_model_dir):
     for load in (lambda: build_server(on_export, []), lambda: _load(on_export)):
         with pytest.raises(ModelError, match=f"adapter {run['out']} is already merged into"):
             load()
+
+
+def test_eval_applies_the_same_rule(run, other_model_dir, capsys):
+    # `lmtune eval --models BASE ADAPTER`: the adapter loads onto the base through the same check.
+    data = Path(__file__).resolve().parent.parent / "data"
+    config = {"model_name_or_path": other_model_dir, "task": "mmlu_sample_test", "task_dir": data,
+              "n_shot": 0}
+    command = ["eval", "--models", other_model_dir, run["out"]]
+    assert main([command[0], *[f"{k}={v}" for k, v in config.items()], *command[1:]]) == 2
+    err = capsys.readouterr().err
+    assert f"adapter {run['out']} was trained on" in err and f"not on {other_model_dir}" in err
