@@ -150,3 +150,13 @@ def random_adapter(tiny_model_dir, tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("adapter")
     peft_model.save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_model_dir, tokenizer):
+    """The tiny model in eval mode with the training encoder: what generation and scoring tests read."""
+    from lmtune.data.encode import ChatEncoder
+    from lmtune.models.load import stop_token_ids
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    return model, ChatEncoder(tokenizer, stop_token_ids(tokenizer, model), 4096)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from lmtune.cli import main
 from lmtune.config import build_config
@@ -18,7 +17,6 @@ from lmtune.evaluate.benchmarks import (AVERAGE, Scores, SubjectResult, _next_to
                                         choice_token_ids, forgetting, load_benchmark, pick_choices,
                                         question_messages, read_questions, run_eval,
                                         score_benchmark)
-from lmtune.models.load import stop_token_ids
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 
@@ -125,12 +123,6 @@ def test_the_letter_with_the_highest_logit_wins():
     logits[1, [4, 7, 2, 9]] = torch.tensor([0.1, 0.2, 0.3, 0.25])  # C
     logits[2, [4, 7, 2, 9]] = torch.tensor([3.0, -1.0, 2.9, 2.99])  # A
     assert pick_choices(logits, ids) == ["B", "C", "A"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir, tokenizer):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    return model, ChatEncoder(tokenizer, stop_token_ids(tokenizer, model), 4096)
 
 
 def test_last_position_logits_equal_an_unpadded_forward(tiny, tokenizer):

@@ -12,7 +12,6 @@ from transformers import AutoModelForCausalLM
 from lmtune.cli import main
 from lmtune.config import build_config
 from lmtune.data import replay
-from lmtune.data.encode import ChatEncoder
 from lmtune.data.formats import Conversation
 from lmtune.data.pipeline import prepare_data
 from lmtune.errors import ConfigError
@@ -24,12 +23,6 @@ from tests.conftest import ALPACA, write_json, write_yaml
 METRICS = {"predict_bleu-4", "predict_rouge-1", "predict_rouge-2", "predict_rouge-l",
            "predict_exact_match", "predict_samples", "predict_runtime",
            "predict_samples_per_second", "predict_tokens_per_second"}
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir, tokenizer):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    return model, ChatEncoder(tokenizer, stop_token_ids(tokenizer, model), 4096)
 
 
 def test_batched_generation_equals_one_by_one(tiny, tokenizer):
