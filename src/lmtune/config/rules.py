@@ -7,7 +7,7 @@ from __future__ import annotations
 from lmtune.config.schema import RunConfig
 from lmtune.errors import ConfigError
 
-ADAPTER_METHODS = ("lora", "adalora", "ia3", "prefix", "prompt", "ptuning")
+ADAPTER_METHODS = ("lora", "oft", "adalora", "ia3", "prefix", "prompt", "ptuning")
 
 # Each method key and the finetuning_types it applies to (the first is the one a fix suggests). A key
 # set for another method would be silently ignored, so it is refused instead.
@@ -15,7 +15,8 @@ _METHOD_KEYS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("lora_target", "lora_alpha", "lora_dropout"), ("lora", "adalora")),
     **dict.fromkeys(("lora_rank", "use_rslora", "use_dora", "pissa_init", "pissa_iter",
                      "loraplus_lr_ratio", "loraplus_lr_embedding"), ("lora",)),
-    "additional_target": ("lora", "adalora", "ia3"),
+    "additional_target": ("lora", "oft", "adalora", "ia3"),
+    **dict.fromkeys(("oft_target", "oft_block_size", "oft_rank", "module_dropout"), ("oft",)),
     **dict.fromkeys(("freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules"),
                     ("freeze",)),
     **dict.fromkeys(("adalora_init_r", "adalora_target_r", "adalora_tinit", "adalora_tfinal",
@@ -92,6 +93,12 @@ def _check_method_combinations(cfg: RunConfig, explicitly_set: set[str]) -> None
                           "adapter of adapter_name_or_path.",
                           "set create_new_adapter: true to merge it and start a PiSSA adapter, or "
                           "remove pissa_init.")
+    if cfg.finetuning_type == "oft" and (cfg.oft_rank > 0) == (cfg.oft_block_size > 0):
+        given = f"oft_rank: {cfg.oft_rank} and oft_block_size: {cfg.oft_block_size}"
+        raise ConfigError(f"{given}: OFT's blocks are set by exactly one of them (the number of "
+                          "blocks, or their size), the other 0.",
+                          "e.g. oft_block_size: 32 (and oft_rank: 0), or oft_rank: 8 and "
+                          "oft_block_size: 0.")
     if cfg.adalora_target_r > cfg.adalora_init_r:
         raise ConfigError(f"adalora_target_r: {cfg.adalora_target_r} is above adalora_init_r: "
                           f"{cfg.adalora_init_r}; AdaLoRA only removes rank.",
@@ -203,6 +210,58 @@ def _check_predict_and_replay(cfg: RunConfig, explicitly_set: set[str]) -> None:
                           f"{cfg.stage} does not train on those.", "remove replay or use stage: sft.")
 
 
+# optim values lmtune builds (train/optim.py), and HF Trainer's other names with the reason.
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop",
+              "adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+_OPTIMIZERS_ELSEWHERE = {
+    "adamw_torch_xla": "it runs on TPUs (torch_xla)",
+    "adamw_torch_npu_fused": "it runs on Ascend NPUs",
+    "adamw_apex_fused": "it needs NVIDIA apex and a CUDA GPU",
+    "adamw_anyprecision": "it needs torchdistx, which has no build for this torch",
+}
+
+
+def _check_optimizer(cfg: RunConfig, explicitly_set: set[str]) -> None:
+    if cfg.optim not in OPTIMIZERS:
+        reason = _OPTIMIZERS_ELSEWHERE.get(cfg.optim, "lmtune does not include it")
+        raise ConfigError(f"optim: {cfg.optim} is not available here: {reason}.",
+                          f"use one of: {', '.join(OPTIMIZERS)} (or use_muon: true).")
+    if cfg.use_muon and "optim" in explicitly_set:
+        raise ConfigError(f"use_muon and optim: {cfg.optim} are both set; Muon brings its own AdamW "
+                          "for the parameters that are not hidden matrices.", "keep one of them.")
+    if cfg.use_muon and cfg.loraplus_lr_ratio is not None:
+        raise ConfigError("use_muon with loraplus_lr_ratio: LoRA+ is a learning-rate rule for "
+                          "AdamW on LoRA's factors.", "keep one of them.")
+    if cfg.pure_bf16:
+        if cfg.fp16:
+            raise ConfigError("pure_bf16 and fp16 are both set.", "keep pure_bf16 (bfloat16 weights) "
+                              "or fp16 (mixed precision on a GPU).")
+        if cfg.quantization_bit is not None:
+            raise ConfigError(f"pure_bf16 with quantization_bit: {cfg.quantization_bit}: the frozen "
+                              "base is quantized already and its adapter trains in fp32.",
+                              "remove pure_bf16, or quantization_bit to train in bf16.")
+
+
+def _check_losses(cfg: RunConfig, explicitly_set: set[str]) -> None:
+    chosen = [k for k in ("use_dft_loss", "use_eaft_loss", "use_asft_loss") if getattr(cfg, k)]
+    if len(chosen) > 1:
+        raise ConfigError(f"{' and '.join(chosen)} are all token-loss rules; one run uses one.",
+                          f"keep one of {', '.join(chosen)}.")
+    if chosen and cfg.stage != "sft":
+        raise ConfigError(f"{chosen[0]} reweights the token loss of stage sft; this is stage "
+                          f"{cfg.stage}.", f"remove {chosen[0]}.")
+    if cfg.use_asft_loss and cfg.finetuning_type in ("prefix", "prompt", "ptuning"):
+        raise ConfigError(f"use_asft_loss with finetuning_type: {cfg.finetuning_type}: its reference "
+                          "is the model without the adapter, and virtual tokens cannot be switched "
+                          "off inside a forward.", "use finetuning_type lora, oft, full or freeze.")
+    _needs(cfg.use_eaft_loss, "eaft_alpha", "use_eaft_loss: true", explicitly_set)
+    _needs(cfg.use_asft_loss, "asft_alpha", "use_asft_loss: true", explicitly_set)
+    if cfg.neftune_noise_alpha is not None and cfg.finetuning_type in ("prefix", "prompt", "ptuning"):
+        raise ConfigError(f"neftune_noise_alpha with finetuning_type: {cfg.finetuning_type}: the "
+                          "virtual tokens do not pass through the input embedding it adds noise to.",
+                          "remove neftune_noise_alpha or use another finetuning_type.")
+
+
 def check_combinations(cfg: RunConfig, explicitly_set: set[str]) -> None:
     """Refuse combinations that cannot work, with the fix. Runs after field-level validation."""
     _check_predict_and_replay(cfg, explicitly_set)
@@ -212,6 +271,8 @@ def check_combinations(cfg: RunConfig, explicitly_set: set[str]) -> None:
     _check_method_keys(cfg, explicitly_set)
     _check_method_combinations(cfg, explicitly_set)
     _check_stage_keys(cfg, explicitly_set)
+    _check_optimizer(cfg, explicitly_set)
+    _check_losses(cfg, explicitly_set)
     if cfg.warmup_ratio > 0 and cfg.warmup_steps > 0:
         raise ConfigError("warmup_ratio and warmup_steps are both set.", "keep only one of them.")
     if cfg.warmup_steps >= 1 and cfg.warmup_steps != int(cfg.warmup_steps):

@@ -80,10 +80,11 @@ class RunConfig(BaseModel):
         "(supervised fine-tuning), rm (reward model), ppo (RLHF against a reward), dpo (DPO and kin "
         "on preference pairs), kto (KTO on answers tagged desirable or not).")
     do_train: bool = Field(True, description="Train (true) or only load and check (false).")
-    finetuning_type: Literal["full", "freeze", "lora", "adalora", "ia3", "prefix", "prompt",
+    finetuning_type: Literal["full", "freeze", "lora", "oft", "adalora", "ia3", "prefix", "prompt",
                              "ptuning"] = Field(
         "lora", description="full: every weight; freeze: last layers or named modules; lora: "
-        "low-rank adapters (DoRA, rsLoRA, PiSSA, LoRA+ by key); adalora: LoRA whose ranks shrink to "
+        "low-rank adapters (DoRA, rsLoRA, PiSSA, LoRA+ by key); oft: a trained block-diagonal "
+        "orthogonal rotation of each target layer's input; adalora: LoRA whose ranks shrink to "
         "a budget; ia3: learned scaling vectors; prefix: trained key/value prefixes in every layer; "
         "prompt: trained virtual input tokens; ptuning: virtual tokens made by a prompt encoder.")
     lora_target: str = Field(
@@ -92,6 +93,18 @@ class RunConfig(BaseModel):
     lora_rank: int = Field(8, ge=1, description="LoRA rank r (adalora: adalora_init_r, adalora_target_r).")
     lora_alpha: int | None = Field(None, ge=1, description="LoRA scale numerator; default 2 x lora_rank.")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    oft_target: str = Field(
+        "all", description="oft: 'all' (every linear layer except the output head) or a comma list "
+        "of module names, e.g. q_proj,v_proj.")
+    oft_block_size: int = Field(
+        32, ge=0, description="oft: size of each orthogonal block (0 when oft_rank sets the number "
+        "of blocks instead); a target's input width must be a multiple of it.")
+    oft_rank: int = Field(
+        0, ge=0, description="oft: number of orthogonal blocks per target (0 when oft_block_size "
+        "sets their size instead).")
+    module_dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="oft: probability of leaving out a block's rotation in a "
+        "training step (multiplicative dropout).")
     freeze_trainable_layers: int = Field(
         2, description="freeze: train the last n decoder layers (n > 0) or the first -n (n < 0).")
     freeze_trainable_modules: str = Field(
@@ -118,7 +131,7 @@ class RunConfig(BaseModel):
     loraplus_lr_embedding: float = Field(
         1e-6, gt=0, description="lora with loraplus_lr_ratio: learning rate of LoRA on embedding layers.")
     additional_target: str | None = Field(
-        None, description="lora, adalora, ia3: comma list of modules trained in full and saved with "
+        None, description="lora, oft, adalora, ia3: comma list of modules trained in full and saved with "
         "the adapter (peft modules_to_save), by module name, e.g. embed_tokens or norm.")
     create_new_adapter: bool = Field(
         False, description="With adapter_name_or_path: merge every given adapter into the base and "
@@ -265,7 +278,7 @@ class RunConfig(BaseModel):
     # --- training ----------------------------------------------------------------------------
     per_device_train_batch_size: int = Field(1, ge=1, description="Rows per micro-batch.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate of AdamW.")
+    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate.")
     num_train_epochs: float = Field(3.0, gt=0, description="Passes over the training data.")
     max_steps: int = Field(-1, description="Optimizer steps to run; overrides num_train_epochs when > 0.")
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
@@ -278,6 +291,32 @@ class RunConfig(BaseModel):
     adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW beta1.")
     adam_beta2: float = Field(0.999, ge=0.0, lt=1.0, description="AdamW beta2.")
     adam_epsilon: float = Field(1e-8, gt=0.0, description="AdamW epsilon.")
+    optim: str = Field(
+        "adamw_torch", description="Optimizer, by HF Trainer's name: adamw_torch, adamw_torch_fused, "
+        "adafactor, sgd, adagrad, rmsprop, or bitsandbytes' adamw_8bit (= adamw_bnb_8bit), "
+        "paged_adamw_8bit, paged_adamw_32bit (8-bit states; paging only on CUDA).")
+    use_muon: bool = Field(
+        False, description="Muon (torch.optim.Muon, its step scaled to AdamW's size so "
+        "learning_rate carries over) for the 2-D hidden matrices, AdamW for embeddings, head, norms "
+        "and biases.")
+    pure_bf16: bool = Field(
+        False, description="Train in bfloat16 throughout: weights (an adapter method's adapter "
+        "too), gradients and optimizer state, no fp32 master copy and no autocast; half the memory "
+        "of bf16 mixed precision, but small updates round away.")
+    use_dft_loss: bool = Field(
+        False, description="sft: DFT, each target token's loss weighted by its (detached) "
+        "probability, so tokens the model already finds likely count most.")
+    use_eaft_loss: bool = Field(
+        False, description="sft: EAFT, each target token's loss weighted by (H/3)^eaft_alpha, H the "
+        "(detached) entropy of the model's top-20 next-token distribution.")
+    eaft_alpha: float = Field(1.0, gt=0.0, description="use_eaft_loss: exponent of the entropy weight.")
+    use_asft_loss: bool = Field(
+        False, description="sft: ASFT, the DFT loss plus asft_alpha x KL(reference || model) per "
+        "target token (the reference: the model before training).")
+    asft_alpha: float = Field(0.1, ge=0.0, description="use_asft_loss: weight of the KL term.")
+    neftune_noise_alpha: float | None = Field(
+        None, gt=0.0, description="NEFTune: uniform noise of scale alpha / sqrt(length x hidden) on "
+        "the input embeddings while training (never in eval or generation); 5 in the paper.")
     bf16: bool = Field(False, description="bfloat16 mixed precision (weights stay fp32).")
     fp16: bool = Field(False, description="float16 mixed precision with loss scaling (GPU only).")
     gradient_checkpointing: bool = Field(
@@ -423,7 +462,8 @@ class RunConfig(BaseModel):
 
     @property
     def mixed_precision(self) -> Literal["no", "bf16", "fp16"]:
-        return "bf16" if self.bf16 else "fp16" if self.fp16 else "no"
+        # pure_bf16 computes in the weights' own bf16: autocast has nothing to do.
+        return "bf16" if self.bf16 and not self.pure_bf16 else "fp16" if self.fp16 else "no"
 
     def warmup_for(self, total_steps: int) -> int:
         """Warmup steps for a run of `total_steps` optimizer steps."""

@@ -2,7 +2,7 @@
 
 full and freeze train the model's own weights. Every other method wraps the model in a peft adapter:
 lora (with rsLoRA, DoRA, PiSSA initialisation, LoRA+ learning rates, extra fully trained modules),
-adalora, ia3, and the prompt-side methods prefix, prompt and ptuning, whose virtual tokens exist only
+oft (orthogonal rotations of each target's input), adalora, ia3, and the prompt-side methods prefix, prompt and ptuning, whose virtual tokens exist only
 inside peft's forward. A quantized base (quantization_bit) is frozen in 4 or 8 bits and takes an
 adapter. Adapters are saved in the PEFT format, so `load_adapters` reloads any of them for chat.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +19,8 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from peft import (AdaLoraConfig, IA3Config, LoraConfig, PeftConfig, PeftModel, PrefixTuningConfig,
+from peft import (AdaLoraConfig, IA3Config, LoraConfig, OFTConfig, PeftConfig, PeftModel,
+                  PrefixTuningConfig,
                   PromptEncoderConfig, PromptTuningConfig, get_peft_model,
                   prepare_model_for_kbit_training)
 from transformers import PreTrainedModel
@@ -31,10 +33,10 @@ from lmtune.models.load import is_quantized, load_model, quantization_config
 log = logging.getLogger(__name__)
 
 # finetuning_type -> the peft_type its adapter_config.json records.
-PEFT_TYPES = {"lora": "LORA", "adalora": "ADALORA", "ia3": "IA3", "prefix": "PREFIX_TUNING",
+PEFT_TYPES = {"lora": "LORA", "oft": "OFT", "adalora": "ADALORA", "ia3": "IA3", "prefix": "PREFIX_TUNING",
               "prompt": "PROMPT_TUNING", "ptuning": "P_TUNING"}
-# Adapters that change weights (W + BA, W * l) can be merged into them; virtual tokens cannot.
-MERGEABLE = {"LORA", "ADALORA", "IA3"}
+# Adapters that change weights (W + BA, W R, W * l) can be merged into them; virtual tokens cannot.
+MERGEABLE = {"LORA", "OFT", "ADALORA", "IA3"}
 
 
 def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
@@ -140,6 +142,25 @@ def lora_config(model: PreTrainedModel, cfg: RunConfig) -> LoraConfig:
                       modules_to_save=_modules_to_save(model, cfg), task_type="CAUSAL_LM")
 
 
+def oft_config(model: PreTrainedModel, cfg: RunConfig) -> OFTConfig:
+    targets = resolve_targets(model, cfg.oft_target, "oft_target")
+    # peft would quietly pick another block size for a layer whose input width it does not divide;
+    # the run trains what the config says or stops.
+    key, value = ("oft_block_size", cfg.oft_block_size) if cfg.oft_block_size else ("oft_rank", cfg.oft_rank)
+    widths = sorted({m.in_features for n, m in model.named_modules()
+                     if n.rsplit(".", 1)[-1] in targets and hasattr(m, "in_features")})
+    misfits = [w for w in widths if w % value]
+    if misfits:
+        common = math.gcd(*widths)
+        raise ConfigError(f"{key}: {value} does not divide the input width of every oft_target "
+                          f"layer ({', '.join(map(str, misfits))}).",
+                          f"use a divisor of {common} (the widths' common divisor), e.g. {key}: "
+                          f"{max(d for d in (32, 16, 8, 4, 2, 1) if common % d == 0)}.")
+    return OFTConfig(r=cfg.oft_rank, oft_block_size=cfg.oft_block_size,
+                     module_dropout=cfg.module_dropout, target_modules=targets,
+                     modules_to_save=_modules_to_save(model, cfg), task_type="CAUSAL_LM")
+
+
 def adalora_config(model: PreTrainedModel, cfg: RunConfig) -> AdaLoraConfig:
     # peft wants the run's length now, but it is known only once the data is encoded; the loop sets
     # the real value through AdaLoraHooks before the first step. This placeholder only has to pass
@@ -189,6 +210,8 @@ def adapter_config(model: PreTrainedModel, cfg: RunConfig) -> PeftConfig:
     """The peft config of a new adapter for cfg.finetuning_type."""
     if cfg.finetuning_type == "lora":
         return lora_config(model, cfg)
+    if cfg.finetuning_type == "oft":
+        return oft_config(model, cfg)
     if cfg.finetuning_type == "adalora":
         return adalora_config(model, cfg)
     if cfg.finetuning_type == "ia3":

@@ -46,9 +46,10 @@ from lmtune.config import RunConfig
 from lmtune.data.batching import collate, micro_batches, steps_per_epoch
 from lmtune.errors import ConfigError, RunInterrupted, TrainingError
 from lmtune.models.methods import (TrainingHooks, check_untouched_4bit, count_parameters,
-                                   evaluation, learning_rate_of, training_hooks)
+                                   evaluation, training_hooks)
 from lmtune.train import checkpoint as ckpt
 from lmtune.train.logs import GENERATION_METRICS, PLOT_FILE, TrainerLog, plot_loss
+from lmtune.train.optim import build_optimizer
 from lmtune.train.trackers import open_trackers
 from lmtune.train.results import write_results
 
@@ -100,23 +101,6 @@ def _windows(n_rows: int, cfg: RunConfig) -> Iterator[list[list[int]]]:
         for i in range(0, len(batches), per_step):
             yield batches[i: i + per_step]
         epoch += 1
-
-
-def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    """AdamW with one parameter group per (learning rate, decayed or not). The rate is the method's
-    choice (LoRA+ gives B matrices their own); groups at learning_rate come first, so the logged lr
-    is the base rate."""
-    groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            # Biases and norm weights are not decayed: shrinking them toward 0 only hurts.
-            decay = not (param.ndim < 2 or "norm" in name.lower())
-            groups.setdefault((learning_rate_of(name, cfg), decay), []).append(param)
-    order = sorted(groups, key=lambda key: (key[0] != cfg.learning_rate, not key[1]))
-    return torch.optim.AdamW(
-        [{"params": groups[key], "lr": key[0], "weight_decay": cfg.weight_decay if key[1] else 0.0}
-         for key in order],
-        lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
 
 
 def evaluate(trainer: Trainer, rows: list[Any], objective: Objective, pad_id: int) -> dict[str, float]:
@@ -416,6 +400,19 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     lm.enable_input_require_grads()
 
 
+def add_neftune_noise(model: torch.nn.Module, alpha: float) -> None:
+    """NEFTune: while the model trains, uniform noise in [-m, m], m = alpha / sqrt(L x d), on the
+    input embeddings of a batch of L positions of width d. Eval passes and generation (eval mode)
+    see the embeddings unchanged."""
+    def noisy(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        if not module.training:
+            return output
+        scale = alpha / math.sqrt(output.shape[1] * output.shape[2])
+        return output + torch.empty_like(output).uniform_(-scale, scale)
+
+    model.get_input_embeddings().register_forward_hook(noisy)
+
+
 def prepare_trainer(cfg: RunConfig, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
                     output_dir: Path, optimizer_steps: int) -> Trainer:
     """Accelerator, optimizer, learning-rate schedule and method hooks for a run of
@@ -435,6 +432,8 @@ def prepare_trainer(cfg: RunConfig, model: torch.nn.Module, tokenizer: PreTraine
                               **dist.accelerator_plugins(cfg, model))
     if cfg.fp16 and accelerator.device.type == "cpu":
         raise ConfigError("fp16 needs a GPU; this run is on the CPU.", "use bf16: true (or neither).")
+    if cfg.pure_bf16:
+        model.to(torch.bfloat16)  # the adapter too: peft keeps adapters in fp32 otherwise
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise TrainingError("no parameter is trainable.", "check finetuning_type and its keys.")
@@ -446,6 +445,8 @@ def prepare_trainer(cfg: RunConfig, model: torch.nn.Module, tokenizer: PreTraine
     hooks = training_hooks(getattr(model, "lm", model), optimizer_steps, output_dir)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    if cfg.neftune_noise_alpha is not None:
+        add_neftune_noise(getattr(model, "lm", model), cfg.neftune_noise_alpha)
     wrapped, optimizer, scheduler = accelerator.prepare(LossModule(model), optimizer, scheduler)
     return Trainer(cfg, accelerator.unwrap_model(wrapped).model, tokenizer, accelerator, optimizer,
                    scheduler, hooks, output_dir, trainable, wrapped, dist.engine(cfg))

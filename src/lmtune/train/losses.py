@@ -133,3 +133,33 @@ class AdaptiveKL:
             error = max(-0.2, min(0.2, current_kl / self.target - 1))
             self.value *= 1 + error * n_samples / self.horizon
         return self.value
+
+
+# --- token-loss rules of sft (use_dft_loss, use_eaft_loss, use_asft_loss) ---------------------------
+
+def dft_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """DFT per target token: its cross-entropy times its probability under the model, the weight
+    detached (it scales the gradient, it is not trained). `logits` [n, vocab], `labels` [n]."""
+    nll = F.cross_entropy(logits.float(), labels, reduction="none")
+    return nll * torch.exp(-nll.detach())
+
+
+def eaft_token_losses(logits: torch.Tensor, labels: torch.Tensor, alpha: float) -> torch.Tensor:
+    """EAFT per target token: its cross-entropy times (H / 3) ** alpha, H the entropy of the model's
+    distribution renormalised over its 20 most likely tokens (detached)."""
+    logits = logits.float()
+    nll = F.cross_entropy(logits, labels, reduction="none")
+    with torch.no_grad():
+        top = torch.log_softmax(logits.topk(min(20, logits.shape[-1]), dim=-1).values, dim=-1)
+        entropy = -(top.exp() * top).sum(-1)
+    return nll * (entropy / 3.0) ** alpha
+
+
+def asft_token_losses(logits: torch.Tensor, labels: torch.Tensor, ref_logits: torch.Tensor,
+                      alpha: float) -> torch.Tensor:
+    """ASFT per target token: the DFT loss plus alpha x KL(reference || model) over the vocabulary
+    at that position; `ref_logits` come from the model before training, without gradients."""
+    log_p = torch.log_softmax(logits.float(), dim=-1)
+    log_q = torch.log_softmax(ref_logits.float(), dim=-1)
+    kl = (log_q.exp() * (log_q - log_p)).sum(-1)
+    return dft_token_losses(logits, labels) + alpha * kl

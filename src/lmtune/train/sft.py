@@ -1,4 +1,5 @@
-"""stage: sft. Supervised fine-tuning on conversations: cross-entropy on the assistant replies only.
+"""stage: sft. Supervised fine-tuning on conversations: cross-entropy on the assistant replies only
+(or a reweighting of it: DFT, EAFT, ASFT).
 
 Reads top to bottom: output folder, tokenizer, model and data (train/setup.py; encoded, packed when
 asked) -> method -> the shared loop with the token-level objective below.
@@ -6,14 +7,18 @@ asked) -> method -> the shared loop with the token-level objective below.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from peft import PeftModel
 
 from lmtune.config import RunConfig
 from lmtune.models.methods import apply_method
 from lmtune.train.engine import Batch, Metrics, Objective, fit
-from lmtune.train.forward import count_targets, token_loss_sum
+from lmtune.train.forward import count_targets, target_logits, token_loss_sum
+from lmtune.train.losses import asft_token_losses, dft_token_losses, eaft_token_losses
 from lmtune.train.setup import start_run
 
 
@@ -24,11 +29,48 @@ def _sft_loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, Metri
 SFT_OBJECTIVE = Objective(loss=_sft_loss, units=count_targets)
 
 
+def _reference_logits(model: torch.nn.Module) -> Callable[[torch.nn.Module, Batch], torch.Tensor]:
+    """ASFT's reference: the model as it is now, before training. An adapter is switched off for
+    the reference pass (no copy); full and freeze keep a frozen copy of the weights."""
+    if isinstance(model, PeftModel):
+        def reference(current: torch.nn.Module, batch: Batch) -> torch.Tensor:
+            with torch.no_grad(), current.disable_adapter():
+                return target_logits(current, batch)[0]
+        return reference
+    frozen = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def reference(current: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        with torch.no_grad():
+            return target_logits(frozen, batch)[0]
+    return reference
+
+
+def sft_objective(cfg: RunConfig, model: torch.nn.Module) -> Objective:
+    """The token loss, or the rule of use_dft_loss / use_eaft_loss / use_asft_loss: each weights a
+    target token's loss and sums, so the loop still normalises by the window's target tokens."""
+    if not (cfg.use_dft_loss or cfg.use_eaft_loss or cfg.use_asft_loss):
+        return SFT_OBJECTIVE
+    reference = _reference_logits(model) if cfg.use_asft_loss else None
+
+    def loss(m: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, Metrics]:
+        logits, labels = target_logits(m, batch)
+        if cfg.use_dft_loss:
+            tokens = dft_token_losses(logits, labels)
+        elif cfg.use_eaft_loss:
+            tokens = eaft_token_losses(logits, labels, cfg.eaft_alpha)
+        else:
+            tokens = asft_token_losses(logits, labels, reference(m, batch), cfg.asft_alpha)
+        return tokens.sum(), {}
+
+    return Objective(loss=loss, units=count_targets)
+
+
 def run(cfg: RunConfig) -> dict[str, Any]:
     inputs = start_run(cfg)
     model = apply_method(inputs.model, cfg)
-    results = fit(cfg, model, inputs.tokenizer, inputs.train_rows, inputs.val_rows, SFT_OBJECTIVE,
-                  inputs.output_dir, inputs.resume_dir, extra_results=inputs.row_counts())
+    results = fit(cfg, model, inputs.tokenizer, inputs.train_rows, inputs.val_rows,
+                  sft_objective(cfg, model), inputs.output_dir, inputs.resume_dir,
+                  extra_results=inputs.row_counts())
     if cfg.do_predict and results:
         from lmtune.evaluate.predict import predict_after_training
 
