@@ -18,8 +18,9 @@ from lmtune.config import build_config
 from lmtune.errors import ConfigError, ModelError
 from lmtune.infer.chat import ChatSession
 from lmtune.models.load import load_model, quantization_config
-from lmtune.models.methods import (AdaLoraHooks, apply_method, check_untouched_4bit,
-                                   count_parameters, evaluation, load_adapters)
+from lmtune.models.methods import (AdaLoraHooks, TrainingHooks, apply_method,
+                                   check_untouched_4bit, count_parameters, evaluation,
+                                   load_adapters)
 from lmtune.train.engine import build_optimizer
 from tests.conftest import write_yaml
 
@@ -34,6 +35,12 @@ FULL = VOCAB * H + LAYERS * LAYER + H  # + the final norm; the head shares the e
 
 def lora(r: int, names=tuple(LINEAR)) -> int:
     return LAYERS * sum(r * (LINEAR[n][0] + LINEAR[n][1]) for n in names)
+
+
+def oft(block: int, names=tuple(LINEAR)) -> int:
+    """OFT: per target, in/block blocks, each a skew-symmetric block x block matrix (its upper
+    triangle trains)."""
+    return LAYERS * sum(LINEAR[n][0] // block * block * (block - 1) // 2 for n in names)
 
 
 # method -> (keys, trainable parameters as the method promises them)
@@ -53,6 +60,11 @@ METHODS = {
     "qlora4": ({"lora_rank": 4, "quantization_bit": 4}, lora(4)),
     "qlora8": ({"lora_rank": 4, "quantization_bit": 8, "lora_target": "q_proj,v_proj"},
                lora(4, ["q_proj", "v_proj"])),
+    "oft": ({"finetuning_type": "oft", "oft_block_size": 16}, oft(16)),
+    "oft-rank": ({"finetuning_type": "oft", "oft_rank": 2, "oft_block_size": 0,
+                  "oft_target": "q_proj,down_proj", "additional_target": "norm"},
+                 LAYERS * (2 * 32 * 31 // 2 + 2 * 64 * 63 // 2) + H),
+    "qoft4": ({"finetuning_type": "oft", "oft_block_size": 16, "quantization_bit": 4}, oft(16)),
     # AdaLoRA: P (r x in), Q (out x r) and r singular values per matrix, at its initial rank.
     "adalora": ({"finetuning_type": "adalora", "lora_target": "q_proj,v_proj", "adalora_init_r": 6,
                  "adalora_target_r": 2, "adalora_tfinal": 1},
@@ -73,7 +85,7 @@ METHODS = {
                 4 * H + (H * 16 + 16) + (16 * 16 + 16) + (16 * H + H)),
 }
 MERGEABLE = {"full", "freeze", "lora", "rslora", "dora", "pissa", "loraplus", "lora+norm", "adalora",
-             "ia3", "qlora4", "qlora8"}
+             "ia3", "qlora4", "qlora8", "oft", "oft-rank", "qoft4"}
 IDS = torch.tensor([[1, 9690, 198, 33, 42, 2, 198, 1, 4093]])
 
 
@@ -111,6 +123,34 @@ def test_ia3_all_targets_scale_ffn_inputs_and_attention_outputs(tiny_model_dir):
     attention = H + KV + KV + H  # outputs of q, k, v, o
     ffn = H + H + FFN  # inputs of gate, up, down
     assert count_parameters(model)[0] == LAYERS * (attention + ffn)
+
+
+def test_oft_block_size_must_divide_every_target_width(tiny_model_dir):
+    with pytest.raises(ConfigError) as info:  # q_proj's input is 64 wide, down_proj's 128
+        apply_method(_fresh(tiny_model_dir), _cfg(tiny_model_dir, finetuning_type="oft",
+                                                  oft_block_size=24))
+    assert "oft_block_size: 24" in info.value.message and "64, 128" in info.value.message
+    assert "oft_block_size: 32" in info.value.fix
+
+
+def test_oft_adapter_is_refused_on_other_weights(tiny_model_dir, tmp_path):
+    cfg = _cfg(tiny_model_dir, finetuning_type="oft", oft_block_size=16, oft_target="q_proj")
+    model = apply_method(_fresh(tiny_model_dir), cfg)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            param.data.normal_(0, 0.1)
+    TrainingHooks().save(model, tmp_path / "oft", final=True)
+    assert json.loads((tmp_path / "oft" / "adapter_config.json").read_text())["peft_type"] == "OFT"
+    reloaded = load_adapters(_fresh(tiny_model_dir), [str(tmp_path / "oft")], trainable_last=False)
+    torch.testing.assert_close(logits(reloaded), logits(model))
+    other = _fresh(tiny_model_dir)
+    torch.manual_seed(5)
+    other.model.layers[0].self_attn.q_proj.weight.data.normal_()  # the same shapes, other weights
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ModelError) as info:
+        load_adapters(AutoModelForCausalLM.from_pretrained(tmp_path / "other"),
+                      [str(tmp_path / "oft")], trainable_last=False)
+    assert "was trained on" in info.value.message
 
 
 def test_unknown_module_names_are_config_errors(tiny_model_dir):
@@ -400,6 +440,11 @@ def test_training_refuses_a_4bit_model_that_generated(tiny_model_dir, train_conf
     ({"pissa_init": True, "pissa_iter": 0}, ["pissa_iter: 0"]),
     ({"finetuning_type": "adalora", "adalora_init_r": 4, "adalora_target_r": 8}, ["adalora_target_r"]),
     ({"finetuning_type": "adalora", "resume_from_checkpoint": "auto"}, ["adalora", "resume"]),
+    ({"finetuning_type": "oft", "oft_rank": 4}, ["oft_rank: 4", "oft_block_size: 32", "exactly one"]),
+    ({"finetuning_type": "oft", "oft_block_size": 0}, ["oft_rank: 0", "exactly one"]),
+    ({"finetuning_type": "lora", "oft_block_size": 16}, ["oft_block_size", "finetuning_type: oft"]),
+    ({"finetuning_type": "oft", "lora_rank": 4}, ["lora_rank", "finetuning_type: lora"]),
+    ({"finetuning_type": "full", "module_dropout": 0.1}, ["module_dropout", "oft"]),
 ])
 def test_keys_that_cannot_apply_are_refused_with_the_reason(keys, words):
     with pytest.raises(ConfigError) as info:
