@@ -31,6 +31,7 @@ from lmtune.errors import ConfigError, ModelError
 from lmtune.models.load import from_pretrained_or_error, load_tokenizer, resolve_model, stop_token_ids
 from lmtune.models.methods import apply_method, count_parameters
 from lmtune.train.engine import schedule
+from lmtune.train.optim import state_bytes
 
 GIB = 2**30
 
@@ -72,17 +73,20 @@ def schedule_summary(cfg: RunConfig, n_rows: int, report_packing: Any,
 
 def memory_estimate(model: torch.nn.Module, cfg: RunConfig, micro_batch_tokens: int,
                     micro_batch_targets: int) -> dict[str, float]:
-    """Peak training memory in GiB: weights, gradients and AdamW states of what trains, activations.
+    """Peak training memory in GiB: weights, gradients and optimizer states of what trains, activations.
 
     Activations are a rough estimate per token and decoder layer (what autograd keeps of a
     Llama-style block: the norm inputs in fp32, the matmul inputs and outputs in the compute dtype),
     plus the output head on the trained positions only (lmtune computes logits there alone)."""
     c = model.config
     trainable = [p for p in model.parameters() if p.requires_grad]
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    gradients = sum(p.numel() * p.element_size() for p in trainable)
-    optimizer = 2 * sum(p.numel() * 4 for p in trainable)  # AdamW: two fp32 moments
-    width = 2 if cfg.bf16 or cfg.fp16 else 4
+    def size(p: torch.nn.Parameter) -> int:
+        return p.numel() * (2 if cfg.pure_bf16 else p.element_size())
+
+    weights = sum(size(p) for p in model.parameters())
+    gradients = sum(size(p) for p in trainable)
+    optimizer = state_bytes(model, cfg)
+    width = 2 if cfg.bf16 or cfg.fp16 or cfg.pure_bf16 else 4
     h, i = c.hidden_size, getattr(c, "intermediate_size", 4 * c.hidden_size)
     heads = c.num_attention_heads
     kv = getattr(c, "num_key_value_heads", heads) * getattr(c, "head_dim", h // heads)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from lmtune.config import RunConfig
+from lmtune.errors import ConfigError
 from lmtune.models.methods import learning_rate_of
 
 Group = dict[str, Any]
@@ -98,14 +99,19 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
 
 def is_muon_matrix(name: str, param: torch.nn.Parameter) -> bool:
-    """A hidden weight matrix: 2-D, not an embedding or the output head (their rows are looked up
-    one token at a time, which Muon's orthogonalised whole-matrix update does not suit)."""
-    return param.ndim == 2 and "embed" not in name and "lm_head" not in name
+    """A hidden weight matrix: 2-D with both sides above 1 (IA3 stores its vectors as n x 1), not
+    an embedding or the output head (their rows are looked up one token at a time, which Muon's
+    orthogonalised whole-matrix update does not suit)."""
+    return param.ndim == 2 and min(param.shape) > 1 and "embed" not in name and "lm_head" not in name
 
 
 def _muon(named: list[tuple[str, torch.nn.Parameter]], cfg: RunConfig) -> torch.optim.Optimizer:
     matrices = [(n, p) for n, p in named if is_muon_matrix(n, p)]
     rest = [(n, p) for n, p in named if not is_muon_matrix(n, p)]
+    if not matrices:
+        raise ConfigError(f"use_muon: finetuning_type {cfg.finetuning_type} trains no hidden 2-D "
+                          "matrix, so Muon would have nothing to do.",
+                          "remove use_muon, or use finetuning_type full, freeze, lora or oft.")
     # match_rms_adamw scales Muon's update to AdamW's typical size, so one learning_rate and
     # weight_decay suit both parts.
     muon = torch.optim.Muon(_groups(matrices, cfg), lr=cfg.learning_rate,
@@ -122,3 +128,25 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optim
     if cfg.use_muon:
         return _muon(named, cfg)
     return OPTIMIZERS[cfg.optim](_groups(named, cfg), cfg)
+
+
+def state_bytes(model: torch.nn.Module, cfg: RunConfig) -> int:
+    """The optimizer state the run's optimizer keeps for the model's trainable parameters, in bytes
+    (for `lmtune plan`; a meta model's shapes suffice)."""
+    total = 0
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        n, width = param.numel(), 2 if cfg.pure_bf16 else param.element_size()
+        if cfg.use_muon:
+            total += n * width * (1 if is_muon_matrix(name, param) else 2)  # momentum; AdamW's two
+        elif cfg.optim in ("adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit"):
+            # bitsandbytes keeps tensors under 4096 values in 32 bits.
+            total += 2 * n if n >= 4096 else 8 * n
+        elif cfg.optim == "paged_adamw_32bit":
+            total += 8 * n
+        elif cfg.optim == "adafactor":  # a factored second moment: one value per row and column
+            total += 4 * (sum(param.shape) if param.ndim == 2 else n)
+        else:
+            total += n * width * {"sgd": 0, "adagrad": 1, "rmsprop": 1}.get(cfg.optim, 2)
+    return total
