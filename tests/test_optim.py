@@ -87,6 +87,12 @@ def test_optimizer_is_the_named_one_and_trains(tiny_model_dir, optim):
     ({"optim": "adam"}, ["optim: adam", "use one of: adamw_torch"]),
     ({"use_muon": True, "optim": "sgd"}, ["use_muon", "optim: sgd"]),
     ({"use_muon": True, "loraplus_lr_ratio": 16}, ["use_muon", "loraplus_lr_ratio"]),
+    ({"use_adam_mini": True}, ["use_adam_mini", "finetuning_type: lora", "full or freeze"]),
+    ({"use_adam_mini": True, "use_muon": True, "finetuning_type": "full"},
+     ["use_muon and use_adam_mini"]),
+    ({"use_galore": True}, ["use_galore", "projector", "resume"]),
+    ({"use_apollo": True}, ["use_apollo", "projector"]),
+    ({"use_badam": True}, ["use_badam", "callbacks"]),
     ({"pure_bf16": True, "fp16": True}, ["pure_bf16", "fp16"]),
     ({"pure_bf16": True, "quantization_bit": 4}, ["pure_bf16", "quantization_bit: 4"]),
 ])
@@ -147,8 +153,9 @@ def log_of(folder: Path) -> list[dict]:
 @pytest.mark.parametrize("keys", [{"optim": "adamw_8bit", "finetuning_type": "full"},
                                   {"optim": "adafactor"},
                                   {"use_muon": True, "finetuning_type": "full"},
-                                  {"pure_bf16": True, "finetuning_type": "full"}],
-                         ids=["adamw_8bit", "adafactor", "muon", "pure_bf16"])
+                                  {"pure_bf16": True, "finetuning_type": "full"},
+                                  {"use_adam_mini": True, "finetuning_type": "full"}],
+                         ids=["adamw_8bit", "adafactor", "muon", "pure_bf16", "adam_mini"])
 def test_resume_restores_the_optimizer_state(tmp_path, train_config, keys):
     config = {k: v for k, v in train_config.items() if k != "lora_rank" or "finetuning_type" not in keys} \
         | keys | {"max_steps": 4, "save_steps": 2, "learning_rate": 1e-2}
@@ -247,3 +254,18 @@ def test_muon_state_is_one_momentum_for_matrices_and_two_moments_for_the_rest(ti
                for state in part.state.values() for t in state.values()
                if torch.is_tensor(t) and t.numel() > 1)  # not the step counters
     assert state_bytes(model, cfg) == held
+
+
+def test_adam_mini_keeps_one_second_moment_per_block_and_trains(tiny_model_dir):
+    from adam_mini import Adam_mini
+
+    cfg = build_config({"model_name_or_path": tiny_model_dir, "finetuning_type": "full",
+                        "use_adam_mini": True, "learning_rate": 1e-2})
+    model = apply_method(AutoModelForCausalLM.from_pretrained(tiny_model_dir), cfg)
+    optimizer = build_optimizer(model, cfg)
+    assert isinstance(optimizer, Adam_mini)
+    losses = _steps(model, optimizer)
+    assert losses[-1] < losses[0]
+    q_proj = model.model.layers[0].self_attn.q_proj.weight  # 64 x 64, 4 heads
+    second = optimizer.state[q_proj]["vmean"]
+    assert second.numel() == 4  # one per head, where AdamW keeps 4,096

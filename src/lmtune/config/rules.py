@@ -226,6 +226,17 @@ def _check_optimizer(cfg: RunConfig, explicitly_set: set[str]) -> None:
         reason = _OPTIMIZERS_ELSEWHERE.get(cfg.optim, "lmtune does not include it")
         raise ConfigError(f"optim: {cfg.optim} is not available here: {reason}.",
                           f"use one of: {', '.join(OPTIMIZERS)} (or use_muon: true).")
+    if cfg.use_muon and cfg.use_adam_mini:
+        raise ConfigError("use_muon and use_adam_mini are both set; a run has one optimizer.",
+                          "keep one of them.")
+    if cfg.use_adam_mini and "optim" in explicitly_set:
+        raise ConfigError(f"use_adam_mini and optim: {cfg.optim} are both set; a run has one "
+                          "optimizer.", "keep one of them.")
+    if cfg.use_adam_mini and cfg.finetuning_type not in ("full", "freeze"):
+        raise ConfigError(f"use_adam_mini with finetuning_type: {cfg.finetuning_type}: Adam-mini "
+                          "shares learning rates over blocks of the model's own weights (heads, "
+                          "neurons, tokens), which adapter matrices do not have.",
+                          "use finetuning_type: full or freeze, or remove use_adam_mini.")
     if cfg.use_muon and "optim" in explicitly_set:
         raise ConfigError(f"use_muon and optim: {cfg.optim} are both set; Muon brings its own AdamW "
                           "for the parameters that are not hidden matrices.", "keep one of them.")

@@ -44,6 +44,17 @@ NOT_SUPPORTED: dict[str, tuple[Any, str]] = {
     "ref_model_adapters": (None, "merge the adapters into a model with `lmtune export` and name "
                            "that folder as ref_model."),
     "ref_model_quantization_bit": (None, "the reference loads in full precision; remove it."),
+    "use_galore": (False, "GaLore's optimizer (galore-torch) keeps a Python projector object in "
+                   "its state, which lmtune's checkpoints (tensors only, read with "
+                   "weights_only) cannot hold, so such a run could not resume; use optim: "
+                   "adamw_8bit or use_adam_mini for less optimizer memory."),
+    "use_apollo": (False, "APOLLO's optimizer (apollo-torch) keeps a Python projector object in "
+                   "its state, which lmtune's checkpoints (tensors only, read with "
+                   "weights_only) cannot hold, so such a run could not resume; use optim: "
+                   "adamw_8bit or use_adam_mini for less optimizer memory."),
+    "use_badam": (False, "BAdam switches the trained block from HF Trainer callbacks and replaces "
+                  "its gradient clipping; lmtune's loop has neither. Use finetuning_type: freeze "
+                  "(a fixed set of layers) or use_adam_mini."),
 }
 
 
@@ -299,6 +310,10 @@ class RunConfig(BaseModel):
         False, description="Muon (torch.optim.Muon, its step scaled to AdamW's size so "
         "learning_rate carries over) for the 2-D hidden matrices, AdamW for embeddings, head, norms "
         "and biases.")
+    use_adam_mini: bool = Field(
+        False, description="full, freeze: Adam-mini (the adam-mini package, extra `optimizers`): "
+        "one second-moment value per block (attention head, neuron, token) instead of per weight; "
+        "about half AdamW's optimizer memory.")
     pure_bf16: bool = Field(
         False, description="Train in bfloat16 throughout: weights (an adapter method's adapter "
         "too), gradients and optimizer state, no fp32 master copy and no autocast; half the memory "

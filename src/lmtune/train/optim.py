@@ -122,11 +122,30 @@ def _muon(named: list[tuple[str, torch.nn.Parameter]], cfg: RunConfig) -> torch.
     return MuonWithAdamW(muon, adamw)
 
 
+def _adam_mini(named: list[tuple[str, torch.nn.Parameter]], model: torch.nn.Module,
+               cfg: RunConfig) -> torch.optim.Optimizer:
+    try:
+        from adam_mini import Adam_mini
+    except ImportError:
+        raise ConfigError("use_adam_mini needs the adam-mini package, which is not installed.",
+                          "pip install 'lmtune[optimizers]' (or adam-mini==1.1.1).") from None
+    config = getattr(model, "lm", model).config
+    # Adam-mini finds its blocks (heads, neurons, tokens) by the weights' names and the model's
+    # shape; it decays every matrix and no norm or bias, as the other optimizers here.
+    return Adam_mini(named_parameters=named, lr=cfg.learning_rate,
+                     betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                     weight_decay=cfg.weight_decay, dim=config.hidden_size,
+                     n_heads=config.num_attention_heads,
+                     n_kv_heads=getattr(config, "num_key_value_heads", None), verbose=False)
+
+
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     """The run's optimizer over the model's trainable parameters."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if cfg.use_muon:
         return _muon(named, cfg)
+    if cfg.use_adam_mini:
+        return _adam_mini(named, model, cfg)
     return OPTIMIZERS[cfg.optim](_groups(named, cfg), cfg)
 
 
@@ -140,6 +159,8 @@ def state_bytes(model: torch.nn.Module, cfg: RunConfig) -> int:
         n, width = param.numel(), 2 if cfg.pure_bf16 else param.element_size()
         if cfg.use_muon:
             total += n * width * (1 if is_muon_matrix(name, param) else 2)  # momentum; AdamW's two
+        elif cfg.use_adam_mini:  # the first moment; one second moment per block is negligible
+            total += n * width
         elif cfg.optim in ("adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit"):
             # bitsandbytes keeps tensors under 4096 values in 32 bits.
             total += 2 * n if n >= 4096 else 8 * n
