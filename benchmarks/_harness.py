@@ -23,7 +23,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from lmtune import measure
 
@@ -56,6 +56,26 @@ def run_child(command: list[str], log: Path, env: dict[str, str] | None = None) 
     return Run(child.wall_s, round(int(peak.read_text()) / 2**30, 3), log)
 
 
+def measure_in_child(script: str, spec: dict, log: Path) -> tuple[Run, Any]:
+    """Run `script --child SPEC` in a child process (its work done by `child_main`): its wall time
+    and peak RSS, and the JSON document it printed last."""
+    run = run_child([sys.executable, script, "--child", json.dumps(spec)], log)
+    return run, json.loads(log.read_text().splitlines()[-1])
+
+
+def child_main(work: Callable[[dict], Any]) -> None:
+    """The child's side of `measure_in_child`: when this process was started as `SCRIPT --child
+    SPEC`, set it up as every lmtune entry point is (so its peak RSS reaches the parent), print
+    work(SPEC)'s result as JSON on the last line of stdout and exit; otherwise return."""
+    if sys.argv[1:2] != ["--child"]:
+        return
+    from lmtune.runtime import configure
+
+    configure()
+    print(json.dumps(work(json.loads(sys.argv[2]))))
+    sys.exit(0)
+
+
 def lmtune(*args: str) -> list[str]:
     """The command line of the lmtune CLI under this Python."""
     return [sys.executable, "-m", "lmtune.cli", *args]
@@ -81,6 +101,38 @@ def tiny_model(folder: Path) -> str:
     model.generation_config.save_pretrained(folder)
     load_tokenizer(default).save_pretrained(folder)
     return str(folder)
+
+
+LORA_RANK = 8
+
+
+def lora_adapters(model: str, count: int, folder: Path) -> list[str]:
+    """`count` LoRA adapters (rank LORA_RANK on every linear layer) for `model`, saved in folder:
+    small random weights, so each changes the answers a little and costs what a trained adapter of
+    that shape costs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from lmtune.models.load import load_model, resolve_model
+    from lmtune.runtime import configure
+
+    configure()  # the libraries' import-time advice means nothing here
+    peft_model = get_peft_model(load_model(resolve_model(model)), LoraConfig(
+        r=LORA_RANK, target_modules="all-linear", task_type="CAUSAL_LM"))
+    paths = []
+    for i in range(count):
+        torch.manual_seed(i)
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                torch.nn.init.normal_(param, std=1e-3 if "lora_B" in name else param.shape[1] ** -0.5)
+        peft_model.save_pretrained(folder / f"adapter-{i}")
+        paths.append(str(folder / f"adapter-{i}"))
+    return paths
+
+
+def folder_mib(path: str) -> float:
+    """The size of the weights (*.safetensors) in a folder, in MiB."""
+    return round(sum(f.stat().st_size for f in Path(path).glob("*.safetensors")) / 2**20, 2)
 
 
 class Bench:
