@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import hashlib
 import json
 import os
 import re
@@ -139,7 +140,10 @@ class Bench:
     """One benchmark's command line and destinations: benchmarks/results and the repository's
     documents, or with --smoke a scratch folder holding copies of them and a tiny model."""
 
-    def __init__(self, name: str, description: str | None, configure=None):
+    def __init__(self, name: str, description: str | None, configure=None,
+                 settings: dict[str, tuple[str, int, int]] | None = None):
+        """settings: {name: (help, value, value under --smoke)}, each an integer option --name
+        (underscores as dashes); `self.settings` holds the values this run uses."""
         parser = argparse.ArgumentParser(description=description,
                                          formatter_class=argparse.RawDescriptionHelpFormatter)
         parser.add_argument("--smoke", action="store_true",
@@ -147,13 +151,22 @@ class Bench:
                                  "the script, measures nothing")
         parser.add_argument("--render-only", action="store_true",
                             help="run nothing: rewrite the document sections from the JSON there is")
+        settings = settings or {}
+        for key, (text, value, smoke_value) in settings.items():
+            parser.add_argument("--" + key.replace("_", "-"), type=int, dest=key,
+                                help=f"{text} ({value}; {smoke_value} with --smoke)")
         if configure:
             configure(parser)
         self.args = parser.parse_args()
         self.name = name
         self.smoke = self.args.smoke
+        self.settings = {key: given if (given := getattr(self.args, key)) is not None else
+                         (smoke_value if self.smoke else value)
+                         for key, (_, value, smoke_value) in settings.items()}
         if self.smoke:
-            self.scratch = Path(tempfile.gettempdir()) / "lmtune-bench-smoke"
+            # one folder per checkout: smoke runs in two checkouts at once must not swap documents
+            checkout = hashlib.sha1(str(ROOT).encode()).hexdigest()[:8]
+            self.scratch = Path(tempfile.gettempdir()) / f"lmtune-bench-smoke-{checkout}"
             self.results = self.scratch / "results"
             self.results.mkdir(parents=True, exist_ok=True)
             for doc in DOCS:
@@ -194,6 +207,19 @@ class Bench:
         path = self.docs / doc
         rewrite_section(path, section, text)
         print(f"{text}\n(rewrote section {section} of {path})\n")
+
+
+def run_benchmark(name: str, description: str | None, settings: dict[str, tuple[str, int, int]],
+                  child_work: Callable[[dict], Any], measure: Callable[[Bench], Any],
+                  render: Callable[[Any], str]) -> None:
+    """A benchmark whose measured work runs in one child (`measure_in_child`, `child_main`):
+    measure(bench) -> the JSON, unless --render-only; render(JSON) -> its BENCHMARKS.md section,
+    named as the benchmark."""
+    child_main(child_work)
+    bench = Bench(name, description, settings=settings)
+    if not bench.args.render_only:
+        bench.write_json(measure(bench))
+    bench.rewrite("BENCHMARKS.md", name, render(bench.read_json()))
 
 
 def rewrite_section(path: Path, section: str, text: str) -> None:

@@ -9,9 +9,11 @@ one child process.
 
 from __future__ import annotations
 
-from _harness import ROOT, Bench, child_main, measure_in_child, source_line, table
+from _harness import ROOT, Bench, measure_in_child, run_benchmark, source_line, table
 
 TASK = "mmlu_sample_test"
+SETTINGS = {"n_shot": ("dev questions asked before each test question", 5, 1),
+            "batch_size": ("questions per forward pass when batched", 8, 8)}
 
 
 def score_both_ways(spec: dict) -> dict:
@@ -46,7 +48,8 @@ def score_both_ways(spec: dict) -> dict:
     return runs
 
 
-def measure(bench: Bench, spec: dict) -> dict:
+def measure(bench: Bench) -> dict:
+    spec = bench.settings
     run, runs = measure_in_child(__file__, spec | {"model": bench.model}, bench.scratch / "eval.log")
     batched = runs["batched"]
     total = len(batched["predictions"])
@@ -73,20 +76,5 @@ def render(data: dict) -> str:
             + "\n" + table(["category", "questions", "accuracy %"], "lrr", accuracy) + source)
 
 
-def main() -> None:
-    child_main(score_both_ways)
-
-    def options(parser) -> None:
-        parser.add_argument("--n-shot", type=int, help="dev questions asked before each test question (5)")
-        parser.add_argument("--batch-size", type=int, help="questions per forward pass when batched (8)")
-
-    bench = Bench("eval_sample", __doc__, options)
-    if not bench.args.render_only:
-        a, smoke = bench.args, bench.smoke
-        bench.write_json(measure(bench, {"n_shot": a.n_shot if a.n_shot is not None else (1 if smoke else 5),
-                                         "batch_size": a.batch_size or 8}))
-    bench.rewrite("BENCHMARKS.md", "eval_sample", render(bench.read_json()))
-
-
 if __name__ == "__main__":
-    main()
+    run_benchmark("eval_sample", __doc__, SETTINGS, score_both_ways, measure, render)

@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import json
 
-from _harness import ROOT, Bench, child_main, measure_in_child, source_line, table
+from _harness import ROOT, Bench, measure_in_child, run_benchmark, source_line, table
+
+SETTINGS = {"predictions": ("prompts answered each way", 200, 8),
+            "max_new_tokens": ("new tokens per answer at most", 64, 4),
+            "batch_size": ("prompts per batch when batched", 16, 4)}
 
 
 def prompts(n: int) -> list[str]:
@@ -50,7 +54,8 @@ def generate_both_ways(spec: dict) -> dict:
     return runs
 
 
-def measure(bench: Bench, spec: dict) -> dict:
+def measure(bench: Bench) -> dict:
+    spec = bench.settings
     run, runs = measure_in_child(__file__, spec | {"model": bench.model}, bench.scratch / "predict.log")
     rows = [{"mode": mode, "batch_size": r["batch_size"], "seconds": round(r["seconds"], 2),
              "new_tokens": r["new_tokens"], "tokens_per_second": round(r["new_tokens"] / r["seconds"], 1)}
@@ -72,22 +77,5 @@ def render(data: dict) -> str:
                          "lrrrrr", body) + "\n\n" + source_line("predict_speed") + "\n"
 
 
-def main() -> None:
-    child_main(generate_both_ways)
-
-    def options(parser) -> None:
-        parser.add_argument("--predictions", type=int, help="prompts answered each way (200)")
-        parser.add_argument("--max-new-tokens", type=int, help="new tokens per answer at most (64)")
-        parser.add_argument("--batch-size", type=int, help="prompts per batch when batched (16)")
-
-    bench = Bench("predict_speed", __doc__, options)
-    if not bench.args.render_only:
-        a, smoke = bench.args, bench.smoke
-        bench.write_json(measure(bench, {"predictions": a.predictions or (8 if smoke else 200),
-                                         "max_new_tokens": a.max_new_tokens or (4 if smoke else 64),
-                                         "batch_size": a.batch_size or (4 if smoke else 16)}))
-    bench.rewrite("BENCHMARKS.md", "predict_speed", render(bench.read_json()))
-
-
 if __name__ == "__main__":
-    main()
+    run_benchmark("predict_speed", __doc__, SETTINGS, generate_both_ways, measure, render)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import resource
 from pathlib import Path
 
-from _harness import LORA_RANK, Bench, child_main, folder_mib, lora_adapters, measure_in_child, source_line, table
+from _harness import (LORA_RANK, Bench, folder_mib, lora_adapters, measure_in_child, run_benchmark, source_line,
+                      table)
 
 COUNTS = (0, 1, 8)
 MIB = 2**20
@@ -76,13 +77,5 @@ def render(data: dict) -> str:
                            "lrrrrrr", body) + "\n\n" + source_line("serve_memory") + "\n"
 
 
-def main() -> None:
-    child_main(serve_and_weigh)
-    bench = Bench("serve_memory", __doc__)
-    if not bench.args.render_only:
-        bench.write_json(measure(bench))
-    bench.rewrite("BENCHMARKS.md", "serve_memory", render(bench.read_json()))
-
-
 if __name__ == "__main__":
-    main()
+    run_benchmark("serve_memory", __doc__, {}, serve_and_weigh, measure, render)

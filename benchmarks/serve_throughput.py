@@ -18,15 +18,20 @@ import asyncio
 import statistics
 import time
 
-from _harness import Bench, child_main, lora_adapters, measure_in_child, source_line, table
+from _harness import Bench, lora_adapters, measure_in_child, run_benchmark, source_line, table
 
 QUESTIONS = ["What is the capital of France?", "Name three colours.", "How do plants make food?",
              "Write one sentence about the sea.", "What is 12 times 7?", "Give a tip for sleeping well."]
 MODES = ("sequential", "batched")
+CLIENTS, ADAPTERS = 8, 4
+SETTINGS = {"requests_per_client": ("requests each client sends", 3, 1),
+            "max_tokens": ("new tokens per answer at most", 48, 4),
+            "repeats": ("rounds per mode", 3, 1)}
 
 
 async def round_trip(url: str, spec: dict, per_client: int, max_tokens: int):
-    """Every client's requests, all clients at once: seconds and [(answer, tokens)] per client."""
+    """Every client's requests, all clients at once: the seconds, and (answer, tokens) of every
+    request, client by client."""
     import httpx
 
     async def client(i: int) -> list[tuple[str, int]]:
@@ -69,7 +74,7 @@ def serve_and_time(spec: dict) -> dict:
         for mode in MODES:
             server.scheduler.max_batch = 1 if mode == "sequential" else spec["clients"]
             before = server.scheduler.batches
-            elapsed, answers[mode] = asyncio.run(round_trip(url, spec, spec["per_client"], spec["max_tokens"]))
+            elapsed, answers[mode] = asyncio.run(round_trip(url, spec, spec["requests_per_client"], spec["max_tokens"]))
             seconds[mode].append(elapsed)
             batches[mode] = server.scheduler.batches - before
     http.should_exit = True
@@ -77,9 +82,9 @@ def serve_and_time(spec: dict) -> dict:
     return {mode: {"seconds": seconds[mode], "batches": batches[mode], "answers": answers[mode]} for mode in MODES}
 
 
-def measure(bench: Bench, spec: dict) -> dict:
-    spec["model"] = bench.model
-    spec["adapters"] = lora_adapters(spec["model"], spec["adapters"], bench.scratch / "adapters")
+def measure(bench: Bench) -> dict:
+    spec = bench.settings | {"clients": CLIENTS, "model": bench.model,
+                             "adapters": lora_adapters(bench.model, ADAPTERS, bench.scratch / "adapters")}
     run, timed = measure_in_child(__file__, spec, bench.scratch / "serve.log")
     rows = []
     for mode, result in timed.items():
@@ -90,9 +95,10 @@ def measure(bench: Bench, spec: dict) -> dict:
     for row in rows:
         row["speed_vs_sequential"] = round(row["tokens_per_second"] / rows[0]["tokens_per_second"], 3)
     same = sum(a == b for a, b in zip(timed["sequential"]["answers"], timed["batched"]["answers"]))
-    return {"clients": spec["clients"], "adapters": len(spec["adapters"]), "requests_per_client": spec["per_client"],
-            "requests": len(timed["batched"]["answers"]), "max_tokens": spec["max_tokens"],
-            "repeats": spec["repeats"], "same_answers": same, "peak_rss_gib": run.peak_rss_gib, "rows": rows}
+    return {"clients": spec["clients"], "adapters": len(spec["adapters"]),
+            "requests_per_client": spec["requests_per_client"], "requests": len(timed["batched"]["answers"]),
+            "max_tokens": spec["max_tokens"], "repeats": spec["repeats"], "same_answers": same,
+            "peak_rss_gib": run.peak_rss_gib, "rows": rows}
 
 
 def render(data: dict) -> str:
@@ -108,23 +114,5 @@ def render(data: dict) -> str:
                          "lrrrrr", body) + "\n\n" + source_line("serve_throughput") + "\n"
 
 
-def main() -> None:
-    child_main(serve_and_time)
-
-    def options(parser) -> None:
-        parser.add_argument("--requests-per-client", type=int, help="requests each client sends (3)")
-        parser.add_argument("--max-tokens", type=int, help="new tokens per answer at most (48)")
-        parser.add_argument("--repeats", type=int, help="rounds per mode (3)")
-
-    bench = Bench("serve_throughput", __doc__, options)
-    if not bench.args.render_only:
-        a, smoke = bench.args, bench.smoke
-        bench.write_json(measure(bench, {"clients": 8, "adapters": 4,
-                                         "per_client": a.requests_per_client or (1 if smoke else 3),
-                                         "max_tokens": a.max_tokens or (4 if smoke else 48),
-                                         "repeats": a.repeats or (1 if smoke else 3)}))
-    bench.rewrite("BENCHMARKS.md", "serve_throughput", render(bench.read_json()))
-
-
 if __name__ == "__main__":
-    main()
+    run_benchmark("serve_throughput", __doc__, SETTINGS, serve_and_time, measure, render)
