@@ -67,7 +67,8 @@ def render(data: dict) -> str:
              f"{r['weights_mib_per_adapter']:.2f}" if r["adapters"] else "",
              f"{r['rss_mib_per_adapter']:.1f}" if r["adapters"] else "",
              f"{r['vs_one_adapter_servers']:.2f}" if r["adapters"] else ""] for r in rows]
-    summary = (f"One adapter's file holds {data['adapter_file_mib']:.2f} MiB; with {last['adapters']} adapters each "
+    summary = (f"One adapter's file (LoRA r {data['lora_rank']}, all linear layers) holds "
+               f"{data['adapter_file_mib']:.2f} MiB; with {last['adapters']} adapters each "
                f"costs {last['rss_mib_per_adapter']:.1f} MiB of resident memory over the base alone, whose "
                f"weights take {rows[0]['weights_mib']:.2f} MiB. {last['adapters']} adapters on one base take "
                f"{last['vs_one_adapter_servers']:.2f}x the resident memory of {last['adapters']} one-adapter "

@@ -105,7 +105,7 @@ def render(data: dict) -> str:
     intro = (f"{data['clients']} clients x {data['requests_per_client']} requests on {data['adapters']} "
              f"adapters, up to {data['max_tokens']} new tokens each, median of {data['repeats']} rounds per "
              f"mode; {data['same_answers']} of the {data['requests']} answers are the same both ways; the "
-             f"server's peak RSS {data['peak_rss_gib']:.2f} GiB.\n\n")
+             f"process's peak RSS (server and clients) {data['peak_rss_gib']:.2f} GiB.\n\n")
     labels = {"sequential": "sequential (batches of 1: adapters one after another)",
               "batched": f"batched (up to {data['clients']} requests, any mix of adapters, in one batch)"}
     body = [[labels[r["mode"]], str(r["batches"]), f"{r['seconds']:.2f}", str(r["generated_tokens"]),
