@@ -37,7 +37,7 @@ browser:
 		echo "note: chromium not installed (needs root); the browser test will be skipped"
 
 test: install browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
