@@ -150,19 +150,22 @@ def test_ctrl_c_during_compare_lets_the_variant_save_its_checkpoint(tmp_path, ba
     spec = write_yaml(tmp_path / "compare.yaml", {
         "output_dir": str(tmp_path / "cmp"), "base_config": str(base_yaml),
         "base": {"max_steps": 400, "logging_steps": 1, "eval_strategy": "no", "save_steps": 1000},
-        "variants": [{"name": "only"}]})
+        "variants": [{"name": "only", "sweep": {"learning_rate": [1.0e-2, 1.0e-3]}}]})
     env = os.environ | {"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO / "src")}
     # Its own session, so the SIGINT goes to the whole process group, as a terminal's Ctrl-C does.
     proc = subprocess.Popen([sys.executable, "-m", "lmtune.cli", "compare", str(spec)], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    wait_for_log_lines(tmp_path / "cmp" / "only", 3, proc, timeout=300)
+    first = tmp_path / "cmp" / "only" / "learning_rate=0.01"
+    wait_for_log_lines(first, 3, proc, timeout=300)
     os.killpg(proc.pid, signal.SIGINT)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
-    checkpoints = complete_checkpoints(tmp_path / "cmp" / "only")
+    checkpoints = complete_checkpoints(first)
     assert checkpoints and (checkpoints[-1] / "adapter_model.safetensors").is_file()
+    # The interrupted sweep point stops the comparison: the next point never starts.
+    assert not (tmp_path / "cmp" / "only" / "learning_rate=0.001").exists()
 
 
 @pytest.mark.slow
@@ -171,7 +174,7 @@ def test_sweep_benchmark_column_and_replay_on_and_off(tmp_path, base_yaml, monke
     spec = write_yaml(tmp_path / "compare.yaml", {
         "output_dir": str(tmp_path / "cmp"), "base_config": str(base_yaml),
         "base": {"max_steps": 8, "eval_strategy": "no", "logging_steps": 4},
-        "variants": [{"name": "plain"}, {"name": "replay", "replay": 2},
+        "variants": [{"name": "replay", "replay": 2},
                      {"name": "swept", "sweep": {"learning_rate": [1.0e-2, 1.0e-9]}}],
         "score": "contains", "score_expect": "{{who}}", "score_max_new_tokens": 4,
         "eval_task": "mmlu_sample_test", "task_dir": str(REPO / "data"), "n_shot": 1, "batch_size": 8})
@@ -186,11 +189,12 @@ def test_sweep_benchmark_column_and_replay_on_and_off(tmp_path, base_yaml, monke
         bench = row["benchmark"]
         assert bench["task"] == "mmlu_sample_test" and bench["questions"] == 32
         assert bench["delta"] == pytest.approx(bench["accuracy"] - base["accuracy"])
-    # The same keys but replay: the base model's own answers to 2 general prompts joined the data.
-    counts = {d["name"]: d for d in json.loads((out / "replay" / "data_report.json").read_text())["datasets"]}
-    assert counts["replay"]["found"] == 2
-    assert "replay" not in {d["name"] for d in
-                            json.loads((out / "plain" / "data_report.json").read_text())["datasets"]}
+    # With and without replay: the base model's own answers to 2 general prompts joined one's data.
+    def sources(folder):
+        return {d["name"]: d for d in json.loads((folder / "data_report.json").read_text())["datasets"]}
+
+    assert sources(out / "replay")["replay"]["found"] == 2
+    assert "replay" not in sources(out / "swept" / "learning_rate=0.01")
 
     swept = rows["swept"]
     points = {p["label"]: p for p in swept["sweep"]["points"]}
@@ -208,8 +212,8 @@ def test_sweep_benchmark_column_and_replay_on_and_off(tmp_path, base_yaml, monke
     md = (out / "compare.md").read_text()
     table = {line.split(" | ")[0]: line for line in md.splitlines() if line.startswith("| ")}
     assert "benchmark % (vs base)" in md and f"{base['accuracy']:.1f}% of 32 questions" in md
-    delta = rows["plain"]["benchmark"]["delta"]
-    assert f"{rows['plain']['benchmark']['accuracy']:.1f} ({delta:+.1f})" in table["| plain"]
+    delta = rows["replay"]["benchmark"]["delta"]
+    assert f"{rows['replay']['benchmark']['accuracy']:.1f} ({delta:+.1f})" in table["| replay"]
     assert "| swept (learning_rate=0.01, best of 2)" in table
     assert "learning_rate=0.01 (best)" in md and "swept learning_rate over [0.01, 1e-09]" in md
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
