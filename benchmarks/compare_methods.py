@@ -30,6 +30,7 @@ def run(bench: Bench) -> float:
     """Run the comparison; copy its report into the results; its whole wall time."""
     spec = ROOT / SPEC
     if bench.smoke:  # the example's own output_dir stays untouched
+        shutil.rmtree(bench.scratch / "compare", ignore_errors=True)  # an earlier smoke run's
         values = yaml.safe_load(spec.read_text()) | {"output_dir": str(bench.scratch / "compare"),
                                                       "score_max_new_tokens": 8, "n_shot": 1}
         spec = bench.scratch / "compare_methods.yaml"
@@ -106,19 +107,20 @@ def _sweep_table(rows: list[dict], bench: bool) -> str:
     return ("\n\nEach swept variant trained once per rate; the table above shows its best, by identity score, "
             "then eval loss:\n\n"
             + table(["variant", "rate", "identity score", "eval loss"] + (["benchmark %"] if bench else []),
-                    "llrr" + ("r" if bench else ""), body))
+                    "llrr" + ("r" if bench else ""), body)
+            + "\n\n" + source_line("compare_methods_summary"))
 
 
 def render(summary: dict) -> str:
     rows = summary["variants"]
     bench = summary.get("benchmark")
-    trainings = summary.get("trainings", len(rows))
+    trainings = f"{summary['trainings']} trainings'" if "trainings" in summary else "variants'"
     if summary["whole_run_wall_s"] is None:
-        timing = (f"The {trainings} trainings' own wall times sum to {summary['variants_wall_s_sum']:.0f} s "
+        timing = (f"The {trainings} own wall times sum to {summary['variants_wall_s_sum']:.0f} s "
                   f"({summary['variants_wall_min_sum']:.1f} minutes); the whole run's time was not recorded for this file.")
     else:
-        timing = (f"The whole run took {summary['whole_run_wall_s']:.0f} s ({summary['whole_run_wall_s'] / 60:.1f} "
-                  f"minutes); the {trainings} trainings' own wall times sum to {summary['variants_wall_s_sum']:.0f} s "
+        timing = (f"The whole run took {summary['whole_run_wall_s']:.0f} s; the {trainings} own wall "
+                  f"times sum to {summary['variants_wall_s_sum']:.0f} s "
                   f"({summary['variants_wall_min_sum']:.1f} minutes).")
     if bench:
         timing += (f" Benchmark: {bench['task']} ({bench['questions']} questions, {bench['n_shot']}-shot); the base "
@@ -134,7 +136,7 @@ def render(summary: dict) -> str:
                      "x lora speed", "final train loss", "eval loss", "identity score"]
                     + (["benchmark % (vs base)"] if bench else []) + ["size MB"],
                     "lrrrrrrrrrr" + ("r" if bench else "") + "r", body)
-            + _sweep_table(rows, bool(bench)) + "\n\n" + source_line("compare_methods_summary") + "\n")
+            + "\n\n" + source_line("compare_methods_summary") + _sweep_table(rows, bool(bench)) + "\n")
 
 
 def main() -> None:

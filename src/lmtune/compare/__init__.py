@@ -65,9 +65,10 @@ def run_compare(path: str, overrides: list[str] | None = None) -> Path:
         rows.append(row)
     report = write_report(path, spec, rows, bases)
     print("\n" + report.read_text())
-    failed = [r["name"] for r in rows if r["status"] != "ok"]
+    failed = [f"variant {r['name']}" for r in rows if r["status"] != "ok"]
+    failed += [f"the benchmark of the base model {m}" for m, b in bases.items() if "error" in b]
     if failed:
-        raise TrainingError(f"variant{'s' if len(failed) > 1 else ''} {', '.join(failed)} failed; "
+        raise TrainingError(f"{', '.join(failed)} failed; "
                             f"the others are in {report}.",
                             "see the error in the table (and the variant's output above), fix its "
                             "keys and run compare again.")

@@ -82,10 +82,13 @@ def markdown(path: str, spec: CompareSpec, rows: list[dict[str, Any]],
     gpu = any(r["peak_gpu_gib"] is not None for r in ok)
     memory = "peak GPU GiB" if gpu else "peak RSS GiB"
     bench = bool(spec.eval_task)
+    trainings = sum(len(r["sweep"]["points"]) if r.get("sweep") else 1 for r in rows)
     lines = [f"# lmtune compare: {path}", "",
              f"Base: {spec.base_config or 'no base_config'}"
              + (f" with {', '.join(f'{k}: {v}' for k, v in spec.base.items())}" if spec.base else "")
-             + f". {len(rows)} variants, one after another, each in its own process"
+             + f". {len(rows)} variants"
+             + (f" ({trainings} trainings with the sweeps)" if trainings > len(rows) else "")
+             + ", one after another, each in its own process"
              + (f", on {ok[0]['device']}." if ok else "."), "",
              *(_base_lines(spec, bases or {}) if bench else []),
              f"| variant | method | trainable params | trainable % | {memory} | wall s | train tokens/s "

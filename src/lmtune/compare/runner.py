@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from lmtune.compare.spec import BASE_EVAL, EVAL_KEYS, CompareSpec, Variant
 from lmtune.config import build_config
@@ -112,7 +112,8 @@ def _rank(row: dict[str, Any]) -> tuple[float, float, float]:
             inf if row["final_train_loss"] is None else row["final_train_loss"])
 
 
-def run_compared(variant: Variant, spec: CompareSpec, announce) -> dict[str, Any]:
+def run_compared(variant: Variant, spec: CompareSpec,
+                 announce: Callable[[str], None]) -> dict[str, Any]:
     """The variant's row in the table: its one run, or its best sweep point, with every point kept."""
     head = {"name": variant.name, "keys": variant.changes, "left_out": variant.left_out}
     if not variant.points:
