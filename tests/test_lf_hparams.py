@@ -105,3 +105,13 @@ def test_catalogued_training_arguments_keep_transformers_defaults():
     assert wrong == {}
     for name in ("adamw_torch", "adamw_torch_fused"):
         build_config({"optim": name})
+
+
+@pytest.mark.parametrize("method,named", [("gptq", "GPTQ"), ("awq", "AWQ"), ("aqlm", "AQLM"),
+                                          ("eetq", "EETQ"), ("hqq", "HQQ"), ("quanto", "quanto"),
+                                          ("mxfp4", "MXFP4"), ("fp8", "FP8")])
+def test_quantization_methods_without_cpu_kernels_are_refused_by_name(method, named):
+    with pytest.raises(ConfigError) as info:
+        build_config({"quantization_method": method, "quantization_bit": 4})
+    assert info.value.message.startswith(f"quantization_method: {method} is refused: {named}")
+    assert "quantization_method: bnb" in info.value.fix

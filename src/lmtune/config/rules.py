@@ -203,8 +203,26 @@ def _check_predict_and_replay(cfg: RunConfig, explicitly_set: set[str]) -> None:
                           f"{cfg.stage} does not train on those.", "remove replay or use stage: sft.")
 
 
+_GPU_KERNELS = "whose kernels run on CUDA GPUs only and are not included"
+_QUANTIZATION_REFUSED = {
+    "gptq": f"GPTQ models need the gptqmodel/optimum kernels, {_GPU_KERNELS}",
+    "awq": f"AWQ models need the autoawq kernels, {_GPU_KERNELS}",
+    "aqlm": f"AQLM models need the aqlm kernels, {_GPU_KERNELS}",
+    "eetq": "EETQ's int8 kernels run on CUDA GPUs only and are not included",
+    "hqq": "HQQ on-the-fly quantization is not included",
+    "quanto": "quanto quantization is not included",
+    "mxfp4": "MXFP4 weights need Hopper-class GPUs and are not included",
+    "fp8": "FP8 weights need FP8 tensor cores (Hopper GPUs or newer) and are not included",
+}
+
+
 def check_combinations(cfg: RunConfig, explicitly_set: set[str]) -> None:
     """Refuse combinations that cannot work, with the fix. Runs after field-level validation."""
+    if cfg.quantization_method != "bnb":
+        raise ConfigError(f"quantization_method: {cfg.quantization_method} is refused: "
+                          f"{_QUANTIZATION_REFUSED[cfg.quantization_method]}.",
+                          "use quantization_method: bnb with quantization_bit: 4 or 8 on a "
+                          "full-precision base (bitsandbytes runs on CPU and CUDA).")
     _check_predict_and_replay(cfg, explicitly_set)
     if cfg.bf16 and cfg.fp16:
         raise ConfigError("bf16 and fp16 are both true.", "set only one of them (bf16 on CPUs and "

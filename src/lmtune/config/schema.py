@@ -433,8 +433,10 @@ class RunConfig(BaseModel):
     quantization_bit: Literal[4, 8] | None = Field(
         None, description="Load the frozen base in 4 or 8 bits (QLoRA with an adapter method); "
         "bitsandbytes runs on CPU and CUDA.")
-    quantization_method: Literal["bnb"] = Field(
-        "bnb", description="Quantization library: bnb (bitsandbytes).")
+    quantization_method: Literal["bnb", "gptq", "awq", "aqlm", "quanto", "eetq", "hqq", "mxfp4",
+                                 "fp8"] = Field(
+        "bnb", description="Quantization library: bnb (bitsandbytes). LLaMA-Factory's other names "
+        "are refused with the reason.")
     quantization_type: Literal["nf4", "fp4"] = Field(
         "nf4", description="quantization_bit 4: the 4-bit data type.")
     double_quantization: bool = Field(
