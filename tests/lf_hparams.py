@@ -40,7 +40,7 @@ LF_KEYS = {
     "add_special_tokens": (DEFAULT_ONLY, None),
     "new_special_tokens_config": (DEFAULT_ONLY, None),
     "init_special_tokens": (DEFAULT_ONLY, "noise_init"),
-    "model_revision": (NOT_APPLIED, "main"),
+    "model_revision": (APPLIED, "main"),
     "low_cpu_mem_usage": (NOT_APPLIED, True),
     "rope_scaling": (DEFAULT_ONLY, None),
     "flash_attn": (NOT_APPLIED, "auto"),

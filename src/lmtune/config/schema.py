@@ -26,7 +26,6 @@ ACCEPTED_NOT_APPLIED: dict[str, str] = {
     "include_num_input_tokens_seen": "tokens seen are always logged",
     "remove_unused_columns": "records are encoded by lmtune, never by column name",
     "hf_hub_token": "the hub libraries read the token from HF_TOKEN or `hf auth login`",
-    "model_revision": "hub models are fetched at their default revision",
     # LLaMA-Factory's model, data and generation arguments
     "cache_dir": "hub downloads go to the Hugging Face cache (set HF_HOME to move it)",
     "ms_hub_token": "models come from the Hugging Face hub or local folders, not ModelScope",
@@ -345,9 +344,12 @@ class RunConfig(BaseModel):
         "default",
         description="HF hub id, local HF folder, .gguf file, or 'default' (the built-in "
         "SmolLM2-135M-Instruct).")
+    model_revision: str = Field(
+        "main", description="Hub models: the branch, tag or commit to fetch (local folders have "
+        "none).")
     adapter_name_or_path: str | None = Field(
-        None, description="Comma list of PEFT adapter folders; all but the last are merged, "
-        "training continues on the last.")
+        None, description="Comma list of PEFT adapters (folders or hub ids owner/name); all but "
+        "the last are merged, training continues on the last.")
     template: str | None = Field(
         None, description="Chat template name (LLaMA-Factory name) for a tokenizer without one: "
         "alpaca, chatml, llama2, llama3, mistral, qwen, gemma, deepseekcoder, default, empty. A "

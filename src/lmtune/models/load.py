@@ -89,9 +89,10 @@ def convert_gguf(gguf: Path) -> Path:
     return target
 
 
-def resolve_model(name: str) -> str:
+def resolve_model(name: str, revision: str | None = None) -> str:
     """A model name from the config -> a local folder that `from_pretrained` loads without the
-    network (a hub id is downloaded into the HF cache first when the hub is reachable)."""
+    network (a hub id is downloaded into the HF cache first when the hub is reachable, at
+    `revision`; local folders have none)."""
     if name == DEFAULT_MODEL:
         return str(convert_gguf(default_gguf()))
     path = Path(name).expanduser()
@@ -110,7 +111,22 @@ def resolve_model(name: str) -> str:
                          "give an HF model folder, a .gguf file, a hub id, or 'default'.")
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelError(f"model_name_or_path: folder not found: {name}", "check the path.")
-    return model_snapshot(name, "model_name_or_path")
+    return model_snapshot(name, "model_name_or_path", revision)
+
+
+def resolve_for(cfg: RunConfig, name: str | None = None) -> str:
+    """resolve_model for a config's model (default its model_name_or_path): the config's own hub
+    model is fetched at model_revision; any other (a trained run's folder) has no revision."""
+    name = cfg.model_name_or_path if name is None else name
+    return resolve_model(name, cfg.model_revision if name == cfg.model_name_or_path else None)
+
+
+def resolve_adapter(path: str) -> str:
+    """An adapter folder, or a hub id (owner/name, not a local path) -> its snapshot folder,
+    downloaded when the hub is reachable, as models are."""
+    if Path(path).expanduser().exists() or path.startswith((".", "/", "~")) or path.count("/") != 1:
+        return path
+    return model_snapshot(path, "adapter_name_or_path")
 
 
 def from_pretrained_or_error(loader, name: str, what: str, **kwargs):

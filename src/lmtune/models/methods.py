@@ -26,7 +26,7 @@ from transformers import PreTrainedModel
 from lmtune.config import RunConfig, split_list
 from lmtune.errors import ConfigError, ModelError
 from lmtune.models.lineage import check_adapter, note_merged, record_base
-from lmtune.models.load import is_quantized, load_model, quantization_config
+from lmtune.models.load import is_quantized, load_model, quantization_config, resolve_adapter
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +216,7 @@ def load_adapters(model: PreTrainedModel, paths: list[str], trainable_last: bool
     """Load PEFT adapters in order. All but the last are merged into the base weights; the last stays
     an adapter (trainable when `trainable_last`) unless `merge_last`. Each must have been trained on
     the weights it goes on (models/lineage.py: check_adapter)."""
+    paths = [resolve_adapter(p) for p in paths]
     for i, path in enumerate(paths):
         folder = Path(path)
         if (folder / "adapter_config.json").is_file() and not (folder / "adapter_model.safetensors").is_file():
@@ -278,7 +279,7 @@ def _continue_adapters(model: PreTrainedModel, cfg: RunConfig):
     if cfg.create_new_adapter:
         model = load_adapters(model, cfg.adapter_paths, trainable_last=False, merge_last=True)
         return get_peft_model(model, adapter_config(model, cfg))
-    last = cfg.adapter_paths[-1]
+    last = resolve_adapter(cfg.adapter_paths[-1])
     if adapter_type(last) != PEFT_TYPES[cfg.finetuning_type]:
         raise ConfigError(f"adapter_name_or_path: {last} is a {adapter_type(last)} adapter, but "
                           f"finetuning_type is {cfg.finetuning_type}.",
