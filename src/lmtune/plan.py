@@ -157,7 +157,7 @@ def measure(cfg: RunConfig, steps: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as scratch:
         run_cfg = cfg.model_copy(update={
             "output_dir": scratch, "overwrite_output_dir": True, "resume_from_checkpoint": None,
-            "max_steps": steps + 1, "logging_steps": 1, "save_steps": 10**9, "plot_loss": False,
+            "max_steps": steps + 1, "logging_steps": 1, "save_strategy": "no", "plot_loss": False,
             "eval_strategy": "no", "do_train": True})
         with contextlib.redirect_stdout(io.StringIO()):
             STAGES[cfg.stage](run_cfg)

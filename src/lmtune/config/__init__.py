@@ -11,5 +11,6 @@ from lmtune.config.schema import (ACCEPTED_NOT_APPLIED, NOT_SUPPORTED, REFUSED_F
                                   split_list)
 
 __all__ = ["ACCEPTED_NOT_APPLIED", "ADAPTER_METHODS", "NOT_SUPPORTED", "REFUSED_FEATURES", "RunConfig",
-           "build_config", "check_combinations", "check_training_inputs", "describe_keys", "keys_for_other_methods",
-           "known_keys", "load_config", "parse_overrides", "read_yaml", "split_list"]
+           "build_config", "check_combinations", "check_training_inputs", "describe_keys",
+           "keys_for_other_methods", "known_keys", "load_config", "parse_overrides", "read_yaml",
+           "split_list"]

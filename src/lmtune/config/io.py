@@ -34,6 +34,11 @@ def _closest(key: Any, choices: list[str]) -> str | None:
     return match[0] if match else None
 
 
+def _means_default(key: str, value: Any, default: Any) -> bool:
+    # Compared pair by pair: a YAML value may be a list or mapping, which no set can hold.
+    return value == default or any(key == k and value == v for k, v in _SAME_AS_DEFAULT)
+
+
 def known_keys() -> list[str]:
     return sorted(k for k in RunConfig.model_fields if k != "not_applied")
 
@@ -54,11 +59,11 @@ def build_config(values: dict[str, Any], source: str = "config") -> RunConfig:
                              f"did you mean '{guess}'?" if guess else None))
     for key, value in off_only.items():
         default, fix = NOT_SUPPORTED[key]
-        if value != default and (key, value) not in _SAME_AS_DEFAULT:
+        if not _means_default(key, value, default):
             problems.append((f"{key}: {value!r} is a LLaMA-Factory feature lmtune does not have", fix))
     for key, value in refused.items():
         default, reason = REFUSED_FEATURES[key]
-        if value != default and (key, value) not in _SAME_AS_DEFAULT:
+        if not _means_default(key, value, default):
             problems.append((f"{key}: {value!r} is refused", reason))
     if len(problems) == 1:
         message, fix = problems[0]

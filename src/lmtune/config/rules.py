@@ -187,6 +187,7 @@ def _check_predict_and_replay(cfg: RunConfig, explicitly_set: set[str]) -> None:
                           "trains something else.", "remove do_predict, or predict with "
                           "`lmtune predict` on a config of stage sft.")
     _needs(cfg.num_beams > 1, "length_penalty", "num_beams > 1", explicitly_set)
+    _needs(cfg.save_strategy == "steps", "save_steps", "save_strategy: steps", explicitly_set)
     if cfg.eval_generate_samples and cfg.stage != "sft":
         raise ConfigError(f"eval_generate_samples answers val prompts of an sft run; stage "
                           f"{cfg.stage} has no replies to compare with.", "remove eval_generate_samples.")
@@ -216,8 +217,37 @@ _QUANTIZATION_REFUSED = {
 }
 
 
+def _check_scheduler(cfg: RunConfig) -> None:
+    name, kwargs = cfg.lr_scheduler_type, cfg.lr_scheduler_kwargs
+    if name in ("reduce_lr_on_plateau", "greedy"):
+        raise ConfigError(f"lr_scheduler_type: {name} changes the learning rate from a metric it "
+                          "is fed each step; lmtune's schedules follow the step count.",
+                          "use cosine_with_min_lr or warmup_stable_decay for a schedule that "
+                          "ends low, or linear / cosine.")
+    if name == "constant" and kwargs:
+        raise ConfigError("lr_scheduler_kwargs is set, but lr_scheduler_type constant takes no "
+                          "arguments, so it would be ignored.", "remove lr_scheduler_kwargs.")
+    if kwargs is None and name in ("linear", "cosine", "constant", "constant_with_warmup"):
+        return
+    # Built once on a throwaway optimizer: wrong or missing arguments surface now, not after the
+    # model and data have loaded.
+    import torch
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    try:
+        get_scheduler(name, optimizer, num_warmup_steps=1, num_training_steps=10,
+                      scheduler_specific_kwargs=kwargs)
+    except (TypeError, ValueError) as exc:
+        given = f"lr_scheduler_kwargs {kwargs}" if kwargs else "no lr_scheduler_kwargs"
+        raise ConfigError(f"lr_scheduler_type {name} with {given}: {str(exc).splitlines()[0]}",
+                          "give the arguments of that schedule in transformers' get_scheduler, "
+                          "e.g. {min_lr_rate: 0.1} for cosine_with_min_lr.") from None
+
+
 def check_combinations(cfg: RunConfig, explicitly_set: set[str]) -> None:
     """Refuse combinations that cannot work, with the fix. Runs after field-level validation."""
+    _check_scheduler(cfg)
     if cfg.quantization_method != "bnb":
         raise ConfigError(f"quantization_method: {cfg.quantization_method} is refused: "
                           f"{_QUANTIZATION_REFUSED[cfg.quantization_method]}.",

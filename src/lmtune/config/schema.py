@@ -6,6 +6,7 @@ their default. Combination rules live in rules.py, YAML and override parsing in 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -189,8 +190,6 @@ NOT_SUPPORTED: dict[str, tuple[Any, str]] = {
     "do_eval": (False, "evaluation follows eval_strategy: set eval_strategy: steps (or epoch) "
                 "with val_size or eval_dataset."),
     "sortish_sampler": (False, "training rows are always shuffled (by seed)."),
-    "lr_scheduler_kwargs": (None, "the schedules take no extra arguments here; remove it."),
-    "save_strategy": ("steps", "checkpoints are written every save_steps."),
     "load_best_model_at_end": (False, "the final model is saved; pick a checkpoint-N by its eval "
                                "loss in trainer_log.jsonl."),
     "metric_for_best_model": (None, "load_best_model_at_end is not implemented; remove it."),
@@ -534,7 +533,11 @@ class RunConfig(BaseModel):
     overwrite_output_dir: bool = Field(
         False, description="Delete a non-empty output_dir before training.")
     logging_steps: int = Field(10, ge=1, description="Write a trainer_log.jsonl line every n steps.")
-    save_steps: int = Field(500, ge=1, description="Write checkpoint-N every n optimizer steps.")
+    save_strategy: Literal["steps", "epoch", "no"] = Field(
+        "steps", description="When to write checkpoint-N: every save_steps, at the end of each "
+        "epoch, or never (the finished run is saved either way).")
+    save_steps: int = Field(
+        500, ge=1, description="save_strategy steps: write checkpoint-N every n optimizer steps.")
     save_total_limit: int | None = Field(
         None, ge=1, description="Keep only the newest n complete checkpoints (none = keep all).")
     plot_loss: bool = Field(True, description="Write training_loss.png at the end.")
@@ -553,8 +556,15 @@ class RunConfig(BaseModel):
     learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate of AdamW.")
     num_train_epochs: float = Field(3.0, gt=0, description="Passes over the training data.")
     max_steps: int = Field(-1, description="Optimizer steps to run; overrides num_train_epochs when > 0.")
-    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
-        "linear", description="Learning-rate schedule after warmup.")
+    lr_scheduler_type: Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                               "constant_with_warmup", "inverse_sqrt", "cosine_with_min_lr",
+                               "cosine_warmup_with_min_lr", "warmup_stable_decay",
+                               "reduce_lr_on_plateau", "greedy"] = Field(
+        "linear", description="Learning-rate schedule after warmup (transformers' get_scheduler "
+        "names; reduce_lr_on_plateau and greedy, which follow a metric, are refused).")
+    lr_scheduler_kwargs: dict[str, Any] | None = Field(
+        None, description="The schedule's own arguments, a mapping or JSON text, e.g. {num_cycles: "
+        "2} for cosine_with_restarts or {min_lr_rate: 0.1} for cosine_with_min_lr.")
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Warmup as a fraction of all steps.")
     warmup_steps: float = Field(
         0, ge=0, description="Warmup steps (a value < 1 is a fraction of all steps).")
@@ -664,6 +674,17 @@ class RunConfig(BaseModel):
             value = [v.strip() for v in value.split(",")]
         if isinstance(value, list) and "none" in value and set(value) != {"none"}:
             raise ValueError("'none' cannot be listed with trackers")
+        return value
+
+    @field_validator("lr_scheduler_kwargs", mode="before")
+    @classmethod
+    def _kwargs_from_json(cls, value: Any) -> Any:
+        # HF TrainingArguments take this as JSON text on the command line.
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise ValueError("not a mapping or JSON text of one") from None
         return value
 
     @field_validator("replay", mode="before")

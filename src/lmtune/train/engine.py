@@ -201,6 +201,15 @@ def is_log_step(cfg: RunConfig, step: int, total: int) -> bool:
     return step % cfg.logging_steps == 0 or step == total
 
 
+def is_save_step(cfg: RunConfig, step: int, plan: Schedule) -> bool:
+    """A checkpoint on save_strategy's cadence; the last step saves the run's output instead."""
+    if step >= plan.total:
+        return False
+    if cfg.save_strategy == "steps":
+        return step % cfg.save_steps == 0
+    return cfg.save_strategy == "epoch" and step % plan.per_epoch == 0
+
+
 def is_eval_step(cfg: RunConfig, step: int, plan: Schedule) -> bool:
     """Mid-run evaluation, on its own cadence (independent of logging_steps)."""
     if cfg.eval_strategy == "steps":
@@ -442,7 +451,8 @@ def prepare_trainer(cfg: RunConfig, model: torch.nn.Module, tokenizer: PreTraine
     optimizer = build_optimizer(model, cfg)
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer,
                               num_warmup_steps=cfg.warmup_for(optimizer_steps),
-                              num_training_steps=optimizer_steps)
+                              num_training_steps=optimizer_steps,
+                              scheduler_specific_kwargs=cfg.lr_scheduler_kwargs)
     hooks = training_hooks(getattr(model, "lm", model), optimizer_steps, output_dir)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -451,14 +461,14 @@ def prepare_trainer(cfg: RunConfig, model: torch.nn.Module, tokenizer: PreTraine
                    scheduler, hooks, output_dir, trainable, wrapped, dist.engine(cfg))
 
 
-def checkpoint_or_stop(trainer: Trainer, step: int, total: int, stop_requested: list[int],
+def checkpoint_or_stop(trainer: Trainer, step: int, plan: Schedule, stop_requested: list[int],
                        state: dict[str, Any], unit: str = "step") -> None:
-    """Write checkpoint-`step` on the save_steps cadence or when a stop was requested (then stop,
-    saying how to resume). The last step saves nothing here: `finish` writes the run's output."""
-    cfg, output_dir = trainer.cfg, trainer.output_dir
+    """Write checkpoint-`step` on the save_strategy cadence or when a stop was requested (then
+    stop, saying how to resume). The last step saves nothing here: `finish` writes the run's output."""
+    output_dir, total = trainer.output_dir, plan.total
     # A signal may reach the ranks at different steps; all stop at the first step any rank saw it.
     interrupted = bool(dist.sum_over_ranks(len(stop_requested))) and step < total
-    if interrupted or (step % cfg.save_steps == 0 and step < total):
+    if interrupted or is_save_step(trainer.cfg, step, plan):
         trainer.save_checkpoint(step, state)
     if interrupted:
         raise RunInterrupted(f"stopped at {unit} {step} of {total}; checkpoint-{step} saved in "
@@ -601,7 +611,7 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
             if record:
                 log.write({"step": step, "epoch": round(step / plan.per_epoch, 4)} | record)
             try:
-                checkpoint_or_stop(trainer, step, plan.total, stop_requested,
+                checkpoint_or_stop(trainer, step, plan, stop_requested,
                                    state | {"log_interval": interval,
                                             "log_metrics": interval_metrics.sums})
             except RunInterrupted:

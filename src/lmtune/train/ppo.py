@@ -402,7 +402,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             if record:
                 log.write({"step": iteration, "epoch": round(iteration / plan.per_epoch, 4)} | record)
             try:
-                checkpoint_or_stop(trainer, iteration, plan.total, stop_requested, state,
+                checkpoint_or_stop(trainer, iteration, plan, stop_requested, state,
                                    unit="iteration")
             except RunInterrupted:
                 progress.close()

@@ -1,0 +1,59 @@
+"""LLaMA-Factory keys lmtune applies with their meaning (tests/lf_hparams.py lists every key):
+scheduler names and arguments, save_strategy, and the other cheap ones, checked on real runs of
+the tiny model or on what they change."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers.trainer_utils import SchedulerType
+
+from lmtune.config import RunConfig, build_config
+from lmtune.errors import ConfigError
+from tests.conftest import ALPACA, train
+
+
+def test_every_transformers_scheduler_name_is_known():
+    choices = set(RunConfig.model_fields["lr_scheduler_type"].annotation.__args__)
+    assert choices == {s.value for s in SchedulerType}
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"lr_scheduler_type": "cosine_with_min_lr"},
+     "lr_scheduler_type cosine_with_min_lr with no lr_scheduler_kwargs: One of min_lr or min_lr_rate"),
+    ({"lr_scheduler_type": "polynomial", "lr_scheduler_kwargs": {"cycles": 2}},
+     "lr_scheduler_type polynomial with lr_scheduler_kwargs {'cycles': 2}: "),
+    ({"lr_scheduler_type": "reduce_lr_on_plateau"},
+     "lr_scheduler_type: reduce_lr_on_plateau changes the learning rate from a metric"),
+    ({"lr_scheduler_type": "constant", "lr_scheduler_kwargs": {"power": 2}},
+     "lr_scheduler_kwargs is set, but lr_scheduler_type constant takes no arguments"),
+    ({"save_strategy": "epoch", "save_steps": 10}, "save_steps applies only with save_strategy: steps"),
+])
+def test_scheduler_and_save_mistakes_are_refused_before_loading(values, message):
+    with pytest.raises(ConfigError) as info:
+        build_config(values)
+    assert info.value.message.startswith(message)
+
+
+def test_scheduler_kwargs_as_json_text_from_the_command_line():
+    cfg = build_config({"lr_scheduler_type": "cosine_with_restarts",
+                        "lr_scheduler_kwargs": '{"num_cycles": 2}'})
+    assert cfg.lr_scheduler_kwargs == {"num_cycles": 2}
+
+
+def test_scheduler_kwargs_shape_the_schedule_and_save_strategy_epoch(tmp_path, train_config):
+    per_epoch = -(-len(ALPACA) // 2)
+    config = {k: v for k, v in train_config.items() if k not in ("save_steps", "max_steps")}
+    config |= {"num_train_epochs": 2, "save_strategy": "epoch", "learning_rate": 1e-3,
+               "lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": 0.5}}
+    train(tmp_path, config)
+    out = Path(config["output_dir"])
+    lrs = [r["lr"] for r in map(json.loads, (out / "trainer_log.jsonl").read_text().splitlines())
+           if "lr" in r]
+    assert len(lrs) == 2 * per_epoch
+    assert lrs[0] == pytest.approx(1e-3)
+    assert min(lrs) >= 0.5e-3 * (1 - 1e-9) and lrs[-1] < 0.6e-3  # cosine down to half, not to 0
+    # The end of epoch 1 is a checkpoint; the end of epoch 2 is the run's output itself.
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{per_epoch}"]
