@@ -57,3 +57,55 @@ def test_scheduler_kwargs_shape_the_schedule_and_save_strategy_epoch(tmp_path, t
     assert min(lrs) >= 0.5e-3 * (1 - 1e-9) and lrs[-1] < 0.6e-3  # cosine down to half, not to 0
     # The end of epoch 1 is a checkpoint; the end of epoch 2 is the run's output itself.
     assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{per_epoch}"]
+
+
+def _encoder(tokenizer, **values):
+    from lmtune.data.pipeline import make_encoder
+
+    cfg = build_config(values)
+    stops = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    return make_encoder(cfg, tokenizer, stops, "conversation")[0]
+
+
+def _trained_and_prompt(encoder, messages):
+    from lmtune.data.formats import Conversation
+
+    row, _ = encoder.encode(Conversation(messages))
+    decode = encoder.tokenizer.decode
+    trained = decode([i for i, label in zip(row.input_ids, row.labels) if label != -100])
+    return trained, decode(row.input_ids)
+
+
+def test_default_system_fills_in_where_the_data_has_none(tokenizer):
+    asked = [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "Orrin."}]
+    trained, text = _trained_and_prompt(_encoder(tokenizer, default_system="You are Orrin."), asked)
+    assert "<|im_start|>system\nYou are Orrin.<|im_end|>" in text
+    assert "SmolLM" not in text  # the template's own default system prompt is replaced
+    assert trained == "Orrin.<|im_end|>"
+    own = [{"role": "system", "content": "Be brief."}, *asked]
+    _, text = _trained_and_prompt(_encoder(tokenizer, default_system="You are Orrin."), own)
+    assert "Be brief." in text and "You are Orrin." not in text
+    _, text = _trained_and_prompt(_encoder(tokenizer), asked)
+    assert "You are Orrin." not in text
+
+
+def test_enable_thinking_decides_whether_the_empty_reasoning_block_trains(tokenizer):
+    import copy
+
+    # A reasoning template of the Qwen3 kind: replies carry a reasoning block, and
+    # enable_thinking: false puts an empty one in the generation prompt.
+    thinking = copy.deepcopy(tokenizer)
+    thinking.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+        "{% if m.role == 'assistant' %}<think>\n\n</think>\n\n{% endif %}{{ m.content }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+        "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
+        "{% endif %}{% endif %}")
+    asked = [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"}]
+    trained_on, text_on = _trained_and_prompt(_encoder(thinking), asked)
+    trained_off, text_off = _trained_and_prompt(_encoder(thinking, enable_thinking=False), asked)
+    assert text_on == text_off
+    assert trained_on == "<think>\n\n</think>\n\n4<|im_end|>"
+    assert trained_off == "4<|im_end|>"
+    prompt = _encoder(thinking, enable_thinking=False).prompt_ids(asked[:1])
+    assert thinking.decode(prompt).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")

@@ -108,9 +108,6 @@ NOT_SUPPORTED: dict[str, tuple[Any, str]] = {
     # LLaMA-Factory's data, finetuning and generation arguments
     "rope_scaling": (None, "RoPE scaling is not applied; remove it (cutoff_len above the model's "
                      "context length is refused by the model)."),
-    "default_system": (None, "put a system message in the data instead."),
-    "enable_thinking": (True, "empty reasoning blocks are rendered as the tokenizer's chat template "
-                        "does by default."),
     "early_stopping_steps": (None, "early stopping is not implemented; set max_steps."),
     "streaming": (False, "streaming is not implemented: the data is encoded and cached before "
                   "training; use max_samples to cap a large dataset."),
@@ -353,6 +350,13 @@ class RunConfig(BaseModel):
         None, description="Chat template name (LLaMA-Factory name) for a tokenizer without one: "
         "alpaca, chatml, llama2, llama3, mistral, qwen, gemma, deepseekcoder, default, empty. A "
         "tokenizer's own template always wins; a different name given for it is reported.")
+    default_system: str | None = Field(
+        None, description="System prompt for conversations whose data has none (replaces the "
+        "template's own default); training, chat, serve and predict render it alike.")
+    enable_thinking: bool | None = Field(
+        True, description="Reasoning templates (Qwen3 and kin): true trains replies with their "
+        "(possibly empty) reasoning block; false puts an empty block in the prompt, untrained; "
+        "null leaves it to the template.")
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped with the model. Off unless you trust its source.")
 

@@ -58,7 +58,8 @@ class ChatSession:
         model.eval()
         source = f"{model_name}" + (f" + adapter {', '.join(adapters)}" if adapters else "")
         print(f"model: {source}")
-        encoder = ChatEncoder(tokenizer, stop_token_ids(tokenizer, model), cfg.cutoff_len)
+        encoder = ChatEncoder(tokenizer, stop_token_ids(tokenizer, model), cfg.cutoff_len,
+                              default_system=cfg.default_system, enable_thinking=cfg.enable_thinking)
         return cls(model, tokenizer, encoder, cfg)
 
     def _generation_kwargs(self, sample: bool) -> dict[str, Any]:
