@@ -43,7 +43,7 @@ LF_KEYS = {
     "model_revision": (APPLIED, "main"),
     "low_cpu_mem_usage": (NOT_APPLIED, True),
     "rope_scaling": (DEFAULT_ONLY, None),
-    "flash_attn": (NOT_APPLIED, "auto"),
+    "flash_attn": (APPLIED, "auto"),
     "shift_attn": (DEFAULT_ONLY, False),
     "mixture_of_depths": (DEFAULT_ONLY, None),
     "use_unsloth": (REFUSED, False),

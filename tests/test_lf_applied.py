@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from transformers.trainer_utils import SchedulerType
 
 from lmtune.config import RunConfig, build_config
@@ -109,3 +110,25 @@ def test_enable_thinking_decides_whether_the_empty_reasoning_block_trains(tokeni
     assert trained_off == "4<|im_end|>"
     prompt = _encoder(thinking, enable_thinking=False).prompt_ids(asked[:1])
     assert thinking.decode(prompt).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+@pytest.mark.parametrize("flash_attn,implementation", [("disabled", "eager"), ("eager", "eager"),
+                                                       ("sdpa", "sdpa")])
+def test_flash_attn_sets_the_attention_implementation(tiny_model_dir, flash_attn, implementation):
+    from lmtune.models.load import attention, load_model
+
+    model = load_model(tiny_model_dir, attn_implementation=attention(build_config({"flash_attn": flash_attn})))
+    assert model.config._attn_implementation == implementation
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA machine the kernels may be there")
+@pytest.mark.parametrize("flash_attn", ["fa2", "fa3"])
+def test_flash_attention_kernels_are_refused_on_the_cpu(flash_attn):
+    from lmtune.models.load import attention
+
+    cfg = build_config({"flash_attn": flash_attn})  # a config is valid anywhere; the machine decides
+    with pytest.raises(ConfigError) as info:
+        attention(cfg)
+    assert info.value.message == (f"flash_attn: {flash_attn} needs FlashAttention's CUDA kernels, and "
+                                  "this machine has no CUDA GPU.")
+    assert "flash_attn: sdpa" in info.value.fix

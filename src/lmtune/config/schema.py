@@ -19,7 +19,6 @@ ACCEPTED_NOT_APPLIED: dict[str, str] = {
     "dataloader_num_workers": "batches come from pre-tokenised tensors in memory",
     "dataloader_pin_memory": "only matters on GPUs",
     "save_only_model": "checkpoints always hold everything needed to resume",
-    "flash_attn": "the attention kernel is chosen by transformers for the device",
     "low_cpu_mem_usage": "weights are always loaded directly",
     "use_fast_tokenizer": "the tokenizer's own fast implementation is always used",
     "ray_num_workers": "only matters for Ray launches",
@@ -357,6 +356,10 @@ class RunConfig(BaseModel):
         True, description="Reasoning templates (Qwen3 and kin): true trains replies with their "
         "(possibly empty) reasoning block; false puts an empty block in the prompt, untrained; "
         "null leaves it to the template.")
+    flash_attn: Literal["auto", "disabled", "eager", "sdpa", "fa2", "fa3"] = Field(
+        "auto", description="Attention implementation: auto (transformers chooses), sdpa (torch's "
+        "scaled_dot_product_attention), disabled or eager (plain matmuls), fa2 / fa3 "
+        "(FlashAttention 2 / 3: CUDA GPUs with the package installed).")
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped with the model. Off unless you trust its source.")
 

@@ -25,7 +25,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsA
                           PreTrainedModel, PreTrainedTokenizerBase)
 
 from lmtune.config import RunConfig
-from lmtune.errors import ModelError
+from lmtune.errors import ConfigError, ModelError
 from lmtune.hub import model_snapshot
 
 log = logging.getLogger(__name__)
@@ -188,8 +188,29 @@ def move_to_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+# flash_attn (LLaMA-Factory's names) -> transformers' attn_implementation; None lets it choose.
+_ATTENTION = {"auto": None, "disabled": "eager", "eager": "eager", "sdpa": "sdpa",
+              "fa2": "flash_attention_2", "fa3": "flash_attention_3"}
+_FLASH_PACKAGES = {"fa2": ("flash_attn", "flash-attn"), "fa3": ("flash_attn_interface", "FlashAttention-3")}
+
+
+def attention(cfg: RunConfig) -> str | None:
+    """The attention implementation flash_attn asks for, refused where its kernels cannot run."""
+    if cfg.flash_attn in _FLASH_PACKAGES:
+        module, package = _FLASH_PACKAGES[cfg.flash_attn]
+        if not torch.cuda.is_available():
+            raise ConfigError(f"flash_attn: {cfg.flash_attn} needs FlashAttention's CUDA kernels, and "
+                              "this machine has no CUDA GPU.",
+                              "use flash_attn: sdpa (or auto), which runs everywhere.")
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"flash_attn: {cfg.flash_attn} needs {package}, which is not installed.",
+                              f"install {package} for your CUDA version, or use flash_attn: sdpa.")
+    return _ATTENTION[cfg.flash_attn]
+
+
 def load_model(name: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
-               quantization: BitsAndBytesConfig | None = None) -> PreTrainedModel:
+               quantization: BitsAndBytesConfig | None = None,
+               attn_implementation: str | None = None) -> PreTrainedModel:
     folder = Path(name)
     if folder.is_dir() and not list(folder.glob("*.safetensors")) and list(folder.glob("*.bin")):
         # .bin weights are pickles: loading one can run arbitrary code.
@@ -203,6 +224,8 @@ def load_model(name: str, trust_remote_code: bool = False, dtype: torch.dtype = 
         # model cannot be moved to the GPU afterwards.
         extra = {"quantization_config": quantization,
                  "device_map": {"": torch.cuda.current_device()} if torch.cuda.is_available() else None}
+    if attn_implementation is not None:
+        extra["attn_implementation"] = attn_implementation
     return from_pretrained_or_error(AutoModelForCausalLM, name, "weights", config=config, dtype=dtype,
                             trust_remote_code=trust_remote_code, use_safetensors=True, **extra)
 
