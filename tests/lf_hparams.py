@@ -42,7 +42,7 @@ LF_KEYS = {
     "init_special_tokens": (DEFAULT_ONLY, "noise_init"),
     "model_revision": (APPLIED, "main"),
     "low_cpu_mem_usage": (NOT_APPLIED, True),
-    "rope_scaling": (DEFAULT_ONLY, None),
+    "rope_scaling": (APPLIED, None),
     "flash_attn": (APPLIED, "auto"),
     "shift_attn": (DEFAULT_ONLY, False),
     "mixture_of_depths": (DEFAULT_ONLY, None),

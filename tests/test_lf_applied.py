@@ -132,3 +132,27 @@ def test_flash_attention_kernels_are_refused_on_the_cpu(flash_attn):
     assert info.value.message == (f"flash_attn: {flash_attn} needs FlashAttention's CUDA kernels, and "
                                   "this machine has no CUDA GPU.")
     assert "flash_attn: sdpa" in info.value.fix
+
+
+@pytest.mark.parametrize("rope_type", ["linear", "dynamic", "yarn", "llama3"])
+def test_rope_scaling_stretches_the_positions_to_cutoff_len(tiny_model_dir, rope_type):
+    from lmtune.models.load import load_model, model_options
+
+    plain = load_model(tiny_model_dir)
+    old = plain.config.max_position_embeddings
+    cfg = build_config({"rope_scaling": rope_type, "cutoff_len": 2 * old + 1})
+    scaled = load_model(tiny_model_dir, **model_options(cfg))
+    assert scaled.config.max_position_embeddings == 3 * old
+    assert scaled.config.rope_parameters["rope_type"] == rope_type
+    assert scaled.config.rope_parameters["factor"] == 3.0
+    if rope_type == "linear":  # positions are divided by the factor: frequencies shrink by it
+        torch.testing.assert_close(scaled.model.rotary_emb.inv_freq, plain.model.rotary_emb.inv_freq / 3)
+
+
+def test_rope_scaling_is_refused_when_cutoff_len_already_fits(tiny_model_dir):
+    from lmtune.models.load import load_model, model_options
+
+    cfg = build_config({"rope_scaling": "linear", "cutoff_len": 64})
+    with pytest.raises(ConfigError) as info:
+        load_model(tiny_model_dir, **model_options(cfg))
+    assert info.value.message.startswith("rope_scaling: linear, but cutoff_len 64 fits in the")

@@ -105,8 +105,6 @@ NOT_SUPPORTED: dict[str, tuple[Any, str]] = {
                            "initialisation is not offered."),
     "quantization_device_map": (None, "the quantized base is placed on the training device; remove it."),
     # LLaMA-Factory's data, finetuning and generation arguments
-    "rope_scaling": (None, "RoPE scaling is not applied; remove it (cutoff_len above the model's "
-                     "context length is refused by the model)."),
     "early_stopping_steps": (None, "early stopping is not implemented; set max_steps."),
     "streaming": (False, "streaming is not implemented: the data is encoded and cached before "
                   "training; use max_samples to cap a large dataset."),
@@ -360,6 +358,9 @@ class RunConfig(BaseModel):
         "auto", description="Attention implementation: auto (transformers chooses), sdpa (torch's "
         "scaled_dot_product_attention), disabled or eager (plain matmuls), fa2 / fa3 "
         "(FlashAttention 2 / 3: CUDA GPUs with the package installed).")
+    rope_scaling: Literal["linear", "dynamic", "yarn", "llama3"] | None = Field(
+        None, description="Stretch the rotary positions so cutoff_len fits when it is longer than "
+        "the model's: by the whole factor that covers it, with this method.")
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped with the model. Off unless you trust its source.")
 

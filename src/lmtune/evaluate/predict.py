@@ -32,7 +32,7 @@ from lmtune.data.sources import load_records
 from lmtune.errors import ConfigError, DataError, TrainingError
 from lmtune.evaluate.metrics import similarity
 from lmtune.models.lineage import run_output, weights_of
-from lmtune.models.load import (attention, is_quantized, load_model, load_tokenizer, resolve_for,
+from lmtune.models.load import (is_quantized, load_model, load_tokenizer, model_options, resolve_for,
                                 stop_token_ids, tokenizer_source)
 from lmtune.models.methods import load_adapters
 
@@ -218,7 +218,7 @@ def _load(cfg: RunConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str
     what = "adapter" if adapters else "full" if model_name != cfg.model_name_or_path else "base"
     model_path = resolve_for(cfg, model_name)
     tokenizer = load_tokenizer(tokenizer_source(model_path, adapters), cfg.trust_remote_code)
-    model = load_model(model_path, cfg.trust_remote_code, attn_implementation=attention(cfg))
+    model = load_model(model_path, cfg.trust_remote_code, **model_options(cfg))
     if adapters:
         model = load_adapters(model, adapters, trainable_last=False)
     return model, tokenizer, model_name + "".join(f" + {a}" for a in adapters), what

@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import shutil
 import uuid
@@ -208,9 +209,37 @@ def attention(cfg: RunConfig) -> str | None:
     return _ATTENTION[cfg.flash_attn]
 
 
+def model_options(cfg: RunConfig) -> dict:
+    """load_model's keywords that the config decides: attention, RoPE scaling."""
+    return {"attn_implementation": attention(cfg), "rope_scaling": cfg.rope_scaling,
+            "max_length": cfg.cutoff_len}
+
+
+def scale_rope(config, rope_type: str, max_length: int) -> None:
+    """Stretch the model's rotary positions to cover `max_length` tokens: the factor is the whole
+    multiple of the positions it was trained on that covers them (LLaMA-Factory's rule)."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    if not params:
+        raise ConfigError(f"rope_scaling: {config.model_type} has no rotary position embeddings "
+                          "to scale.", "remove rope_scaling.")
+    old = int(params.get("original_max_position_embeddings") or config.max_position_embeddings)
+    if max_length <= old:
+        raise ConfigError(f"rope_scaling: {rope_type}, but cutoff_len {max_length} fits in the "
+                          f"{old} positions the model was trained on, so there is nothing to scale.",
+                          "remove rope_scaling, or raise cutoff_len above the model's length.")
+    factor = float(math.ceil(max_length / old))
+    params |= {"rope_type": rope_type, "factor": factor}
+    if rope_type != "linear":
+        params["original_max_position_embeddings"] = old
+    if rope_type == "llama3":
+        params |= {"low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    config.rope_parameters = params
+    config.max_position_embeddings = int(old * factor)
+
+
 def load_model(name: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
-               quantization: BitsAndBytesConfig | None = None,
-               attn_implementation: str | None = None) -> PreTrainedModel:
+               quantization: BitsAndBytesConfig | None = None, attn_implementation: str | None = None,
+               rope_scaling: str | None = None, max_length: int | None = None) -> PreTrainedModel:
     folder = Path(name)
     if folder.is_dir() and not list(folder.glob("*.safetensors")) and list(folder.glob("*.bin")):
         # .bin weights are pickles: loading one can run arbitrary code.
@@ -218,6 +247,8 @@ def load_model(name: str, trust_remote_code: bool = False, dtype: torch.dtype = 
                          "convert it once where you trust the file: load it with transformers and "
                          "save_pretrained(folder, safe_serialization=True).")
     config = from_pretrained_or_error(AutoConfig, name, "config", trust_remote_code=trust_remote_code)
+    if rope_scaling is not None:
+        scale_rope(config, rope_scaling, max_length or config.max_position_embeddings)
     extra = {}
     if quantization is not None:
         # bitsandbytes quantizes while loading, on the device the weights land on; a quantized

@@ -26,7 +26,8 @@ from transformers import PreTrainedModel
 from lmtune.config import RunConfig, split_list
 from lmtune.errors import ConfigError, ModelError
 from lmtune.models.lineage import check_adapter, note_merged, record_base
-from lmtune.models.load import attention, is_quantized, load_model, quantization_config, resolve_adapter
+from lmtune.models.load import (is_quantized, load_model, model_options, quantization_config,
+                                resolve_adapter)
 
 log = logging.getLogger(__name__)
 
@@ -303,7 +304,7 @@ def quantized_base(model: PreTrainedModel, cfg: RunConfig) -> PreTrainedModel:
     reloaded quantized from its folder: one extra load, and the full-precision copy is freed."""
     if not is_quantized(model):
         model = load_model(model.name_or_path, cfg.trust_remote_code,
-                           quantization=quantization_config(cfg), attn_implementation=attention(cfg))
+                           quantization=quantization_config(cfg), **model_options(cfg))
     # peft's default would also turn on gradient checkpointing, ~30% slower on a CPU; the loop turns
     # it on when gradient_checkpointing says so. Norms and other small weights stay in fp32.
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
