@@ -247,7 +247,7 @@ LF_KEYS = {
     "freeze_language_model": (REFUSED, False),
     "compute_accuracy": (DEFAULT_ONLY, False),
     "disable_shuffling": (DEFAULT_ONLY, False),
-    "early_stopping_steps": (DEFAULT_ONLY, None),
+    "early_stopping_steps": (APPLIED, None),
     "plot_loss": (APPLIED, False),
     "include_effective_tokens_per_second": (NOT_APPLIED, False),
     # generating_args.py GeneratingArguments

@@ -156,3 +156,38 @@ def test_rope_scaling_is_refused_when_cutoff_len_already_fits(tiny_model_dir):
     with pytest.raises(ConfigError) as info:
         load_model(tiny_model_dir, **model_options(cfg))
     assert info.value.message.startswith("rope_scaling: linear, but cutoff_len 64 fits in the")
+
+
+def test_best_model_is_the_output_and_early_stopping_ends_the_run(tmp_path, train_config):
+    from safetensors.torch import load_file
+
+    # Val loss falls as the tiny model learns, so "greater is better" makes the first evaluation
+    # the best: two later ones without improvement stop the run, and step 1's weights are kept.
+    config = train_config | {"max_steps": 8, "val_size": 2, "eval_strategy": "steps", "eval_steps": 1,
+                             "save_steps": 1, "load_best_model_at_end": True,
+                             "metric_for_best_model": "loss", "greater_is_better": True,
+                             "early_stopping_steps": 2}
+    results = train(tmp_path, config)
+    out = Path(config["output_dir"])
+    evals = {r["step"]: r["eval_loss"] for r in map(json.loads, (out / "trainer_log.jsonl").read_text()
+                                                    .splitlines()) if "eval_loss" in r and r["step"] > 0}
+    best = max(evals, key=evals.get)
+    assert results["best_step"] == best == 1
+    assert results["global_step"] == best + 2 == max(evals)  # stopped early, not at max_steps
+    assert results["eval_loss"] == pytest.approx(evals[best], abs=1e-6)  # scored on the kept weights
+    output = load_file(out / "adapter_model.safetensors")
+    kept = load_file(out / f"checkpoint-{best}" / "adapter_model.safetensors")
+    assert output.keys() == kept.keys() and all(torch.equal(output[k], kept[k]) for k in output)
+    assert not (out / "best_weights.safetensors").exists()
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"load_best_model_at_end": True}, "load_best_model_at_end compares evaluations, but eval_strategy is no"),
+    ({"greater_is_better": True}, "greater_is_better applies only with load_best_model_at_end: true"),
+    ({"early_stopping_steps": 2, "eval_strategy": "steps", "val_size": 2, "stage": "ppo",
+      "reward_model": "m:f"}, "early_stopping_steps applies to the stages trained on a val split"),
+])
+def test_best_model_keys_are_refused_where_they_would_do_nothing(values, message):
+    with pytest.raises(ConfigError) as info:
+        build_config(values)
+    assert info.value.message.startswith(message)

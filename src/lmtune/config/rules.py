@@ -188,6 +188,7 @@ def _check_predict_and_replay(cfg: RunConfig, explicitly_set: set[str]) -> None:
                           "`lmtune predict` on a config of stage sft.")
     _needs(cfg.num_beams > 1, "length_penalty", "num_beams > 1", explicitly_set)
     _needs(cfg.save_strategy == "steps", "save_steps", "save_strategy: steps", explicitly_set)
+    _check_best_model(cfg, explicitly_set)
     if cfg.eval_generate_samples and cfg.stage != "sft":
         raise ConfigError(f"eval_generate_samples answers val prompts of an sft run; stage "
                           f"{cfg.stage} has no replies to compare with.", "remove eval_generate_samples.")
@@ -215,6 +216,26 @@ _QUANTIZATION_REFUSED = {
     "mxfp4": "MXFP4 weights need Hopper-class GPUs and are not included",
     "fp8": "FP8 weights need FP8 tensor cores (Hopper GPUs or newer) and are not included",
 }
+
+
+def _check_best_model(cfg: RunConfig, explicitly_set: set[str]) -> None:
+    picks = cfg.load_best_model_at_end or cfg.early_stopping_steps is not None
+    for key in ("metric_for_best_model", "greater_is_better"):
+        _needs(picks, key, "load_best_model_at_end: true or early_stopping_steps", explicitly_set)
+    if not picks:
+        return
+    key = "load_best_model_at_end" if cfg.load_best_model_at_end else "early_stopping_steps"
+    if cfg.eval_strategy == "no":
+        raise ConfigError(f"{key} compares evaluations, but eval_strategy is no.",
+                          "set eval_strategy: steps (or epoch) with val_size or eval_dataset.")
+    if cfg.stage == "ppo":
+        raise ConfigError(f"{key} applies to the stages trained on a val split; ppo scores "
+                          "held-out prompts by reward.", f"remove {key}.")
+    if cfg.load_best_model_at_end and (cfg.fsdp or cfg.deepspeed):
+        raise ConfigError("load_best_model_at_end keeps a copy of the trained weights, which fsdp "
+                          "and deepspeed spread over the processes.",
+                          "remove load_best_model_at_end and pick a checkpoint-N by its eval_loss "
+                          "in trainer_log.jsonl.")
 
 
 def _check_scheduler(cfg: RunConfig) -> None:

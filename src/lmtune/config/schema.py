@@ -105,7 +105,6 @@ NOT_SUPPORTED: dict[str, tuple[Any, str]] = {
                            "initialisation is not offered."),
     "quantization_device_map": (None, "the quantized base is placed on the training device; remove it."),
     # LLaMA-Factory's data, finetuning and generation arguments
-    "early_stopping_steps": (None, "early stopping is not implemented; set max_steps."),
     "streaming": (False, "streaming is not implemented: the data is encoded and cached before "
                   "training; use max_samples to cap a large dataset."),
     "ignore_pad_token_for_loss": (True, "padding is never trained on (labels are padded with -100)."),
@@ -184,10 +183,6 @@ NOT_SUPPORTED: dict[str, tuple[Any, str]] = {
     "do_eval": (False, "evaluation follows eval_strategy: set eval_strategy: steps (or epoch) "
                 "with val_size or eval_dataset."),
     "sortish_sampler": (False, "training rows are always shuffled (by seed)."),
-    "load_best_model_at_end": (False, "the final model is saved; pick a checkpoint-N by its eval "
-                               "loss in trainer_log.jsonl."),
-    "metric_for_best_model": (None, "load_best_model_at_end is not implemented; remove it."),
-    "greater_is_better": (None, "load_best_model_at_end is not implemented; remove it."),
     "generation_max_length": (None, "use max_new_tokens."),
     "generation_num_beams": (None, "use num_beams."),
     "generation_config": (None, "set do_sample, temperature, top_p, top_k, num_beams and "
@@ -590,6 +585,18 @@ class RunConfig(BaseModel):
         "no", description="When to compute eval loss on the val split.")
     eval_steps: int | None = Field(None, ge=1, description="Eval every n steps; default logging_steps.")
     per_device_eval_batch_size: int = Field(8, ge=1, description="Rows per eval batch.")
+    load_best_model_at_end: bool = Field(
+        False, description="Write the weights of the best evaluation (by metric_for_best_model) "
+        "as the run's output instead of the last step's.")
+    metric_for_best_model: str | None = Field(
+        None, description="With load_best_model_at_end or early_stopping_steps: the evaluation "
+        "metric that decides which is best (eval_ may be left out); default loss.")
+    greater_is_better: bool | None = Field(
+        None, description="Whether a higher metric_for_best_model is better; default: false for "
+        "names ending in loss, true otherwise.")
+    early_stopping_steps: int | None = Field(
+        None, ge=1, description="Stop after this many evaluations in a row without a better "
+        "metric_for_best_model (LLaMA-Factory's name; it counts evaluations, not steps).")
     eval_generate_samples: int = Field(
         0, ge=0, description="sft: at every evaluation, also answer the first N val rows by greedy "
         "generation and log BLEU-4, ROUGE and exact match against their replies (0 = off).")

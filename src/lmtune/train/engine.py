@@ -48,6 +48,7 @@ from lmtune.errors import ConfigError, RunInterrupted, TrainingError
 from lmtune.models.methods import (TrainingHooks, check_untouched_4bit, count_parameters,
                                    evaluation, learning_rate_of, training_hooks)
 from lmtune.train import checkpoint as ckpt
+from lmtune.train.best import BestEvaluation
 from lmtune.train.logs import GENERATION_METRICS, PLOT_FILE, TrainerLog, plot_loss
 from lmtune.train.trackers import open_trackers
 from lmtune.train.results import write_results
@@ -537,6 +538,7 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
                                         "loss_sum": 0.0})
     log = TrainerLog(output_dir, state["global_step"],
                      open_trackers(cfg, output_dir) if dist.is_main() else [], files=dist.is_main())
+    best = BestEvaluation(cfg, trainer.trainable, output_dir, state)
     windows = _windows(len(train_rows), cfg)
     for _ in range(state["global_step"]):  # replay the data order up to the resumed step
         next(windows)
@@ -562,6 +564,7 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
     interval_start = time.perf_counter()
     run_start, tokens_before = time.perf_counter(), state["tokens_seen"]
     last_eval: dict[str, float] = {}
+    stop_early = False
     with stop_requests() as stop_requested:
         for step in range(state["global_step"] + 1, plan.total + 1):
             # This rank's share of the step's window; weight 0 only joins the all-reduce.
@@ -608,6 +611,7 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
             if eval_rows and is_eval_step(cfg, step, plan):
                 last_eval = {"step": step} | run_eval()
                 record |= {k: v for k, v in last_eval.items() if k != "step"}
+                stop_early = best.active and best.update(step, last_eval)
             if record:
                 log.write({"step": step, "epoch": round(step / plan.per_epoch, 4)} | record)
             try:
@@ -617,7 +621,17 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
             except RunInterrupted:
                 progress.close()
                 raise
+            if stop_early:
+                print(f"early_stopping_steps: {best.metric} did not improve on step "
+                      f"{state['best_step']} in {cfg.early_stopping_steps} evaluations; stopping "
+                      f"at step {step} of {plan.total}.")
+                break
     progress.close()
+    restored = best.restore()
+    if restored is not None and restored != state["global_step"]:
+        print(f"load_best_model_at_end: the weights of step {restored} ({best.metric} "
+              f"{state['best_metric']}) are the run's output.")
+        last_eval = {}  # the final evaluation is of the restored weights
     runtime = time.perf_counter() - run_start
 
     # --- the result -------------------------------------------------------------------------------
@@ -632,6 +646,10 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
     if eval_rows:
         # The last step's evaluation is the final one when it ran there: the model is the same.
         final = {k: v for k, v in last_eval.items() if k != "step"} \
-            if last_eval.get("step") == plan.total else run_eval()
+            if last_eval.get("step") == state["global_step"] else run_eval()
         results |= final | start_metrics(log)
-    return finish(trainer, results | extra_results, log)
+    if best.active:
+        results |= {"best_step": state["best_step"], f"best_{best.metric}": state["best_metric"]}
+    output = finish(trainer, results | extra_results, log)
+    best.clean_up()
+    return output
