@@ -322,3 +322,12 @@ LF_KEYS = {
     # parser.py (KTransformers" advanced settings)
     "kt_config": (REFUSED, None),
 }
+
+# Keys of older transformers' TrainingArguments (renamed or removed since) that LLaMA-Factory YAMLs
+# still carry; the installed transformers' fields are enumerated by the test itself.
+OLD_TRAINING_KEYS = {
+    "evaluation_strategy": (DEFAULT_ONLY, "no"),
+    "save_safetensors": (DEFAULT_ONLY, True),
+    "fsdp_transformer_layer_cls_to_wrap": (DEFAULT_ONLY, None),
+    "include_tokens_per_second": (NOT_APPLIED, False),
+}

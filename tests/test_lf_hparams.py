@@ -11,10 +11,12 @@ from transformers import Seq2SeqTrainingArguments
 
 from lmtune.config import ACCEPTED_NOT_APPLIED, NOT_SUPPORTED, REFUSED_FEATURES, RunConfig, build_config
 from lmtune.errors import ConfigError
-from tests.lf_hparams import APPLIED, DEFAULT_ONLY, LF_KEYS, NOT_APPLIED, REFUSED
+from tests.lf_hparams import APPLIED, DEFAULT_ONLY, LF_KEYS, NOT_APPLIED, OLD_TRAINING_KEYS, REFUSED
+
+KEYS = LF_KEYS | OLD_TRAINING_KEYS
 
 CATALOGUE = {NOT_APPLIED: ACCEPTED_NOT_APPLIED, DEFAULT_ONLY: NOT_SUPPORTED, REFUSED: REFUSED_FEATURES}
-OFF_DEFAULT = [k for k, (answer, _) in LF_KEYS.items() if answer in (DEFAULT_ONLY, REFUSED)]
+OFF_DEFAULT = [k for k, (answer, _) in KEYS.items() if answer in (DEFAULT_ONLY, REFUSED)]
 
 
 def other_than(default):
@@ -33,7 +35,7 @@ def answer_of(key: str) -> str | None:
 
 
 def test_the_table_matches_the_schema():
-    wrong = {k: (answer, answer_of(k)) for k, (answer, _) in LF_KEYS.items() if answer_of(k) != answer}
+    wrong = {k: (answer, answer_of(k)) for k, (answer, _) in KEYS.items() if answer_of(k) != answer}
     assert wrong == {}, "key: (table's answer, lmtune's answer)"
 
 
@@ -45,22 +47,22 @@ def test_no_key_has_two_answers():
 
 def test_catalogued_defaults_are_llamafactorys():
     # A YAML that spells out LLaMA-Factory's default must load, so the catalogue's default is its.
-    wrong = {k: (d, CATALOGUE[a][k][0]) for k, (a, d) in LF_KEYS.items()
+    wrong = {k: (d, CATALOGUE[a][k][0]) for k, (a, d) in KEYS.items()
              if a in (DEFAULT_ONLY, REFUSED) and CATALOGUE[a][k][0] != d}
     assert wrong == {}
 
 
 def test_a_config_with_every_unapplied_key_at_its_default_loads():
-    values = {k: d for k, (a, d) in LF_KEYS.items() if a != APPLIED}
+    values = {k: d for k, (a, d) in KEYS.items() if a != APPLIED}
     cfg = build_config(values)
-    assert set(cfg.not_applied) == {k for k, (a, _) in LF_KEYS.items() if a == NOT_APPLIED}
+    assert set(cfg.not_applied) == {k for k, (a, _) in KEYS.items() if a == NOT_APPLIED}
     dumped = cfg.to_yaml_dict()
     assert not set(values) & set(dumped)
 
 
 @pytest.mark.parametrize("key", OFF_DEFAULT)
 def test_another_value_is_refused_with_the_reason(key):
-    answer, default = LF_KEYS[key]
+    answer, default = KEYS[key]
     value = other_than(default)
     with pytest.raises(ConfigError) as info:
         build_config({key: value})
@@ -70,7 +72,7 @@ def test_another_value_is_refused_with_the_reason(key):
 
 
 def test_every_refusal_is_reported_at_once_with_unknown_keys():
-    values = {k: other_than(LF_KEYS[k][1]) for k in OFF_DEFAULT} | {"learning_rat": 1e-4}
+    values = {k: other_than(KEYS[k][1]) for k in OFF_DEFAULT} | {"learning_rat": 1e-4}
     with pytest.raises(ConfigError) as info:
         build_config(values)
     message = info.value.message
@@ -81,7 +83,7 @@ def test_every_refusal_is_reported_at_once_with_unknown_keys():
 
 def test_no_llamafactory_key_is_unknown():
     unknown = []
-    for key, (_, default) in LF_KEYS.items():
+    for key, (_, default) in KEYS.items():
         try:
             build_config({key: other_than(default)})
         except ConfigError as exc:

@@ -70,6 +70,9 @@ ACCEPTED_NOT_APPLIED: dict[str, str] = {
     "skip_memory_metrics": "peak memory is measured by `lmtune plan`",
     "local_rank": "set by the launcher (torchrun, accelerate launch)",
     "use_reentrant_gc": "gradient checkpointing uses the variant transformers chooses",
+    "gradient_checkpointing_kwargs": "gradient checkpointing uses the variant transformers chooses",
+    # Older transformers' TrainingArguments, still found in LLaMA-Factory YAMLs
+    "include_tokens_per_second": "tokens per second are always logged",
 }
 
 
@@ -149,7 +152,6 @@ NOT_SUPPORTED: dict[str, tuple[Any, str]] = {
     "fp16_full_eval": (False, "evaluation runs in the training precision (fp16: mixed)."),
     "activation_checkpointing": (None, "use gradient_checkpointing: true."),
     "activation_checkpointing_kwargs": (None, "use gradient_checkpointing: true."),
-    "gradient_checkpointing_kwargs": (None, "gradient checkpointing takes no options here; remove it."),
     "torch_compile": (False, "torch.compile is not applied; remove it."),
     "torch_compile_backend": (None, "torch.compile is not applied; remove it."),
     "torch_compile_mode": (None, "torch.compile is not applied; remove it."),
@@ -184,6 +186,11 @@ NOT_SUPPORTED: dict[str, tuple[Any, str]] = {
                 "with val_size or eval_dataset."),
     "sortish_sampler": (False, "training rows are always shuffled (by seed)."),
     "generation_max_length": (None, "use max_new_tokens."),
+    # Older transformers' TrainingArguments, still found in LLaMA-Factory YAMLs
+    "evaluation_strategy": ("no", "transformers renamed it; use eval_strategy."),
+    "save_safetensors": (True, "outputs are always safetensors."),
+    "fsdp_transformer_layer_cls_to_wrap": (None, "give it in fsdp_config: "
+                                           "{transformer_layer_cls_to_wrap: [LlamaDecoderLayer]}."),
     "generation_num_beams": (None, "use num_beams."),
     "generation_config": (None, "set do_sample, temperature, top_p, top_k, num_beams and "
                           "max_new_tokens directly."),
