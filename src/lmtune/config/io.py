@@ -170,7 +170,7 @@ def describe_keys() -> str:
         default = field.get_default(call_default_factory=True)
         lines.append(f"  {name} (default {default!r})\n      {field.description}")
     accepted = ", ".join(sorted(ACCEPTED_NOT_APPLIED))
-    lines.append(f"\n  Accepted for compatibility, not applied in a single-process run: {accepted}")
+    lines.append(f"\n  Accepted for compatibility, not applied (listed at start-up with why): {accepted}")
     off_only = ", ".join(f"{k} ({v[0]!r})" for k, v in sorted(NOT_SUPPORTED.items()))
     lines.append(f"  LLaMA-Factory keys accepted only at their default (the feature is not in lmtune): "
                  f"{off_only}")
