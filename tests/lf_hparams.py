@@ -246,7 +246,7 @@ LF_KEYS = {
     "freeze_multi_modal_projector": (REFUSED, True),
     "freeze_language_model": (REFUSED, False),
     "compute_accuracy": (DEFAULT_ONLY, False),
-    "disable_shuffling": (DEFAULT_ONLY, False),
+    "disable_shuffling": (APPLIED, False),
     "early_stopping_steps": (APPLIED, None),
     "plot_loss": (APPLIED, False),
     "include_effective_tokens_per_second": (NOT_APPLIED, False),

@@ -191,3 +191,15 @@ def test_best_model_keys_are_refused_where_they_would_do_nothing(values, message
     with pytest.raises(ConfigError) as info:
         build_config(values)
     assert info.value.message.startswith(message)
+
+
+def test_disable_shuffling_keeps_the_data_order_every_epoch():
+    from lmtune.train.engine import _windows
+
+    def first_steps(**values):
+        windows = _windows(6, build_config({"per_device_train_batch_size": 2, **values}))
+        return [next(windows) for _ in range(6)]  # two epochs of three steps
+
+    assert first_steps(disable_shuffling=True) == [[[0, 1]], [[2, 3]], [[4, 5]]] * 2
+    shuffled = first_steps()
+    assert shuffled[:3] != shuffled[3:] and sorted(i for w in shuffled[:3] for b in w for i in b) == list(range(6))

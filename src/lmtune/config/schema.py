@@ -123,7 +123,6 @@ NOT_SUPPORTED: dict[str, tuple[Any, str]] = {
                       "freeze to train the last layers."),
     "compute_accuracy": (False, "token accuracy is not computed; eval_generate_samples reports exact "
                          "match on generated answers."),
-    "disable_shuffling": (False, "training rows are always shuffled (by seed)."),
     "use_swanlab": (False, "use report_to: swanlab."),
     "swanlab_project": ("llamafactory", "use report_to: swanlab with SWANLAB_PROJ_NAME in the "
                         "environment."),
@@ -588,6 +587,9 @@ class RunConfig(BaseModel):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward: less memory, ~30% slower.")
     seed: int = Field(42, description="Seed for weights init, data order and dropout.")
+    disable_shuffling: bool = Field(
+        False, description="Train on the rows in the order the data gives them, every epoch, "
+        "instead of a seeded shuffle.")
     eval_strategy: Literal["no", "steps", "epoch"] = Field(
         "no", description="When to compute eval loss on the val split.")
     eval_steps: int | None = Field(None, ge=1, description="Eval every n steps; default logging_steps.")

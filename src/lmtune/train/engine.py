@@ -97,7 +97,8 @@ def _windows(n_rows: int, cfg: RunConfig) -> Iterator[list[list[int]]]:
     per_step = cfg.gradient_accumulation_steps * dist.world_size()
     epoch = 0
     while True:
-        batches = micro_batches(n_rows, cfg.per_device_train_batch_size, cfg.seed, epoch)
+        batches = micro_batches(n_rows, cfg.per_device_train_batch_size, cfg.seed, epoch,
+                                shuffle=not cfg.disable_shuffling)
         for i in range(0, len(batches), per_step):
             yield batches[i: i + per_step]
         epoch += 1
