@@ -203,3 +203,14 @@ def test_disable_shuffling_keeps_the_data_order_every_epoch():
     assert first_steps(disable_shuffling=True) == [[[0, 1]], [[2, 3]], [[4, 5]]] * 2
     shuffled = first_steps()
     assert shuffled[:3] != shuffled[3:] and sorted(i for w in shuffled[:3] for b in w for i in b) == list(range(6))
+
+
+def test_logging_first_step_adds_a_log_line_after_step_one():
+    from lmtune.train.engine import is_log_step
+
+    def logged(**values):
+        cfg = build_config({"logging_steps": 5, **values})
+        return [step for step in range(1, 13) if is_log_step(cfg, step, 12)]
+
+    assert logged() == [5, 10, 12]
+    assert logged(logging_first_step=True) == [1, 5, 10, 12]

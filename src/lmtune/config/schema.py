@@ -65,6 +65,8 @@ ACCEPTED_NOT_APPLIED: dict[str, str] = {
     "include_for_metrics": "evaluation keeps no logits, only the loss",
     "batch_eval_metrics": "evaluation keeps no logits, only the loss",
     "restore_callback_states_from_checkpoint": "lmtune has no Trainer callbacks",
+    "eval_on_start": "with eval_strategy steps or epoch, the val split is always evaluated before "
+                     "the first update (logged as step 0)",
     "label_names": "labels are built by lmtune's encoder",
     "length_column_name": "rows are encoded by lmtune, never by column name",
     "skip_memory_metrics": "peak memory is measured by `lmtune plan`",
@@ -157,13 +159,11 @@ NOT_SUPPORTED: dict[str, tuple[Any, str]] = {
     "auto_find_batch_size": (False, "`lmtune plan` estimates the memory of a batch size before "
                              "training; set per_device_train_batch_size."),
     "logging_strategy": ("steps", "logs are written every logging_steps."),
-    "logging_first_step": (False, "logs are written every logging_steps; set logging_steps: 1."),
     "project": ("huggingface", "trackio is not a tracker lmtune writes to; see report_to."),
     "trackio_space_id": (None, "trackio is not a tracker lmtune writes to; see report_to."),
     "trackio_bucket_id": (None, "trackio is not a tracker lmtune writes to; see report_to."),
     "trackio_static_space_id": (None, "trackio is not a tracker lmtune writes to; see report_to."),
     "eval_delay": (0, "evaluation starts at the first eval_steps; remove it."),
-    "eval_on_start": (False, "evaluation starts at the first eval_steps; remove it."),
     "save_on_each_node": (False, "checkpoints are written once, by the first process."),
     "enable_jit_checkpoint": (False, "a stop request (Ctrl-C, SIGTERM) already writes a checkpoint."),
     "push_to_hub": (False, "lmtune never uploads; upload output_dir with `hf upload`."),
@@ -542,6 +542,8 @@ class RunConfig(BaseModel):
     overwrite_output_dir: bool = Field(
         False, description="Delete a non-empty output_dir before training.")
     logging_steps: int = Field(10, ge=1, description="Write a trainer_log.jsonl line every n steps.")
+    logging_first_step: bool = Field(
+        False, description="Also write a trainer_log.jsonl line after the first step.")
     save_strategy: Literal["steps", "epoch", "no"] = Field(
         "steps", description="When to write checkpoint-N: every save_steps, at the end of each "
         "epoch, or never (the finished run is saved either way).")

@@ -200,7 +200,7 @@ def schedule(cfg: RunConfig, n_rows: int, world_size: int | None = None) -> Sche
 
 
 def is_log_step(cfg: RunConfig, step: int, total: int) -> bool:
-    return step % cfg.logging_steps == 0 or step == total
+    return step % cfg.logging_steps == 0 or step == total or (cfg.logging_first_step and step == 1)
 
 
 def is_save_step(cfg: RunConfig, step: int, plan: Schedule) -> bool:

@@ -19,7 +19,7 @@ from lmtune.data.sources import read_dataset_info, resolve_dataset
 # Every other key is compared on resume; a new key is therefore protected unless listed here.
 RESUME_MAY_CHANGE = frozenset({
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "logging_steps", "save_steps",
-    "save_strategy",
+    "save_strategy", "logging_first_step",
     "save_total_limit", "plot_loss", "report_to", "eval_strategy", "eval_steps",
     "per_device_eval_batch_size", "overwrite_cache", "preprocessing_num_workers",
     "gradient_checkpointing", "do_train", "export_dir", "export_size", "export_device",
