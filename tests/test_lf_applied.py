@@ -214,3 +214,27 @@ def test_logging_first_step_adds_a_log_line_after_step_one():
 
     assert logged() == [5, 10, 12]
     assert logged(logging_first_step=True) == [1, 5, 10, 12]
+
+
+def test_best_weights_survive_a_resume(tmp_path):
+    from lmtune.train.best import BEST_WEIGHTS, BestEvaluation
+
+    cfg = build_config({"load_best_model_at_end": True, "early_stopping_steps": 3,
+                        "eval_strategy": "steps", "val_size": 2})
+    params = [torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.zeros(3))]
+    state: dict = {}
+    best = BestEvaluation(cfg, params, tmp_path, state)
+    assert not best.update(1, {"eval_loss": 1.0})
+    with torch.no_grad():
+        params[0].fill_(5.0)
+    assert not best.update(2, {"eval_loss": 2.0})  # worse: not kept
+    assert (tmp_path / BEST_WEIGHTS).is_file()
+    # A resumed run starts from the checkpoint's state (JSON) and freshly built parameters.
+    resumed_params = [torch.nn.Parameter(torch.full((2, 2), 7.0)), torch.nn.Parameter(torch.ones(3))]
+    resumed = BestEvaluation(cfg, resumed_params, tmp_path, json.loads(json.dumps(state)))
+    assert not resumed.update(3, {"eval_loss": 1.5})
+    assert resumed.update(4, {"eval_loss": 1.2})  # the third evaluation without improvement
+    assert resumed.restore() == 1
+    assert torch.equal(resumed_params[0], torch.ones(2, 2)) and torch.equal(resumed_params[1], torch.zeros(3))
+    resumed.clean_up()
+    assert not (tmp_path / BEST_WEIGHTS).exists()
