@@ -117,7 +117,8 @@ def test_enable_thinking_decides_whether_the_empty_reasoning_block_trains(tokeni
 def test_flash_attn_sets_the_attention_implementation(tiny_model_dir, flash_attn, implementation):
     from lmtune.models.load import attention, load_model
 
-    model = load_model(tiny_model_dir, attn_implementation=attention(build_config({"flash_attn": flash_attn})))
+    cfg = build_config({"flash_attn": flash_attn})
+    model = load_model(tiny_model_dir, attn_implementation=attention(cfg))
     assert model.config._attn_implementation == implementation
 
 
@@ -182,7 +183,8 @@ def test_best_model_is_the_output_and_early_stopping_ends_the_run(tmp_path, trai
 
 
 @pytest.mark.parametrize("values,message", [
-    ({"load_best_model_at_end": True}, "load_best_model_at_end compares evaluations, but eval_strategy is no"),
+    ({"load_best_model_at_end": True},
+     "load_best_model_at_end compares evaluations, but eval_strategy is no"),
     ({"greater_is_better": True}, "greater_is_better applies only with load_best_model_at_end: true"),
     ({"early_stopping_steps": 2, "eval_strategy": "steps", "val_size": 2, "stage": "ppo",
       "reward_model": "m:f"}, "early_stopping_steps applies to the stages trained on a val split"),
@@ -202,7 +204,8 @@ def test_disable_shuffling_keeps_the_data_order_every_epoch():
 
     assert first_steps(disable_shuffling=True) == [[[0, 1]], [[2, 3]], [[4, 5]]] * 2
     shuffled = first_steps()
-    assert shuffled[:3] != shuffled[3:] and sorted(i for w in shuffled[:3] for b in w for i in b) == list(range(6))
+    assert shuffled[:3] != shuffled[3:]
+    assert sorted(i for window in shuffled[:3] for batch in window for i in batch) == list(range(6))
 
 
 def test_logging_first_step_adds_a_log_line_after_step_one():
