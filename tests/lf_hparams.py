@@ -245,7 +245,7 @@ LF_KEYS = {
     "freeze_vision_tower": (REFUSED, True),
     "freeze_multi_modal_projector": (REFUSED, True),
     "freeze_language_model": (REFUSED, False),
-    "compute_accuracy": (DEFAULT_ONLY, False),
+    "compute_accuracy": (APPLIED, False),
     "disable_shuffling": (APPLIED, False),
     "early_stopping_steps": (APPLIED, None),
     "plot_loss": (APPLIED, False),

@@ -44,15 +44,17 @@ def test_scheduler_kwargs_as_json_text_from_the_command_line():
     assert cfg.lr_scheduler_kwargs == {"num_cycles": 2}
 
 
-def test_scheduler_kwargs_shape_the_schedule_and_save_strategy_epoch(tmp_path, train_config):
+def test_scheduler_kwargs_save_strategy_epoch_and_accuracy_on_a_real_run(tmp_path, train_config):
     per_epoch = -(-len(ALPACA) // 2)
     config = {k: v for k, v in train_config.items() if k not in ("save_steps", "max_steps")}
     config |= {"num_train_epochs": 2, "save_strategy": "epoch", "learning_rate": 1e-3,
-               "lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": 0.5}}
+               "lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": 0.5},
+               "compute_accuracy": True}
     train(tmp_path, config)
     out = Path(config["output_dir"])
-    lrs = [r["lr"] for r in map(json.loads, (out / "trainer_log.jsonl").read_text().splitlines())
-           if "lr" in r]
+    log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in log if "lr" in r]
+    assert all(0 <= r["accuracy"] <= 1 for r in log if "lr" in r)  # compute_accuracy, while training
     assert len(lrs) == 2 * per_epoch
     assert lrs[0] == pytest.approx(1e-3)
     assert min(lrs) >= 0.5e-3 * (1 - 1e-9) and lrs[-1] < 0.6e-3  # cosine down to half, not to 0
@@ -241,3 +243,26 @@ def test_best_weights_survive_a_resume(tmp_path):
     assert torch.equal(resumed_params[0], torch.ones(2, 2)) and torch.equal(resumed_params[1], torch.zeros(3))
     resumed.clean_up()
     assert not (tmp_path / BEST_WEIGHTS).exists()
+
+
+def test_compute_accuracy_counts_reply_tokens_ranked_first(tiny):
+    from lmtune.data.batching import collate
+    from lmtune.data.formats import Conversation
+    from lmtune.train import sft
+
+    model, encoder = tiny
+    rows = [encoder.encode(Conversation([{"role": "user", "content": q},
+                                         {"role": "assistant", "content": a}]))[0]
+            for q, a in (("Say hi.", "Hi there!"), ("Name a colour.", "Blue."))]
+    batch = collate(rows, encoder.tokenizer.pad_token_id)
+    with torch.no_grad():
+        loss, metrics = sft._sft_loss_and_accuracy(model, batch)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    targets = labels != -100
+    expected = int((logits[:, :-1].argmax(-1)[targets] == labels[targets]).sum())
+    correct, count = metrics["accuracy"]
+    assert (int(correct), count) == (expected, int(targets.sum()))
+    assert loss == pytest.approx(float(sft._sft_loss(model, batch)[0]))
+    with pytest.raises(ConfigError, match="compute_accuracy scores the reply tokens of stage sft"):
+        build_config({"compute_accuracy": True, "stage": "pt"})

@@ -189,6 +189,9 @@ def _check_predict_and_replay(cfg: RunConfig, explicitly_set: set[str]) -> None:
     _needs(cfg.num_beams > 1, "length_penalty", "num_beams > 1", explicitly_set)
     _needs(cfg.save_strategy == "steps", "save_steps", "save_strategy: steps", explicitly_set)
     _check_best_model(cfg, explicitly_set)
+    if cfg.compute_accuracy and cfg.stage != "sft":
+        raise ConfigError(f"compute_accuracy scores the reply tokens of stage sft; stage {cfg.stage} "
+                          "logs its own metrics.", "remove compute_accuracy.")
     if cfg.eval_generate_samples and cfg.stage != "sft":
         raise ConfigError(f"eval_generate_samples answers val prompts of an sft run; stage "
                           f"{cfg.stage} has no replies to compare with.", "remove eval_generate_samples.")

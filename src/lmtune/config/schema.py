@@ -123,8 +123,6 @@ NOT_SUPPORTED: dict[str, tuple[Any, str]] = {
                        "(overwrite_cache: true encodes afresh)."),
     "use_llama_pro": (False, "LLaMA-Pro block expansion is not implemented; use finetuning_type: "
                       "freeze to train the last layers."),
-    "compute_accuracy": (False, "token accuracy is not computed; eval_generate_samples reports exact "
-                         "match on generated answers."),
     "use_swanlab": (False, "use report_to: swanlab."),
     "swanlab_project": ("llamafactory", "use report_to: swanlab with SWANLAB_PROJ_NAME in the "
                         "environment."),
@@ -608,6 +606,9 @@ class RunConfig(BaseModel):
     early_stopping_steps: int | None = Field(
         None, ge=1, description="Stop after this many evaluations in a row without a better "
         "metric_for_best_model (LLaMA-Factory's name; it counts evaluations, not steps).")
+    compute_accuracy: bool = Field(
+        False, description="sft: also log the share of reply tokens the model ranks first "
+        "(accuracy while training, eval_accuracy at evaluations).")
     eval_generate_samples: int = Field(
         0, ge=0, description="sft: at every evaluation, also answer the first N val rows by greedy "
         "generation and log BLEU-4, ROUGE and exact match against their replies (0 = off).")
