@@ -54,7 +54,7 @@ LF_KEYS = {
     "use_reentrant_gc": (NOT_APPLIED, True),
     "upcast_layernorm": (DEFAULT_ONLY, False),
     "upcast_lmhead_output": (DEFAULT_ONLY, False),
-    "train_from_scratch": (DEFAULT_ONLY, False),
+    "train_from_scratch": (APPLIED, False),
     "infer_backend": (APPLIED, "huggingface"),
     "offload_folder": (NOT_APPLIED, "offload"),
     "use_kv_cache": (NOT_APPLIED, True),

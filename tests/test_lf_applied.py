@@ -266,3 +266,21 @@ def test_compute_accuracy_counts_reply_tokens_ranked_first(tiny):
     assert loss == pytest.approx(float(sft._sft_loss(model, batch)[0]))
     with pytest.raises(ConfigError, match="compute_accuracy scores the reply tokens of stage sft"):
         build_config({"compute_accuracy": True, "stage": "pt"})
+
+
+def test_train_from_scratch_starts_from_fresh_weights(tmp_path, train_config, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    with pytest.raises(ConfigError, match="set finetuning_type: full"):
+        build_config({"train_from_scratch": True})
+    config = {k: v for k, v in train_config.items() if k != "lora_rank"}
+    # seed 1: the tiny model itself was initialised with seed 0, so a fresh start from seed 0 would
+    # reproduce it.
+    config |= {"finetuning_type": "full", "train_from_scratch": True, "max_steps": 1,
+               "learning_rate": 1e-9, "seed": 1}
+    train(tmp_path, config)
+    name = "model.embed_tokens.weight"
+    start = load_file(Path(tiny_model_dir) / "model.safetensors")[name]
+    trained = load_file(Path(config["output_dir"]) / "model.safetensors")[name]
+    # One step of 1e-9 moves no weight by 1e-6: a difference this size is the fresh start.
+    assert (trained - start).abs().max() > 1e-2

@@ -189,6 +189,9 @@ def _check_predict_and_replay(cfg: RunConfig, explicitly_set: set[str]) -> None:
     _needs(cfg.num_beams > 1, "length_penalty", "num_beams > 1", explicitly_set)
     _needs(cfg.save_strategy == "steps", "save_steps", "save_strategy: steps", explicitly_set)
     _check_best_model(cfg, explicitly_set)
+    if cfg.train_from_scratch and cfg.finetuning_type != "full":
+        raise ConfigError(f"train_from_scratch with finetuning_type: {cfg.finetuning_type}: most "
+                          "weights would stay at their random start.", "set finetuning_type: full.")
     if cfg.compute_accuracy and cfg.stage != "sft":
         raise ConfigError(f"compute_accuracy scores the reply tokens of stage sft; stage {cfg.stage} "
                           "logs its own metrics.", "remove compute_accuracy.")

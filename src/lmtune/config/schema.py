@@ -106,8 +106,6 @@ NOT_SUPPORTED: dict[str, tuple[Any, str]] = {
     "upcast_layernorm": (False, "frozen layer norms are not upcast (trained weights are float32 "
                          "already); remove it."),
     "upcast_lmhead_output": (False, "the output head's logits are not upcast; remove it."),
-    "train_from_scratch": (False, "training starts from the checkpoint's weights; random "
-                           "initialisation is not offered."),
     "quantization_device_map": (None, "the quantized base is placed on the training device; remove it."),
     # LLaMA-Factory's data, finetuning and generation arguments
     "streaming": (False, "streaming is not implemented: the data is encoded and cached before "
@@ -369,6 +367,9 @@ class RunConfig(BaseModel):
         "(supervised fine-tuning), rm (reward model), ppo (RLHF against a reward), dpo (DPO and kin "
         "on preference pairs), kto (KTO on answers tagged desirable or not).")
     do_train: bool = Field(True, description="Train (true) or only load and check (false).")
+    train_from_scratch: bool = Field(
+        False, description="finetuning_type full: train the model's architecture from freshly "
+        "initialised weights (seeded) instead of its checkpoint's.")
     finetuning_type: Literal["full", "freeze", "lora", "adalora", "ia3", "prefix", "prompt",
                              "ptuning"] = Field(
         "lora", description="full: every weight; freeze: last layers or named modules; lora: "

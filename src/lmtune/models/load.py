@@ -239,7 +239,8 @@ def scale_rope(config, rope_type: str, max_length: int) -> None:
 
 def load_model(name: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
                quantization: BitsAndBytesConfig | None = None, attn_implementation: str | None = None,
-               rope_scaling: str | None = None, max_length: int | None = None) -> PreTrainedModel:
+               rope_scaling: str | None = None, max_length: int | None = None,
+               from_scratch: bool = False) -> PreTrainedModel:
     folder = Path(name)
     if folder.is_dir() and not list(folder.glob("*.safetensors")) and list(folder.glob("*.bin")):
         # .bin weights are pickles: loading one can run arbitrary code.
@@ -257,6 +258,9 @@ def load_model(name: str, trust_remote_code: bool = False, dtype: torch.dtype = 
                  "device_map": {"": torch.cuda.current_device()} if torch.cuda.is_available() else None}
     if attn_implementation is not None:
         extra["attn_implementation"] = attn_implementation
+    if from_scratch:  # the architecture only, with freshly initialised weights (seeded by the run)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                **extra)
     return from_pretrained_or_error(AutoModelForCausalLM, name, "weights", config=config, dtype=dtype,
                             trust_remote_code=trust_remote_code, use_safetensors=True, **extra)
 

@@ -39,7 +39,8 @@ def start_run(cfg: RunConfig) -> RunInputs:
     set_seed(cfg.seed)
     model_path = resolve_for(cfg)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
-    model = load_model(model_path, cfg.trust_remote_code, **model_options(cfg))
+    model = load_model(model_path, cfg.trust_remote_code, **model_options(cfg),
+                       from_scratch=cfg.train_from_scratch)
     with dist.main_first():  # rank 0 fills the encoding cache, the others read it
         data = prepare_data(cfg, tokenizer, stop_token_ids(tokenizer, model), model)
         train_rows, val_rows = training_rows(data, cfg, model.config)
