@@ -38,6 +38,9 @@ ACCEPTED_NOT_APPLIED: dict[str, str] = {
     "buffer_size": "only used by streaming, which lmtune does not do",
     "data_shared_file_system": "only changes which process encodes first on several machines",
     "pissa_convert": "a pissa_init adapter is always saved converted to plain LoRA",
+    "upcast_layernorm": "layer norms are float32 already: weights load in float32, and a quantized "
+                        "base keeps its norms in float32",
+    "upcast_lmhead_output": "token losses and log-probs are always computed from float32 logits",
     "include_effective_tokens_per_second": "tokens per second are always logged",
     "max_length": "answers are bounded by max_new_tokens",
     "download_mode": "benchmarks are read from task_dir",
@@ -103,9 +106,6 @@ NOT_SUPPORTED: dict[str, tuple[Any, str]] = {
     "shift_attn": (False, "shift short attention (S2-Attn) is not implemented; remove it."),
     "mixture_of_depths": (None, "Mixture-of-Depths is not implemented; remove it."),
     "moe_aux_loss_coef": (None, "the router's auxiliary loss is not added to the loss; remove it."),
-    "upcast_layernorm": (False, "frozen layer norms are not upcast (trained weights are float32 "
-                         "already); remove it."),
-    "upcast_lmhead_output": (False, "the output head's logits are not upcast; remove it."),
     "quantization_device_map": (None, "the quantized base is placed on the training device; remove it."),
     # LLaMA-Factory's data, finetuning and generation arguments
     "streaming": (False, "streaming is not implemented: the data is encoded and cached before "
