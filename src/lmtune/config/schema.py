@@ -30,7 +30,8 @@ ACCEPTED_NOT_APPLIED: dict[str, str] = {
     "cache_dir": "hub downloads go to the Hugging Face cache (set HF_HOME to move it)",
     "ms_hub_token": "models come from the Hugging Face hub or local folders, not ModelScope",
     "om_hub_token": "models come from the Hugging Face hub or local folders, not Modelers",
-    "print_param_status": "trainable and total parameter counts are always printed",
+    "print_param_status": "trainable and total parameter counts are always logged and written to "
+                          "all_results.json",
     "use_kv_cache": "generation always uses the KV cache; training never needs it",
     "offload_folder": "weights are never offloaded to disk",
     "preprocessing_batch_size": "rows are encoded one record at a time; the batch size of the "
