@@ -130,7 +130,7 @@ LF_KEYS = {
     "preprocessing_batch_size": (NOT_APPLIED, 1000),
     "preprocessing_num_workers": (APPLIED, None),
     "max_samples": (APPLIED, None),
-    "eval_num_beams": (DEFAULT_ONLY, None),
+    "eval_num_beams": (APPLIED, None),
     "ignore_pad_token_for_loss": (DEFAULT_ONLY, True),
     "val_size": (APPLIED, 0.0),
     "eval_on_each_dataset": (DEFAULT_ONLY, False),

@@ -284,3 +284,13 @@ def test_train_from_scratch_starts_from_fresh_weights(tmp_path, train_config, ti
     trained = load_file(Path(config["output_dir"]) / "model.safetensors")[name]
     # One step of 1e-9 moves no weight by 1e-6: a difference this size is the fresh start.
     assert (trained - start).abs().max() > 1e-2
+
+
+def test_eval_num_beams_is_the_beam_count_of_predictions():
+    from lmtune.evaluate.predict import Generation
+
+    assert Generation.from_config(build_config({})).num_beams == 1
+    cfg = build_config({"eval_num_beams": 3, "length_penalty": 1.2})
+    settings = Generation.from_config(cfg)
+    assert settings.kwargs([2], 0)["num_beams"] == 3 and settings.kwargs([2], 0)["length_penalty"] == 1.2
+    assert cfg.num_beams == 1  # chat and serve keep their own

@@ -186,7 +186,8 @@ def _check_predict_and_replay(cfg: RunConfig, explicitly_set: set[str]) -> None:
         raise ConfigError(f"do_predict generates answers after an sft run; stage {cfg.stage} "
                           "trains something else.", "remove do_predict, or predict with "
                           "`lmtune predict` on a config of stage sft.")
-    _needs(cfg.num_beams > 1, "length_penalty", "num_beams > 1", explicitly_set)
+    _needs(max(cfg.num_beams, cfg.eval_num_beams or 1) > 1, "length_penalty", "num_beams > 1",
+           explicitly_set)
     _needs(cfg.save_strategy == "steps", "save_steps", "save_strategy: steps", explicitly_set)
     _check_best_model(cfg, explicitly_set)
     if cfg.train_from_scratch and cfg.finetuning_type != "full":

@@ -112,7 +112,6 @@ NOT_SUPPORTED: dict[str, tuple[Any, str]] = {
     "streaming": (False, "streaming is not implemented: the data is encoded and cached before "
                   "training; use max_samples to cap a large dataset."),
     "ignore_pad_token_for_loss": (True, "padding is never trained on (labels are padded with -100)."),
-    "eval_num_beams": (None, "set num_beams, which predict uses."),
     "eval_on_each_dataset": (False, "the val split is scored as one set; evaluate each dataset "
                              "with its own run of `lmtune predict`."),
     "tool_format": (None, "tool calls are rendered by the tokenizer's chat template; remove it."),
@@ -646,6 +645,9 @@ class RunConfig(BaseModel):
         "on one base) or vllm (needs vLLM and a CUDA GPU; otherwise the built-in backend serves). "
         "sglang and ktransformers are refused.")
     num_beams: int = Field(1, ge=1, description="predict: beams of beam search (1 = greedy or sampling).")
+    eval_num_beams: int | None = Field(
+        None, ge=1, description="predict and eval_generate_samples: beams of beam search there, "
+        "instead of num_beams (which chat and serve keep).")
     length_penalty: float = Field(
         1.0, description="predict with num_beams > 1: exponent on length when ranking beams (> 1 "
         "favours longer answers).")

@@ -58,8 +58,9 @@ class Generation:
     @classmethod
     def from_config(cls, cfg: RunConfig) -> "Generation":
         sample = cfg.do_sample and "do_sample" in cfg.model_fields_set
-        return cls(cfg.max_new_tokens, sample, cfg.temperature, cfg.top_p, cfg.top_k, cfg.num_beams,
-                   cfg.repetition_penalty, cfg.length_penalty, cfg.skip_special_tokens)
+        return cls(cfg.max_new_tokens, sample, cfg.temperature, cfg.top_p, cfg.top_k,
+                   cfg.eval_num_beams or cfg.num_beams, cfg.repetition_penalty, cfg.length_penalty,
+                   cfg.skip_special_tokens)
 
     def kwargs(self, stop_ids: list[int], pad_id: int) -> dict[str, Any]:
         out: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,

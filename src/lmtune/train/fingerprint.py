@@ -25,7 +25,8 @@ RESUME_MAY_CHANGE = frozenset({
     "gradient_checkpointing", "do_train", "export_dir", "export_size", "export_device",
     "export_legacy_format", "export_full_precision", "not_applied",
     # what happens after training or beside it: prediction, benchmarks, serving
-    "eval_generate_samples", "do_predict", "predict_with_generate", "num_beams", "length_penalty",
+    "eval_generate_samples", "do_predict", "predict_with_generate", "num_beams", "eval_num_beams",
+    "length_penalty",
     "skip_special_tokens", "task", "task_dir", "n_shot", "lang", "batch_size", "save_dir",
     "infer_backend", "ddp_timeout",
     # part of the global batch, which Trainer.resume compares (another number of processes may
