@@ -45,9 +45,10 @@ def test_scheduler_kwargs_as_json_text_from_the_command_line():
 
 
 def test_scheduler_kwargs_save_strategy_epoch_and_accuracy_on_a_real_run(tmp_path, train_config):
-    per_epoch = -(-len(ALPACA) // 2)
+    per_epoch = -(-len(ALPACA) // 4)
     config = {k: v for k, v in train_config.items() if k not in ("save_steps", "max_steps")}
     config |= {"num_train_epochs": 2, "save_strategy": "epoch", "learning_rate": 1e-3,
+               "per_device_train_batch_size": 4,
                "lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": 0.5},
                "compute_accuracy": True}
     train(tmp_path, config)
