@@ -37,14 +37,14 @@ browser:
 		echo "note: chromium not installed (needs root); the browser test will be skipped"
 
 test: install browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # A measurement, not a test: about an hour on 2 cores, one script after another, on an idle machine.
 # Each script writes benchmarks/results/<name>.json and rewrites its tables in BENCHMARKS.md/README.md.
-BENCHES := sft_throughput packing_throughput data_throughput ppo_reference quickstart stage_examples compare_methods
+BENCHES := sft_throughput packing_throughput data_throughput ppo_reference serve_memory eval_sample serve_throughput predict_speed quickstart stage_examples compare_methods
 bench: install
 	set -e; for b in $(BENCHES); do echo "== benchmarks/$$b.py =="; $(BIN)/python benchmarks/$$b.py; done
 

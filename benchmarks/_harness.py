@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import hashlib
 import json
 import os
 import re
@@ -23,7 +24,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from lmtune import measure
 
@@ -56,6 +57,26 @@ def run_child(command: list[str], log: Path, env: dict[str, str] | None = None) 
     return Run(child.wall_s, round(int(peak.read_text()) / 2**30, 3), log)
 
 
+def measure_in_child(script: str, spec: dict, log: Path) -> tuple[Run, Any]:
+    """Run `script --child SPEC` in a child process (its work done by `child_main`): its wall time
+    and peak RSS, and the JSON document it printed last."""
+    run = run_child([sys.executable, script, "--child", json.dumps(spec)], log)
+    return run, json.loads(log.read_text().splitlines()[-1])
+
+
+def child_main(work: Callable[[dict], Any]) -> None:
+    """The child's side of `measure_in_child`: when this process was started as `SCRIPT --child
+    SPEC`, set it up as every lmtune entry point is (so its peak RSS reaches the parent), print
+    work(SPEC)'s result as JSON on the last line of stdout and exit; otherwise return."""
+    if sys.argv[1:2] != ["--child"]:
+        return
+    from lmtune.runtime import configure
+
+    configure()
+    print(json.dumps(work(json.loads(sys.argv[2]))))
+    sys.exit(0)
+
+
 def lmtune(*args: str) -> list[str]:
     """The command line of the lmtune CLI under this Python."""
     return [sys.executable, "-m", "lmtune.cli", *args]
@@ -83,11 +104,46 @@ def tiny_model(folder: Path) -> str:
     return str(folder)
 
 
+LORA_RANK = 8
+
+
+def lora_adapters(model: str, count: int, folder: Path) -> list[str]:
+    """`count` LoRA adapters (rank LORA_RANK on every linear layer) for `model`, saved in folder:
+    small random weights, so each changes the answers a little and costs what a trained adapter of
+    that shape costs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from lmtune.models.load import load_model, resolve_model
+    from lmtune.runtime import configure
+
+    configure()  # the libraries' import-time advice means nothing here
+    peft_model = get_peft_model(load_model(resolve_model(model)), LoraConfig(
+        r=LORA_RANK, target_modules="all-linear", task_type="CAUSAL_LM"))
+    paths = []
+    for i in range(count):
+        torch.manual_seed(i)
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                torch.nn.init.normal_(param, std=1e-3 if "lora_B" in name else param.shape[1] ** -0.5)
+        peft_model.save_pretrained(folder / f"adapter-{i}")
+        paths.append(str(folder / f"adapter-{i}"))
+    return paths
+
+
+def folder_mib(path: str) -> float:
+    """The size of the weights (*.safetensors) in a folder, in MiB."""
+    return round(sum(f.stat().st_size for f in Path(path).glob("*.safetensors")) / 2**20, 2)
+
+
 class Bench:
     """One benchmark's command line and destinations: benchmarks/results and the repository's
     documents, or with --smoke a scratch folder holding copies of them and a tiny model."""
 
-    def __init__(self, name: str, description: str | None, configure=None):
+    def __init__(self, name: str, description: str | None, configure=None,
+                 settings: dict[str, tuple[str, int, int]] | None = None):
+        """settings: {name: (help, value, value under --smoke)}, each an integer option --name
+        (underscores as dashes); `self.settings` holds the values this run uses."""
         parser = argparse.ArgumentParser(description=description,
                                          formatter_class=argparse.RawDescriptionHelpFormatter)
         parser.add_argument("--smoke", action="store_true",
@@ -95,13 +151,22 @@ class Bench:
                                  "the script, measures nothing")
         parser.add_argument("--render-only", action="store_true",
                             help="run nothing: rewrite the document sections from the JSON there is")
+        settings = settings or {}
+        for key, (text, value, smoke_value) in settings.items():
+            parser.add_argument("--" + key.replace("_", "-"), type=int, dest=key,
+                                help=f"{text} ({value}; {smoke_value} with --smoke)")
         if configure:
             configure(parser)
         self.args = parser.parse_args()
         self.name = name
         self.smoke = self.args.smoke
+        self.settings = {key: given if (given := getattr(self.args, key)) is not None else
+                         (smoke_value if self.smoke else value)
+                         for key, (_, value, smoke_value) in settings.items()}
         if self.smoke:
-            self.scratch = Path(tempfile.gettempdir()) / "lmtune-bench-smoke"
+            # one folder per checkout: smoke runs in two checkouts at once must not swap documents
+            checkout = hashlib.sha1(str(ROOT).encode()).hexdigest()[:8]
+            self.scratch = Path(tempfile.gettempdir()) / f"lmtune-bench-smoke-{checkout}"
             self.results = self.scratch / "results"
             self.results.mkdir(parents=True, exist_ok=True)
             for doc in DOCS:
@@ -142,6 +207,19 @@ class Bench:
         path = self.docs / doc
         rewrite_section(path, section, text)
         print(f"{text}\n(rewrote section {section} of {path})\n")
+
+
+def run_benchmark(name: str, description: str | None, settings: dict[str, tuple[str, int, int]],
+                  child_work: Callable[[dict], Any], measure: Callable[[Bench], Any],
+                  render: Callable[[Any], str]) -> None:
+    """A benchmark whose measured work runs in one child (`measure_in_child`, `child_main`):
+    measure(bench) -> the JSON, unless --render-only; render(JSON) -> its BENCHMARKS.md section,
+    named as the benchmark."""
+    child_main(child_work)
+    bench = Bench(name, description, settings=settings)
+    if not bench.args.render_only:
+        bench.write_json(measure(bench))
+    bench.rewrite("BENCHMARKS.md", name, render(bench.read_json()))
 
 
 def rewrite_section(path: Path, section: str, text: str) -> None:

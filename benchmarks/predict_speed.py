@@ -1,24 +1,24 @@
 """Predict speed: 200 answers of up to 64 new tokens, generated batched (prompts sorted by length,
-left padding) against one by one, with the same loaded model in the same run.
+left padding, as `lmtune predict` generates them) against one by one, with the same loaded model in
+one child process.
 
 The prompts are lmtune's 100 built-in replay prompts and the first 100 questions of
 data/concise_prompts.json + concise_prompts_heldout.json, each rendered by the chat template.
-Greedy decoding, so both ways should give the same answers; the share that match is reported.
+Greedy decoding, so both ways should give the same answers; how many do is reported.
 
-    python benchmarks/predict_speed.py      # prints a table, writes benchmarks/results/predict_speed.json
-    python benchmarks/predict_speed.py --model PATH --n 8 --max-new-tokens 4 --out /tmp/x.json  # smoke
+    python benchmarks/predict_speed.py   # writes benchmarks/results/predict_speed.json and its table
+                                         # in BENCHMARKS.md
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import platform
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
+from _harness import ROOT, Bench, measure_in_child, run_benchmark, source_line, table
+
+SETTINGS = {"predictions": ("prompts answered each way", 200, 8),
+            "max_new_tokens": ("new tokens per answer at most", 64, 4),
+            "batch_size": ("prompts per batch when batched", 16, 4)}
 
 
 def prompts(n: int) -> list[str]:
@@ -28,59 +28,54 @@ def prompts(n: int) -> list[str]:
     for name in ("concise_prompts.json", "concise_prompts_heldout.json"):
         texts += [r["instruction"] for r in json.loads((ROOT / "data" / name).read_text())]
     if n > len(texts):
-        raise SystemExit(f"--n {n}: only {len(texts)} prompts available")
+        raise SystemExit(f"--predictions {n}: only {len(texts)} prompts are available")
     return texts[:n]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="default")
-    parser.add_argument("--n", type=int, default=200)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "predict_speed.json"))
-    args = parser.parse_args()
-
-    import torch
-
+def generate_both_ways(spec: dict) -> dict:
+    """In the child: one model load, a warm-up, then one by one and batched."""
     from lmtune.data.encode import ChatEncoder
     from lmtune.evaluate.predict import Generation, generate_batched
     from lmtune.models.load import load_model, load_tokenizer, resolve_model, stop_token_ids
-    from lmtune.runtime import configure
 
-    configure()
-    path = resolve_model(args.model)
+    path = resolve_model(spec["model"])
     tokenizer = load_tokenizer(path)
     model = load_model(path).eval()
     encoder = ChatEncoder(tokenizer, stop_token_ids(tokenizer, model), 4096)
-    ids = [encoder.prompt_ids([{"role": "user", "content": t}]) for t in prompts(args.n)]
-    settings = Generation(max_new_tokens=args.max_new_tokens)
+    ids = [encoder.prompt_ids([{"role": "user", "content": text}]) for text in prompts(spec["predictions"])]
+    settings = Generation(max_new_tokens=spec["max_new_tokens"])
     stops = sorted(encoder.stop_ids)
     generate_batched(model, tokenizer.pad_token_id, ids[:2], settings, stops, 2, desc="warm-up")
     runs = {}
-    for name, batch in (("batched", args.batch_size), ("one by one", 1)):
-        answers, timing = generate_batched(model, tokenizer.pad_token_id, ids, settings, stops, batch,
-                                           desc=name)
-        runs[name] = {"batch_size": batch, "seconds": round(timing["runtime"], 2),
-                      "new_tokens": timing["new_tokens"],
-                      "tokens_per_second": round(timing["new_tokens"] / timing["runtime"], 1),
+    for mode, batch in (("one by one", 1), ("batched", spec["batch_size"])):
+        answers, timing = generate_batched(model, tokenizer.pad_token_id, ids, settings, stops, batch, desc=mode)
+        runs[mode] = {"batch_size": batch, "seconds": timing["runtime"], "new_tokens": timing["new_tokens"],
                       "answers": answers}
-    same = sum(a == b for a, b in zip(runs["batched"]["answers"], runs["one by one"]["answers"]))
-    for run in runs.values():
-        del run["answers"]
-    result = {"benchmark": "predict_speed", "model": args.model, "predictions": args.n,
-              "max_new_tokens": args.max_new_tokens, "decoding": "greedy", "runs": runs,
-              "speedup": round(runs["one by one"]["seconds"] / runs["batched"]["seconds"], 2),
-              "identical_answers": same, "torch_threads": torch.get_num_threads(),
-              "machine": platform.processor() or platform.machine()}
-    print(f"{'':<12}{'batch':>6}{'seconds':>10}{'new tokens':>12}{'tokens/s':>10}")
-    for name, run in runs.items():
-        print(f"{name:<12}{run['batch_size']:>6}{run['seconds']:>10}{run['new_tokens']:>12}"
-              f"{run['tokens_per_second']:>10}")
-    print(f"speed-up {result['speedup']}x; {same}/{args.n} answers identical")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return runs
+
+
+def measure(bench: Bench) -> dict:
+    spec = bench.settings
+    run, runs = measure_in_child(__file__, spec | {"model": bench.model}, bench.scratch / "predict.log")
+    rows = [{"mode": mode, "batch_size": r["batch_size"], "seconds": round(r["seconds"], 2),
+             "new_tokens": r["new_tokens"], "tokens_per_second": round(r["new_tokens"] / r["seconds"], 1)}
+            for mode, r in runs.items()]
+    for row in rows:  # the same prompts both ways: time is what differs
+        row["speed_vs_one_by_one"] = round(rows[0]["seconds"] / row["seconds"], 2)
+    same = sum(a == b for a, b in zip(runs["one by one"]["answers"], runs["batched"]["answers"]))
+    return {"predictions": spec["predictions"], "max_new_tokens": spec["max_new_tokens"],
+            "identical_answers": same, "peak_rss_gib": run.peak_rss_gib, "rows": rows}
+
+
+def render(data: dict) -> str:
+    intro = (f"{data['predictions']} predictions of up to {data['max_new_tokens']} new tokens; "
+             f"{data['identical_answers']} of the {data['predictions']} answers are the same both ways; the "
+             f"process's peak RSS {data['peak_rss_gib']:.2f} GiB.\n\n")
+    body = [[r["mode"], str(r["batch_size"]), f"{r['seconds']:.2f}", str(r["new_tokens"]),
+             f"{r['tokens_per_second']:.1f}", f"{r['speed_vs_one_by_one']:.2f}"] for r in data["rows"]]
+    return intro + table(["generation", "batch", "seconds", "new tokens", "tokens/s", "x one by one"],
+                         "lrrrrr", body) + "\n\n" + source_line("predict_speed") + "\n"
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark("predict_speed", __doc__, SETTINGS, generate_both_ways, measure, render)

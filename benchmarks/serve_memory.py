@@ -1,103 +1,82 @@
-"""lmtune serve: resident memory of the base alone, with 1 adapter and with 8, in the same run.
+"""lmtune serve: resident memory of the server with the base alone, with 1 adapter and with 8.
 
 Each variant runs in its own child process, one after another: it builds the server (the default
-model and N LoRA r=8 adapters on every linear layer), answers one short greedy chat request per
-served model, and reports its resident memory (RSS) then and its peak. Extra memory per adapter is
-compared with the adapter's file size and with what serving each adapter on its own copy of the
-base would cost (8 servers of one adapter each).
+model and N LoRA adapters, r 8 on every linear layer), answers one short greedy chat request per
+served model, and reports its resident memory (RSS) then, its peak, and the bytes of the weights it
+holds. Memory per extra adapter is compared with the adapter's file size, and 8 adapters on one base
+with 8 servers of one adapter each.
 
-    python benchmarks/serve_memory.py            # default model; writes results/serve_memory.json
-    python benchmarks/serve_memory.py --smoke    # 2-layer random model, seconds, writes nothing
+    python benchmarks/serve_memory.py   # writes benchmarks/results/serve_memory.json and its table
+                                        # in BENCHMARKS.md
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import resource
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from _harness import (LORA_RANK, Bench, folder_mib, lora_adapters, measure_in_child, run_benchmark, source_line,
+                      table)
 
-from serve_common import folder_bytes, make_adapters, model_folder  # noqa: E402
-
+COUNTS = (0, 1, 8)
 MIB = 2**20
 
 
-def child(model: str, adapters: list[str], out: str) -> None:
+def serve_and_weigh(spec: dict) -> dict:
+    """In the child: the server built and every served model asked once; RSS and weight bytes."""
     from lmtune.config import RunConfig
     from lmtune.infer.generate import GenRow, Sampling
-    from lmtune.measure import peak_rss_bytes
-    from lmtune.runtime import configure
     from lmtune.serve.app import build_server
 
-    configure()
-    server = build_server(RunConfig(model_name_or_path=model, do_sample=False),
-                          [f"adapter-{i}={p}" for i, p in enumerate(adapters)])
-    models = server.adapters.models
-    for served in list(models.values()):
-        ids = next(iter(models.values())).encoder.prompt_ids(
-            [{"role": "user", "content": "What is the capital of France?"}])
-        with server.adapters.lock:
-            server.adapters.generate(served, [GenRow(ids, Sampling(max_new_tokens=8), served.stop_ids,
-                                                     served.name)], lambda i, t: True)
+    server = build_server(RunConfig(model_name_or_path=spec["model"], do_sample=False),
+                          [f"adapter-{i}={p}" for i, p in enumerate(spec["adapters"])])
+    adapters = server.adapters
+    for served in list(adapters.models.values()):
+        ids = served.encoder.prompt_ids([{"role": "user", "content": "What is the capital of France?"}])
+        with adapters.lock:
+            adapters.generate(served, [GenRow(ids, Sampling(max_new_tokens=8), served.stop_ids, served.name)],
+                              lambda i, token: True)
     server.scheduler.close()
-    rss = int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
-    peak = peak_rss_bytes()  # this process's own high-water mark, not the parent's
-    Path(out).write_text(json.dumps({"rss": rss, "peak": peak}))
+    weights = sum(p.numel() * p.element_size() for p in (adapters.peft or adapters.base).parameters())
+    resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return {"rss_bytes": resident_pages * resource.getpagesize(), "weights_bytes": weights}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="default")
-    parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        model, out, *adapters = args.child
-        child(model, adapters, out)
-        return
-
-    from lmtune.runtime import configure
-
-    configure()
+def measure(bench: Bench) -> dict:
+    paths = lora_adapters(bench.model, max(COUNTS), bench.scratch / "adapters")
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        model = model_folder(args.model, args.smoke, work)
-        paths = make_adapters(model, 8, work)
-        adapter_mib = folder_bytes(paths[0]) / MIB
-        base_mib = folder_bytes(model) / MIB
-        for count in (0, 1, 8):
-            out = work / f"mem-{count}.json"
-            subprocess.run([sys.executable, __file__, "--child", model, str(out), *paths[:count]],
-                           check=True, cwd=ROOT, capture_output=True)
-            measured = json.loads(out.read_text())
-            rows.append({"adapters": count, "rss_mib": round(measured["rss"] / MIB, 1),
-                         "peak_rss_mib": round(measured["peak"] / MIB, 1)})
-    base = rows[0]["rss_mib"]
+    for count in COUNTS:
+        run, got = measure_in_child(__file__, {"model": bench.model, "adapters": paths[:count]},
+                                    bench.scratch / f"serve-{count}.log")
+        rows.append({"adapters": count, "weights_mib": round(got["weights_bytes"] / MIB, 2),
+                     "rss_mib": round(got["rss_bytes"] / MIB, 1), "peak_rss_mib": round(run.peak_rss_gib * 1024)})
+    base, one = rows[0], rows[1]
     for row in rows[1:]:
-        row["mib_per_adapter"] = round((row["rss_mib"] - base) / row["adapters"], 2)
-    eight = rows[-1]
-    result = {"model": args.model, "adapter": "LoRA r=8, all linear layers",
-              "adapter_file_mib": round(adapter_mib, 2), "base_weights_mib": round(base_mib, 1),
-              "rows": rows,
-              "eight_adapters_vs_eight_servers": round(eight["rss_mib"] / (8 * rows[1]["rss_mib"]), 3)}
-    print(f"{'adapters':>8}{'RSS MiB':>10}{'peak MiB':>10}{'MiB/adapter':>13}")
-    for row in rows:
-        print(f"{row['adapters']:>8}{row['rss_mib']:>10}{row['peak_rss_mib']:>10}"
-              f"{row.get('mib_per_adapter', ''):>13}")
-    print(f"adapter file {result['adapter_file_mib']} MiB; 8 adapters on one base use "
-          f"{result['eight_adapters_vs_eight_servers']}x the memory of 8 one-adapter servers")
-    if not args.smoke:
-        target = ROOT / "benchmarks" / "results" / "serve_memory.json"
-        target.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {target}")
+        row["weights_mib_per_adapter"] = round((row["weights_mib"] - base["weights_mib"]) / row["adapters"], 2)
+        row["rss_mib_per_adapter"] = round((row["rss_mib"] - base["rss_mib"]) / row["adapters"], 1)
+        row["vs_one_adapter_servers"] = round(row["rss_mib"] / (row["adapters"] * one["rss_mib"]), 3)
+    return {"lora_rank": LORA_RANK, "adapter_file_mib": folder_mib(paths[0]), "rows": rows}
+
+
+def render(data: dict) -> str:
+    rows = data["rows"]
+    last = rows[-1]
+    label = {0: "the base alone", 1: "base + 1 adapter"}
+    body = [[label.get(r["adapters"], f"base + {r['adapters']} adapters"), f"{r['weights_mib']:.2f}",
+             f"{r['rss_mib']:.1f}", f"{r['peak_rss_mib']:.0f}",
+             f"{r['weights_mib_per_adapter']:.2f}" if r["adapters"] else "",
+             f"{r['rss_mib_per_adapter']:.1f}" if r["adapters"] else "",
+             f"{r['vs_one_adapter_servers']:.2f}" if r["adapters"] else ""] for r in rows]
+    summary = (f"One adapter's file (LoRA r {data['lora_rank']}, all linear layers) holds "
+               f"{data['adapter_file_mib']:.2f} MiB; with {last['adapters']} adapters each "
+               f"costs {last['rss_mib_per_adapter']:.1f} MiB of resident memory over the base alone, whose "
+               f"weights take {rows[0]['weights_mib']:.2f} MiB. {last['adapters']} adapters on one base take "
+               f"{last['vs_one_adapter_servers']:.2f}x the resident memory of {last['adapters']} one-adapter "
+               "servers.\n\n")
+    return summary + table(["server", "weights MiB", "resident MiB", "peak MiB", "weights MiB per adapter",
+                            "resident MiB per adapter over the base alone", "x the memory of one-adapter servers"],
+                           "lrrrrrr", body) + "\n\n" + source_line("serve_memory") + "\n"
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark("serve_memory", __doc__, {}, serve_and_weigh, measure, render)

@@ -139,8 +139,51 @@ def test_the_documents_have_the_tables_and_sections_checked(docs):
     benchmarks_md, readme = docs
     assert len(tables(benchmarks_md)) >= 6
     assert {"sft_throughput", "packing_throughput", "data_plan", "data_encoding", "compare_methods",
-            "stage_examples", "quickstart", "ppo_reference"} <= {m.group(1) for m in SECTION.finditer(benchmarks_md)}
+            "stage_examples", "quickstart", "ppo_reference", "serve_throughput", "serve_memory",
+            "predict_speed", "eval_sample"} <= {m.group(1) for m in SECTION.finditer(benchmarks_md)}
     assert {"stage_examples", "quickstart"} <= {m.group(1) for m in SECTION.finditer(readme)}
+
+
+# bench.rewrite("DOC", "NAME", ...), or run_benchmark("NAME", ...), which rewrites NAME in BENCHMARKS.md
+REWRITE = re.compile(r'\.rewrite\("([\w.]+)", "([\w-]+)"|run_benchmark\("()([\w-]+)"')
+
+
+def body_of(text: str, name: str) -> str | None:
+    """The text between a section's markers."""
+    return next((m.group(2) for m in SECTION.finditer(text) if m.group(1) == name), None)
+
+
+def test_every_section_a_script_rewrites_is_in_its_document_measured_or_marked_not_yet(docs):
+    """A section is either written from its JSON or says which script will write it."""
+    texts = dict(zip(("BENCHMARKS.md", "README.md"), docs))
+    rewritten = {}
+    for script in sorted((ROOT / "benchmarks").glob("*.py")):
+        for doc, name, _, benchmark in REWRITE.findall(script.read_text()):
+            rewritten[(doc or "BENCHMARKS.md", name or benchmark)] = script.name
+    assert {"serve_throughput", "serve_memory", "predict_speed", "eval_sample"} <= {n for _, n in rewritten}
+    for (doc, name), script in rewritten.items():
+        body = body_of(texts[doc], name)
+        assert body is not None, f"{script} rewrites section {name}, which {doc} lacks"
+        if doc == "BENCHMARKS.md":
+            assert SOURCE.search(body) or body.startswith(
+                f"Not measured on this version yet: `python benchmarks/{script}` writes"), (name, body)
+
+
+SECTIONS = sorted({m.group(1) for m in SECTION.finditer((ROOT / "BENCHMARKS.md").read_text())})
+
+
+@pytest.mark.parametrize("name", SECTIONS)
+def test_a_hand_typed_number_in_any_section_fails_measured_or_not(docs, name):
+    benchmarks_md, _ = docs
+    opening = f"<!-- bench:{name} -->\n"
+    typed_sentence = benchmarks_md.replace(opening, opening + "Batched serving is 1234.5678x faster.\n")
+    assert any(name in p for p in section_problems(typed_sentence, "BENCHMARKS.md"))
+    # a typed table under the section's own source line, where its JSON exists
+    source = "\n".join(line for line in (body_of(benchmarks_md, name) or "").splitlines() if SOURCE.search(line))
+    typed_table = benchmarks_md.replace(opening, opening + "| mode | tokens/s |\n| --- | ---: |\n"
+                                        f"| batched | 1234.5678 |\n\n{source or 'no source'}\n\n")
+    assert len(tables(typed_table)) == len(tables(benchmarks_md)) + 1
+    assert len(table_problems(typed_table, "BENCHMARKS.md")) == len(table_problems(benchmarks_md, "BENCHMARKS.md")) + 1
 
 
 def retyped(printed: str) -> str:

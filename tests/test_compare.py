@@ -87,6 +87,17 @@ def test_compare_writes_the_three_files_with_each_runs_numbers(tmp_path, base_ya
      ["variant b", "lora_rnak", "lora_rank"]),
     ({"output_dir": "x", "variants": [{"name": "a", "finetuning_type": "full", "use_dora": True}]},
      ["variant a", "use_dora"]),
+    ({"output_dir": "x", "variants": [{"name": "a", "sweep": [1e-3, 1e-2]}]}, ["variant a", "sweep must map"]),
+    ({"output_dir": "x", "variants": [{"name": "a", "learning_rate": 1e-3,
+                                       "sweep": {"learning_rate": [1e-2]}}]}, ["both set and swept"]),
+    ({"output_dir": "x", "variants": [{"name": "a", "sweep": {"learning_rate": [1e-2, 0.01]}}]},
+     ["repeats a value"]),
+    ({"output_dir": "x", "variants": [{"name": "a", "sweep": {"finetuning_type": ["lora", "ia3"]}}]},
+     ["cannot vary finetuning_type"]),
+    ({"output_dir": "x", "variants": [{"name": "a", "sweep": {"learning_rate": [1e-2, -1.0]}}]},
+     ["variant a, sweep point learning_rate=-1.0", "learning_rate"]),
+    ({"output_dir": "x", "variants": [{"name": "a"}], "eval_task": "nothere_test", "task_dir": "."},
+     ["eval_task", "no folder nothere"]),
 ])
 def test_bad_specs_fail_before_anything_trains(tmp_path, base_yaml, spec, words):
     path = write_yaml(tmp_path / "compare.yaml", {"base_config": str(base_yaml)} | spec)
@@ -139,16 +150,70 @@ def test_ctrl_c_during_compare_lets_the_variant_save_its_checkpoint(tmp_path, ba
     spec = write_yaml(tmp_path / "compare.yaml", {
         "output_dir": str(tmp_path / "cmp"), "base_config": str(base_yaml),
         "base": {"max_steps": 400, "logging_steps": 1, "eval_strategy": "no", "save_steps": 1000},
-        "variants": [{"name": "only"}]})
+        "variants": [{"name": "only", "sweep": {"learning_rate": [1.0e-2, 1.0e-3]}}]})
     env = os.environ | {"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO / "src")}
     # Its own session, so the SIGINT goes to the whole process group, as a terminal's Ctrl-C does.
     proc = subprocess.Popen([sys.executable, "-m", "lmtune.cli", "compare", str(spec)], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    wait_for_log_lines(tmp_path / "cmp" / "only", 3, proc, timeout=300)
+    first = tmp_path / "cmp" / "only" / "learning_rate=0.01"
+    wait_for_log_lines(first, 3, proc, timeout=300)
     os.killpg(proc.pid, signal.SIGINT)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
-    checkpoints = complete_checkpoints(tmp_path / "cmp" / "only")
+    checkpoints = complete_checkpoints(first)
     assert checkpoints and (checkpoints[-1] / "adapter_model.safetensors").is_file()
+    # The interrupted sweep point stops the comparison: the next point never starts.
+    assert not (tmp_path / "cmp" / "only" / "learning_rate=0.001").exists()
+
+
+@pytest.mark.slow
+def test_sweep_benchmark_column_and_replay_on_and_off(tmp_path, base_yaml, monkeypatch):
+    monkeypatch.setenv("LMTUNE_HOME", str(tmp_path / "home"))  # replay's answer cache, for the children
+    spec = write_yaml(tmp_path / "compare.yaml", {
+        "output_dir": str(tmp_path / "cmp"), "base_config": str(base_yaml),
+        "base": {"max_steps": 8, "eval_strategy": "no", "logging_steps": 4},
+        "variants": [{"name": "replay", "replay": 2},
+                     {"name": "swept", "sweep": {"learning_rate": [1.0e-2, 1.0e-9]}}],
+        "score": "contains", "score_expect": "{{who}}", "score_max_new_tokens": 4,
+        "eval_task": "mmlu_sample_test", "task_dir": str(REPO / "data"), "n_shot": 1, "batch_size": 8})
+    assert main(["compare", str(spec)]) == 0
+    out = tmp_path / "cmp"
+    report = json.loads((out / "compare.json").read_text())
+    (model, base), = report["base_models"].items()
+    assert model == report["variants"][0]["keys"].get("model_name_or_path", model)
+    assert base["questions"] == 32 and 0 <= base["accuracy"] <= 100
+    rows = {r["name"]: r for r in report["variants"]}
+    for row in rows.values():
+        bench = row["benchmark"]
+        assert bench["task"] == "mmlu_sample_test" and bench["questions"] == 32
+        assert bench["delta"] == pytest.approx(bench["accuracy"] - base["accuracy"])
+    # With and without replay: the base model's own answers to 2 general prompts joined one's data.
+    def sources(folder):
+        return {d["name"]: d for d in json.loads((folder / "data_report.json").read_text())["datasets"]}
+
+    assert sources(out / "replay")["replay"]["found"] == 2
+    assert "replay" not in sources(out / "swept" / "learning_rate=0.01")
+
+    swept = rows["swept"]
+    points = {p["label"]: p for p in swept["sweep"]["points"]}
+    assert list(points) == ["learning_rate=0.01", "learning_rate=1e-09"]
+    for label, point in points.items():
+        assert point["status"] == "ok" and point["steps"] == 8 and point["benchmark"]["questions"] == 32
+        results = json.loads((out / "swept" / label / "all_results.json").read_text())
+        assert point["eval_loss"] == pytest.approx(results["eval_loss"])
+    # A rate that barely moves the weights loses to one that learns, by eval loss at equal scores.
+    assert points["learning_rate=0.01"]["eval_loss"] < points["learning_rate=1e-09"]["eval_loss"]
+    assert swept["sweep"]["best"] == "learning_rate=0.01" and swept["keys"]["learning_rate"] == 0.01
+    assert swept["eval_loss"] == points["learning_rate=0.01"]["eval_loss"]
+    assert swept["benchmark"] == points["learning_rate=0.01"]["benchmark"]
+
+    md = (out / "compare.md").read_text()
+    table = {line.split(" | ")[0]: line for line in md.splitlines() if line.startswith("| ")}
+    assert "benchmark % (vs base)" in md and f"{base['accuracy']:.1f}% of 32 questions" in md
+    delta = rows["replay"]["benchmark"]["delta"]
+    assert f"{rows['replay']['benchmark']['accuracy']:.1f} ({delta:+.1f})" in table["| replay"]
+    assert "| swept (learning_rate=0.01, best of 2)" in table
+    assert "learning_rate=0.01 (best)" in md and "swept learning_rate over [0.01, 1e-09]" in md
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

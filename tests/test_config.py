@@ -148,14 +148,14 @@ def test_scalar_strings_are_coerced():
 # --- accepted but not applied -------------------------------------------------------------------
 
 def test_accepted_not_applied_keys_load_and_are_reported(tmp_path):
-    extra = {"dataloader_num_workers": 4, "flash_attn": "auto", "save_only_model": False}
+    extra = {"dataloader_num_workers": 4, "use_fast_tokenizer": True, "save_only_model": False}
     path = write_yaml(tmp_path / "c.yaml", {"dataset": "identity", "output_dir": "out", **extra})
     cfg = load_config(path)
     assert cfg.not_applied == extra
-    assert not hasattr(cfg, "flash_attn")
+    assert not hasattr(cfg, "use_fast_tokenizer")
     # Not part of the saved, resolved config.
     assert "not_applied" not in cfg.to_yaml_dict()
-    assert "flash_attn" not in cfg.to_yaml_dict()
+    assert "use_fast_tokenizer" not in cfg.to_yaml_dict()
 
 
 def test_not_applied_is_empty_by_default():

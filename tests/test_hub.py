@@ -3,6 +3,7 @@ how to get it; the network only when the user allows it or the hub endpoint answ
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 from pathlib import Path
@@ -131,3 +132,45 @@ def test_configure_marks_offline_as_its_own_default_only_when_the_user_set_nothi
     monkeypatch.delenv(hub.AUTO_MARKER)
     runtime.configure()
     assert runtime.os.environ["HF_HUB_OFFLINE"] == "0" and hub.AUTO_MARKER not in runtime.os.environ
+
+
+def test_model_revision_picks_that_snapshot(hub_cache, tiny_model_dir, user_offline):
+    from lmtune.config import build_config
+    from lmtune.models.load import resolve_for
+
+    main = cache_model(hub_cache, "someone/tiny-model", tiny_model_dir)
+    tagged = main.parent / ("f" * 40)
+    shutil.copytree(main, tagged)
+    config = json.loads((tagged / "config.json").read_text())
+    (tagged / "config.json").write_text(json.dumps({**config, "lmtune_tag": "v1"}))
+    (main.parent.parent / "refs" / "v1").write_text("f" * 40)
+    assert resolve_for(build_config({"model_name_or_path": "someone/tiny-model"})) == str(main)
+    cfg = build_config({"model_name_or_path": "someone/tiny-model", "model_revision": "v1"})
+    assert load_model(resolve_for(cfg)).config.lmtune_tag == "v1"
+    # A trained run's own folder has no revision: the config's revision is not applied to it.
+    assert resolve_for(cfg, tiny_model_dir) == tiny_model_dir
+    cfg.model_revision = "v2"
+    with pytest.raises(ModelError) as info:
+        resolve_for(cfg)
+    assert "'someone/tiny-model' at revision 'v2' is not in the local HF cache" in info.value.message
+    assert "`hf download someone/tiny-model --revision v2`" in info.value.fix
+
+
+def test_hub_adapter_id_loads_from_the_cache(hub_cache, tiny_model_dir, random_adapter, user_offline):
+    import torch
+
+    from lmtune.models.methods import load_adapters
+
+    cache_model(hub_cache, "someone/tiny-adapter", random_adapter)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    from_hub = load_adapters(load_model(tiny_model_dir), ["someone/tiny-adapter"], trainable_last=False)
+    from_folder = load_adapters(load_model(tiny_model_dir), [random_adapter], trainable_last=False)
+    plain = load_model(tiny_model_dir)
+    with torch.no_grad():
+        assert torch.equal(from_hub(ids).logits, from_folder(ids).logits)
+        assert not torch.allclose(from_hub(ids).logits, plain(ids).logits)
+    with pytest.raises(ModelError) as info:
+        load_adapters(plain, ["someone/missing-adapter"], trainable_last=False)
+    assert info.value.message.startswith("adapter_name_or_path: 'someone/missing-adapter' is not in "
+                                         "the local HF cache (offline: HF_HUB_OFFLINE=1")
+    assert "`hf download someone/missing-adapter`" in info.value.fix

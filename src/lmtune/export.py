@@ -21,7 +21,7 @@ from lmtune.config import RunConfig
 from lmtune.durable import replace_folder, staging_name, writing
 from lmtune.errors import ConfigError, ModelError, TrainingError
 from lmtune.models.lineage import EXPORT_RECORD, lineage_of, weights_of
-from lmtune.models.load import is_quantized, load_model, load_tokenizer, resolve_model, tokenizer_source
+from lmtune.models.load import is_quantized, load_model, load_tokenizer, resolve_for, tokenizer_source
 from lmtune.models.methods import MERGEABLE, adapter_type, load_adapters
 from lmtune.models.scalar_head import HEAD_FILE
 from lmtune.train.checkpoint import RUN_CONFIG
@@ -72,7 +72,7 @@ def export(cfg: RunConfig) -> Path:
                           "reload the base in full precision and merge there: add "
                           "export_full_precision=true (the result differs from the trained model "
                           "by the base's quantization error, as every QLoRA merge does).")
-    model_path = resolve_model(model_name)
+    model_path = resolve_for(cfg, model_name)
     tokenizer = load_tokenizer(tokenizer_source(model_path, adapters), cfg.trust_remote_code)
     # Merge in fp32: merging in bf16 rounds W + BA and drifts from base + adapter.
     model = load_model(model_path, cfg.trust_remote_code, dtype=torch.float32)

@@ -56,8 +56,9 @@ def why_offline() -> str:
     return f"offline: the hub ({endpoint()}) cannot be reached"
 
 
-def how_to_get(repo_id: str, repo_type: str = "model") -> str:
+def how_to_get(repo_id: str, repo_type: str = "model", revision: str | None = None) -> str:
     kind = "" if repo_type == "model" else f" --repo-type {repo_type}"
+    kind += f" --revision {revision}" if revision else ""
     return (f"download it on a machine with network: `hf download {repo_id}{kind}` (HF_HOME must "
             "point to the same cache here), or run where the hub is reachable, with HF_HUB_OFFLINE "
             "unset or HF_HUB_OFFLINE=0.")
@@ -84,8 +85,9 @@ def hub_access() -> Iterator[bool]:
 MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
 
 
-def model_snapshot(repo_id: str, what: str) -> str:
-    """A hub model (or adapter) id -> its local snapshot folder, downloaded when online."""
+def model_snapshot(repo_id: str, what: str, revision: str | None = None) -> str:
+    """A hub model (or adapter) id -> its local snapshot folder at `revision` (a branch, tag or
+    commit; default main), downloaded when online."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError
 
@@ -93,21 +95,22 @@ def model_snapshot(repo_id: str, what: str) -> str:
 
     with hub_access() as online:
         try:
-            folder = snapshot_download(repo_id, allow_patterns=MODEL_FILES)
+            folder = snapshot_download(repo_id, revision=revision, allow_patterns=MODEL_FILES)
         except HFValidationError as exc:
             raise ModelError(f"{what}: '{repo_id}' is neither a local folder nor a valid hub id "
                              f"({str(exc).splitlines()[0]}).", "check the path or the id.") from None
         except Exception as exc:  # not cached, unknown repo, gated, network failure
             where = "on the hub" if online else f"in the local HF cache ({why_offline()})"
-            raise ModelError(f"{what}: '{repo_id}' is not {where} "
+            at = f" at revision '{revision}'" if revision else ""
+            raise ModelError(f"{what}: '{repo_id}'{at} is not {where} "
                              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}).",
-                             how_to_get(repo_id)) from None
+                             how_to_get(repo_id, revision=revision)) from None
     names = {p.name for p in Path(folder).rglob("*") if p.is_file()}
     missing = [label for label, present in (
         ("config.json", "config.json" in names or "adapter_config.json" in names),
         ("*.safetensors weights", any(n.endswith(".safetensors") for n in names))) if not present]
     if missing:
         raise ModelError(f"{what}: the cached copy of '{repo_id}' in {folder} lacks "
-                         f"{' and '.join(missing)}.", how_to_get(repo_id))
+                         f"{' and '.join(missing)}.", how_to_get(repo_id, revision=revision))
     return folder
 

@@ -28,7 +28,7 @@ from lmtune.data.pipeline import PreparedData, prepare_data, training_rows
 from lmtune.data.report import DataReport
 from lmtune.durable import write_with
 from lmtune.errors import ConfigError, ModelError
-from lmtune.models.load import from_pretrained_or_error, load_tokenizer, resolve_model, stop_token_ids
+from lmtune.models.load import from_pretrained_or_error, load_tokenizer, resolve_for, stop_token_ids
 from lmtune.models.methods import apply_method, count_parameters
 from lmtune.train.engine import schedule
 from lmtune.train.optim import state_bytes
@@ -161,7 +161,7 @@ def measure(cfg: RunConfig, steps: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as scratch:
         run_cfg = cfg.model_copy(update={
             "output_dir": scratch, "overwrite_output_dir": True, "resume_from_checkpoint": None,
-            "max_steps": steps + 1, "logging_steps": 1, "save_steps": 10**9, "plot_loss": False,
+            "max_steps": steps + 1, "logging_steps": 1, "save_strategy": "no", "plot_loss": False,
             "eval_strategy": "no", "do_train": True})
         with contextlib.redirect_stdout(io.StringIO()):
             STAGES[cfg.stage](run_cfg)
@@ -232,7 +232,7 @@ def build_plan(cfg: RunConfig, measure_steps: int = 0, world_size: int | None = 
     if not cfg.dataset_names:
         raise ConfigError("lmtune plan needs a dataset, and none is set.",
                           "add e.g. dataset: identity (a name in dataset_info.json) or a file path.")
-    model_path = resolve_model(cfg.model_name_or_path)
+    model_path = resolve_for(cfg)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     model = meta_model(model_path, cfg)
     data = prepare_data(cfg, tokenizer, stop_token_ids(tokenizer, model))

@@ -15,8 +15,13 @@ import yaml
 from pydantic import ValidationError
 
 from lmtune.config.rules import check_combinations
-from lmtune.config.schema import ACCEPTED_NOT_APPLIED, NOT_SUPPORTED, RunConfig
+from lmtune.config.schema import ACCEPTED_NOT_APPLIED, NOT_SUPPORTED, REFUSED_FEATURES, RunConfig
 from lmtune.errors import ConfigError
+
+# Values besides the catalogued default that mean what lmtune does anyway: a reward model's folder
+# says whether it is LoRA or full.
+_SAME_AS_DEFAULT = {("reward_model_type", "full")}
+
 
 def _describe_type_error(err: dict[str, Any]) -> str:
     key = ".".join(str(p) for p in err["loc"])
@@ -30,6 +35,11 @@ def _closest(key: Any, choices: list[str]) -> str | None:
     return match[0] if match else None
 
 
+def _means_default(key: str, value: Any, default: Any) -> bool:
+    # Compared pair by pair: a YAML value may be a list or mapping, which no set can hold.
+    return value == default or any(key == k and value == v for k, v in _SAME_AS_DEFAULT)
+
+
 def known_keys() -> list[str]:
     return sorted(k for k in RunConfig.model_fields if k != "not_applied")
 
@@ -39,18 +49,23 @@ def build_config(values: dict[str, Any], source: str = "config") -> RunConfig:
     values = dict(values)
     not_applied = {k: values.pop(k) for k in list(values) if k in ACCEPTED_NOT_APPLIED}
     off_only = {k: values.pop(k) for k in list(values) if k in NOT_SUPPORTED}
+    refused = {k: values.pop(k) for k in list(values) if k in REFUSED_FEATURES}
     valid = known_keys()
     problems = []  # (message, fix) per key, all reported at once: one edit fixes the whole file
     for key in values:
         if key not in valid:
-            guess = _closest(key, valid + list(ACCEPTED_NOT_APPLIED) + list(NOT_SUPPORTED))
+            guess = _closest(key, valid + list(ACCEPTED_NOT_APPLIED) + list(NOT_SUPPORTED)
+                             + list(REFUSED_FEATURES))
             problems.append((f"unknown key '{key}'",
                              f"did you mean '{guess}'?" if guess else None))
     for key, value in off_only.items():
         default, fix = NOT_SUPPORTED[key]
-        # reward_model_type 'full' is accepted too: the folder says what it holds.
-        if value != default and not (key == "reward_model_type" and value == "full"):
+        if not _means_default(key, value, default):
             problems.append((f"{key}: {value!r} is a LLaMA-Factory feature lmtune does not have", fix))
+    for key, value in refused.items():
+        default, reason = REFUSED_FEATURES[key]
+        if not _means_default(key, value, default):
+            problems.append((f"{key}: {value!r} is refused", reason))
     if len(problems) == 1:
         message, fix = problems[0]
         raise ConfigError(f"{source}: {message}.", fix or "see `lmtune train --help` for every key.")
@@ -156,8 +171,11 @@ def describe_keys() -> str:
         default = field.get_default(call_default_factory=True)
         lines.append(f"  {name} (default {default!r})\n      {field.description}")
     accepted = ", ".join(sorted(ACCEPTED_NOT_APPLIED))
-    lines.append(f"\n  Accepted for compatibility, not applied in a single-process run: {accepted}")
+    lines.append(f"\n  Accepted for compatibility, not applied (listed at start-up with why): {accepted}")
     off_only = ", ".join(f"{k} ({v[0]!r})" for k, v in sorted(NOT_SUPPORTED.items()))
     lines.append(f"  LLaMA-Factory keys accepted only at their default (the feature is not in lmtune): "
                  f"{off_only}")
+    refused = ", ".join(sorted(REFUSED_FEATURES))
+    lines.append(f"  Refused unless left at LLaMA-Factory's default (hardware, launchers or inputs "
+                 f"lmtune does not drive): {refused}")
     return "\n".join(lines)

@@ -193,7 +193,16 @@ def _check_predict_and_replay(cfg: RunConfig, explicitly_set: set[str]) -> None:
         raise ConfigError(f"do_predict generates answers after an sft run; stage {cfg.stage} "
                           "trains something else.", "remove do_predict, or predict with "
                           "`lmtune predict` on a config of stage sft.")
-    _needs(cfg.num_beams > 1, "length_penalty", "num_beams > 1", explicitly_set)
+    _needs(max(cfg.num_beams, cfg.eval_num_beams or 1) > 1, "length_penalty", "num_beams > 1",
+           explicitly_set)
+    _needs(cfg.save_strategy == "steps", "save_steps", "save_strategy: steps", explicitly_set)
+    _check_best_model(cfg, explicitly_set)
+    if cfg.train_from_scratch and cfg.finetuning_type != "full":
+        raise ConfigError(f"train_from_scratch with finetuning_type: {cfg.finetuning_type}: most "
+                          "weights would stay at their random start.", "set finetuning_type: full.")
+    if cfg.compute_accuracy and cfg.stage != "sft":
+        raise ConfigError(f"compute_accuracy scores the reply tokens of stage sft; stage {cfg.stage} "
+                          "logs its own metrics.", "remove compute_accuracy.")
     if cfg.eval_generate_samples and cfg.stage != "sft":
         raise ConfigError(f"eval_generate_samples answers val prompts of an sft run; stage "
                           f"{cfg.stage} has no replies to compare with.", "remove eval_generate_samples.")
@@ -273,8 +282,75 @@ def _check_losses(cfg: RunConfig, explicitly_set: set[str]) -> None:
                           "remove neftune_noise_alpha or use another finetuning_type.")
 
 
+_GPU_KERNELS = "whose kernels run on CUDA GPUs only and are not included"
+_QUANTIZATION_REFUSED = {
+    "gptq": f"GPTQ models need the gptqmodel/optimum kernels, {_GPU_KERNELS}",
+    "awq": f"AWQ models need the autoawq kernels, {_GPU_KERNELS}",
+    "aqlm": f"AQLM models need the aqlm kernels, {_GPU_KERNELS}",
+    "eetq": "EETQ's int8 kernels run on CUDA GPUs only and are not included",
+    "hqq": "HQQ on-the-fly quantization is not included",
+    "quanto": "quanto quantization is not included",
+    "mxfp4": "MXFP4 weights need Hopper-class GPUs and are not included",
+    "fp8": "FP8 weights need FP8 tensor cores (Hopper GPUs or newer) and are not included",
+}
+
+
+def _check_best_model(cfg: RunConfig, explicitly_set: set[str]) -> None:
+    picks = cfg.load_best_model_at_end or cfg.early_stopping_steps is not None
+    for key in ("metric_for_best_model", "greater_is_better"):
+        _needs(picks, key, "load_best_model_at_end: true or early_stopping_steps", explicitly_set)
+    if not picks:
+        return
+    key = "load_best_model_at_end" if cfg.load_best_model_at_end else "early_stopping_steps"
+    if cfg.eval_strategy == "no":
+        raise ConfigError(f"{key} compares evaluations, but eval_strategy is no.",
+                          "set eval_strategy: steps (or epoch) with val_size or eval_dataset.")
+    if cfg.stage == "ppo":
+        raise ConfigError(f"{key} applies to the stages trained on a val split; ppo scores "
+                          "held-out prompts by reward.", f"remove {key}.")
+    if cfg.load_best_model_at_end and (cfg.fsdp or cfg.deepspeed):
+        raise ConfigError("load_best_model_at_end keeps a copy of the trained weights, which fsdp "
+                          "and deepspeed spread over the processes.",
+                          "remove load_best_model_at_end and pick a checkpoint-N by its eval_loss "
+                          "in trainer_log.jsonl.")
+
+
+def _check_scheduler(cfg: RunConfig) -> None:
+    name, kwargs = cfg.lr_scheduler_type, cfg.lr_scheduler_kwargs
+    if name in ("reduce_lr_on_plateau", "greedy"):
+        raise ConfigError(f"lr_scheduler_type: {name} changes the learning rate from a metric it "
+                          "is fed each step; lmtune's schedules follow the step count.",
+                          "use cosine_with_min_lr or warmup_stable_decay for a schedule that "
+                          "ends low, or linear / cosine.")
+    if name == "constant" and kwargs:
+        raise ConfigError("lr_scheduler_kwargs is set, but lr_scheduler_type constant takes no "
+                          "arguments, so it would be ignored.", "remove lr_scheduler_kwargs.")
+    if kwargs is None and name in ("linear", "cosine", "constant", "constant_with_warmup"):
+        return
+    # Built once on a throwaway optimizer: wrong or missing arguments surface now, not after the
+    # model and data have loaded.
+    import torch
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    try:
+        get_scheduler(name, optimizer, num_warmup_steps=1, num_training_steps=10,
+                      scheduler_specific_kwargs=kwargs)
+    except (TypeError, ValueError) as exc:
+        given = f"lr_scheduler_kwargs {kwargs}" if kwargs else "no lr_scheduler_kwargs"
+        raise ConfigError(f"lr_scheduler_type {name} with {given}: {str(exc).splitlines()[0]}",
+                          "give the arguments of that schedule in transformers' get_scheduler, "
+                          "e.g. {min_lr_rate: 0.1} for cosine_with_min_lr.") from None
+
+
 def check_combinations(cfg: RunConfig, explicitly_set: set[str]) -> None:
     """Refuse combinations that cannot work, with the fix. Runs after field-level validation."""
+    _check_scheduler(cfg)
+    if cfg.quantization_method != "bnb":
+        raise ConfigError(f"quantization_method: {cfg.quantization_method} is refused: "
+                          f"{_QUANTIZATION_REFUSED[cfg.quantization_method]}.",
+                          "use quantization_method: bnb with quantization_bit: 4 or 8 on a "
+                          "full-precision base (bitsandbytes runs on CPU and CUDA).")
     _check_predict_and_replay(cfg, explicitly_set)
     if cfg.bf16 and cfg.fp16:
         raise ConfigError("bf16 and fp16 are both true.", "set only one of them (bf16 on CPUs and "

@@ -6,6 +6,7 @@ their default. Combination rules live in rules.py, YAML and override parsing in 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,7 +19,6 @@ ACCEPTED_NOT_APPLIED: dict[str, str] = {
     "dataloader_num_workers": "batches come from pre-tokenised tensors in memory",
     "dataloader_pin_memory": "only matters on GPUs",
     "save_only_model": "checkpoints always hold everything needed to resume",
-    "flash_attn": "the attention kernel is chosen by transformers for the device",
     "low_cpu_mem_usage": "weights are always loaded directly",
     "use_fast_tokenizer": "the tokenizer's own fast implementation is always used",
     "ray_num_workers": "only matters for Ray launches",
@@ -26,7 +26,59 @@ ACCEPTED_NOT_APPLIED: dict[str, str] = {
     "include_num_input_tokens_seen": "tokens seen are always logged",
     "remove_unused_columns": "records are encoded by lmtune, never by column name",
     "hf_hub_token": "the hub libraries read the token from HF_TOKEN or `hf auth login`",
-    "model_revision": "hub models are fetched at their default revision",
+    # LLaMA-Factory's model, data and generation arguments
+    "cache_dir": "hub downloads go to the Hugging Face cache (set HF_HOME to move it)",
+    "ms_hub_token": "models come from the Hugging Face hub or local folders, not ModelScope",
+    "om_hub_token": "models come from the Hugging Face hub or local folders, not Modelers",
+    "print_param_status": "trainable and total parameter counts are always logged and written to "
+                          "all_results.json",
+    "use_kv_cache": "generation always uses the KV cache; training never needs it",
+    "offload_folder": "weights are never offloaded to disk",
+    "preprocessing_batch_size": "rows are encoded one record at a time; the batch size of the "
+                                "encoding pass does not change them",
+    "buffer_size": "only used by streaming, which lmtune does not do",
+    "data_shared_file_system": "only changes which process encodes first on several machines",
+    "pissa_convert": "a pissa_init adapter is always saved converted to plain LoRA",
+    "upcast_layernorm": "layer norms are float32 already: weights load in float32, and a quantized "
+                        "base keeps its norms in float32",
+    "upcast_lmhead_output": "token losses and log-probs are always computed from float32 logits",
+    "include_effective_tokens_per_second": "tokens per second are always logged",
+    "max_length": "answers are bounded by max_new_tokens",
+    "download_mode": "benchmarks are read from task_dir",
+    **dict.fromkeys(("vllm_maxlen", "vllm_gpu_util", "vllm_enforce_eager", "vllm_max_lora_rank",
+                     "vllm_config"), "serve answers with its built-in backend, so vLLM's engine "
+                    "settings have nothing to set"),
+    # HF Seq2SeqTrainingArguments (LLaMA-Factory's TrainingArguments inherit them)
+    **dict.fromkeys(("dataloader_persistent_workers", "dataloader_prefetch_factor",
+                     "dataloader_multiprocessing_context", "dataloader_in_order"),
+                    "batches come from pre-tokenised tensors in memory"),
+    **dict.fromkeys(("ddp_bucket_cap_mb", "ddp_broadcast_buffers", "ddp_static_graph", "ddp_backend"),
+                    "lmtune sets up DDP itself (nccl on GPUs, gloo on CPUs; buffers not broadcast)"),
+    "tf32": "TensorFloat-32 matmuls are left at torch's default",
+    "torch_empty_cache_steps": "the CUDA cache is left to torch",
+    "use_cache": "the KV cache is off while training and on while generating",
+    "log_on_each_node": "the first process logs for all",
+    "logging_nan_inf_filter": "a non-finite loss stops the run instead of being filtered from logs",
+    "log_level": "messages are lmtune's own; --debug shows tracebacks",
+    "log_level_replica": "messages are lmtune's own; only the first process prints",
+    "disable_tqdm": "long work always shows a progress bar",
+    "prediction_loss_only": "evaluation computes the loss (eval_generate_samples adds generation)",
+    "eval_do_concat_batches": "evaluation keeps no logits, only the loss",
+    "eval_use_gather_object": "evaluation keeps no logits, only the loss",
+    "eval_accumulation_steps": "evaluation keeps no logits, only the loss",
+    "include_for_metrics": "evaluation keeps no logits, only the loss",
+    "batch_eval_metrics": "evaluation keeps no logits, only the loss",
+    "restore_callback_states_from_checkpoint": "lmtune has no Trainer callbacks",
+    "eval_on_start": "with eval_strategy steps or epoch, the val split is always evaluated before "
+                     "the first update (logged as step 0)",
+    "label_names": "labels are built by lmtune's encoder",
+    "length_column_name": "rows are encoded by lmtune, never by column name",
+    "skip_memory_metrics": "peak memory is measured by `lmtune plan`",
+    "local_rank": "set by the launcher (torchrun, accelerate launch)",
+    "use_reentrant_gc": "gradient checkpointing uses the variant transformers chooses",
+    "gradient_checkpointing_kwargs": "gradient checkpointing uses the variant transformers chooses",
+    # Older transformers' TrainingArguments, still found in LLaMA-Factory YAMLs
+    "include_tokens_per_second": "tokens per second are always logged",
 }
 
 
@@ -55,6 +107,207 @@ NOT_SUPPORTED: dict[str, tuple[Any, str]] = {
     "use_badam": (False, "BAdam switches the trained block from HF Trainer callbacks and replaces "
                   "its gradient clipping; lmtune's loop has neither. Use finetuning_type: freeze "
                   "(a fixed set of layers) or use_adam_mini."),
+    # Settings of the optimizers refused above: they load at LLaMA-Factory's default only.
+    "optim_args": (None, "optim takes no extra arguments here; remove it."),
+    "optim_target_modules": (None, "optim takes no extra arguments here; remove it."),
+    "galore_target": ("all", "a setting of use_galore, which is refused; remove it."),
+    "galore_rank": (16, "a setting of use_galore, which is refused; remove it."),
+    "galore_update_interval": (200, "a setting of use_galore, which is refused; remove it."),
+    "galore_scale": (2.0, "a setting of use_galore, which is refused; remove it."),
+    "galore_proj_type": ("std", "a setting of use_galore, which is refused; remove it."),
+    "galore_layerwise": (False, "a setting of use_galore, which is refused; remove it."),
+    "apollo_target": ("all", "a setting of use_apollo, which is refused; remove it."),
+    "apollo_rank": (16, "a setting of use_apollo, which is refused; remove it."),
+    "apollo_update_interval": (200, "a setting of use_apollo, which is refused; remove it."),
+    "apollo_scale": (32.0, "a setting of use_apollo, which is refused; remove it."),
+    "apollo_proj": ("random", "a setting of use_apollo, which is refused; remove it."),
+    "apollo_proj_type": ("std", "a setting of use_apollo, which is refused; remove it."),
+    "apollo_scale_type": ("channel", "a setting of use_apollo, which is refused; remove it."),
+    "apollo_layerwise": (False, "a setting of use_apollo, which is refused; remove it."),
+    "apollo_scale_front": (False, "a setting of use_apollo, which is refused; remove it."),
+    "badam_mode": ("layer", "a setting of use_badam, which is refused; remove it."),
+    "badam_start_block": (None, "a setting of use_badam, which is refused; remove it."),
+    "badam_switch_mode": ("ascending", "a setting of use_badam, which is refused; remove it."),
+    "badam_switch_interval": (50, "a setting of use_badam, which is refused; remove it."),
+    "badam_update_ratio": (0.05, "a setting of use_badam, which is refused; remove it."),
+    "badam_mask_mode": ("adjacent", "a setting of use_badam, which is refused; remove it."),
+    "badam_verbose": (0, "a setting of use_badam, which is refused; remove it."),
+    # LLaMA-Factory's model arguments
+    "adapter_folder": (None, "give the adapter's own folder in adapter_name_or_path."),
+    "resize_vocab": (False, "the vocabulary is never resized; train with the tokenizer as it is."),
+    "split_special_tokens": (False, "special tokens written in the text stay single tokens."),
+    "add_tokens": (None, "new tokens are not added; train with the tokenizer as it is."),
+    "add_special_tokens": (None, "new special tokens are not added; train with the tokenizer as it is."),
+    "new_special_tokens_config": (None, "new special tokens are not added; remove it."),
+    "init_special_tokens": ("noise_init", "new special tokens are not added; remove it."),
+    "shift_attn": (False, "shift short attention (S2-Attn) is not implemented; remove it."),
+    "mixture_of_depths": (None, "Mixture-of-Depths is not implemented; remove it."),
+    "moe_aux_loss_coef": (None, "the router's auxiliary loss is not added to the loss; remove it."),
+    "quantization_device_map": (None, "the quantized base is placed on the training device; remove it."),
+    # LLaMA-Factory's data, finetuning and generation arguments
+    "streaming": (False, "streaming is not implemented: the data is encoded and cached before "
+                  "training; use max_samples to cap a large dataset."),
+    "ignore_pad_token_for_loss": (True, "padding is never trained on (labels are padded with -100)."),
+    "eval_on_each_dataset": (False, "the val split is scored as one set; evaluate each dataset "
+                             "with its own run of `lmtune predict`."),
+    "tool_format": (None, "tool calls are rendered by the tokenizer's chat template; remove it."),
+    "preserve_thinking": (False, "earlier turns are rendered by the tokenizer's chat template, "
+                          "which decides whether their reasoning is kept; remove it."),
+    "tokenized_path": (None, "encoded rows are cached by content automatically; remove it "
+                       "(overwrite_cache: true encodes afresh)."),
+    "use_llama_pro": (False, "LLaMA-Pro block expansion is not implemented; use finetuning_type: "
+                      "freeze to train the last layers."),
+    "use_swanlab": (False, "use report_to: swanlab."),
+    "swanlab_project": ("llamafactory", "use report_to: swanlab with SWANLAB_PROJ_NAME in the "
+                        "environment."),
+    "swanlab_workspace": (None, "use report_to: swanlab with SWANLAB_WORKSPACE in the environment."),
+    "swanlab_run_name": (None, "use report_to: swanlab with run_name."),
+    "swanlab_mode": ("cloud", "use report_to: swanlab with SWANLAB_MODE in the environment."),
+    "swanlab_api_key": (None, "put the key in SWANLAB_API_KEY, never in a config file."),
+    "swanlab_logdir": (None, "use report_to: swanlab; its files go under output_dir."),
+    "swanlab_lark_webhook_url": (None, "Lark notifications are not sent; remove it."),
+    "swanlab_lark_secret": (None, "Lark notifications are not sent; remove it."),
+    **dict.fromkeys(("profiler_output_dir", "profile_modules"),
+                    (None, "the torch profiler is not wired in; remove it.")),
+    "enable_torch_profiler": (False, "the torch profiler is not wired in; remove it."),
+    "profiler_wait_steps": (1, "the torch profiler is not wired in; remove it."),
+    "profiler_warmup_steps": (1, "the torch profiler is not wired in; remove it."),
+    "profiler_active_steps": (1, "the torch profiler is not wired in; remove it."),
+    "profiler_repeat": (1, "the torch profiler is not wired in; remove it."),
+    "profiler_record_shapes": (True, "the torch profiler is not wired in; remove it."),
+    "profiler_profile_memory": (True, "the torch profiler is not wired in; remove it."),
+    "profiler_with_stack": (True, "the torch profiler is not wired in; remove it."),
+    # HF Seq2SeqTrainingArguments
+    "average_tokens_across_devices": (True, "the loss is always normalised by the target tokens "
+                                      "of all processes."),
+    "label_smoothing_factor": (0.0, "label smoothing is not implemented; remove it."),
+    "bf16_full_eval": (False, "evaluation runs in the training precision (bf16: mixed)."),
+    "fp16_full_eval": (False, "evaluation runs in the training precision (fp16: mixed)."),
+    "activation_checkpointing": (None, "use gradient_checkpointing: true."),
+    "activation_checkpointing_kwargs": (None, "use gradient_checkpointing: true."),
+    "torch_compile": (False, "torch.compile is not applied; remove it."),
+    "torch_compile_backend": (None, "torch.compile is not applied; remove it."),
+    "torch_compile_mode": (None, "torch.compile is not applied; remove it."),
+    "auto_find_batch_size": (False, "`lmtune plan` estimates the memory of a batch size before "
+                             "training; set per_device_train_batch_size."),
+    "logging_strategy": ("steps", "logs are written every logging_steps."),
+    "project": ("huggingface", "trackio is not a tracker lmtune writes to; see report_to."),
+    "trackio_space_id": (None, "trackio is not a tracker lmtune writes to; see report_to."),
+    "trackio_bucket_id": (None, "trackio is not a tracker lmtune writes to; see report_to."),
+    "trackio_static_space_id": (None, "trackio is not a tracker lmtune writes to; see report_to."),
+    "eval_delay": (0, "evaluation starts at the first eval_steps; remove it."),
+    "save_on_each_node": (False, "checkpoints are written once, by the first process."),
+    "enable_jit_checkpoint": (False, "a stop request (Ctrl-C, SIGTERM) already writes a checkpoint."),
+    "push_to_hub": (False, "lmtune never uploads; upload output_dir with `hf upload`."),
+    **dict.fromkeys(("hub_token", "hub_private_repo", "hub_model_id", "hub_revision"),
+                    (None, "lmtune never uploads; upload output_dir with `hf upload`.")),
+    "hub_strategy": ("every_save", "lmtune never uploads; upload output_dir with `hf upload`."),
+    "hub_always_push": (False, "lmtune never uploads; upload output_dir with `hf upload`."),
+    "ignore_data_skip": (False, "a resumed run always continues at its saved data position."),
+    "full_determinism": (False, "runs are seeded by seed; deterministic kernels are not forced."),
+    "data_seed": (None, "seed orders the data as well."),
+    "use_cpu": (False, "a CUDA GPU is used when present; hide it with CUDA_VISIBLE_DEVICES= to "
+                "train on the CPU."),
+    "accelerator_config": (None, "lmtune configures accelerate itself; remove it."),
+    "parallelism_config": (None, "use fsdp / deepspeed for several processes; remove it."),
+    "dataloader_drop_last": (False, "the last, smaller batch of an epoch is always trained."),
+    "train_sampling_strategy": ("random", "training rows are always shuffled (by seed)."),
+    "debug": ("", "HF's debug modes are not wired in; lmtune's --debug shows tracebacks."),
+    "do_eval": (False, "evaluation follows eval_strategy: set eval_strategy: steps (or epoch) "
+                "with val_size or eval_dataset."),
+    "sortish_sampler": (False, "training rows are always shuffled (by seed)."),
+    "generation_max_length": (None, "use max_new_tokens."),
+    # Older transformers' TrainingArguments, still found in LLaMA-Factory YAMLs
+    "evaluation_strategy": ("no", "transformers renamed it; use eval_strategy."),
+    "save_safetensors": (True, "outputs are always safetensors."),
+    "fsdp_transformer_layer_cls_to_wrap": (None, "give it in fsdp_config: "
+                                           "{transformer_layer_cls_to_wrap: [LlamaDecoderLayer]}."),
+    "generation_num_beams": (None, "use num_beams."),
+    "generation_config": (None, "set do_sample, temperature, top_p, top_k, num_beams and "
+                          "max_new_tokens directly."),
+}
+
+
+# LLaMA-Factory keys for features that need hardware, kernels or launchers lmtune does not drive,
+# or inputs a text model cannot take. As with NOT_SUPPORTED, the LLaMA-Factory default loads (their
+# example YAMLs often spell it out) and any other value is refused with the reason and what to use.
+_MULTIMODAL = ("lmtune trains text models, and image, video or audio inputs are refused rather "
+               "than trained as text; remove it and use a text model and text data.")
+_KT = "KTransformers (CPU/GPU hybrid MoE kernels) is not included; remove it."
+_MEGATRON = ("Megatron-Core parallelism is not included; use fsdp or deepspeed for several "
+             "processes.")
+_SGLANG = "infer_backend sglang is not included; serve uses its built-in backend."
+_FP8 = "FP8 training needs FP8 tensor cores (Hopper GPUs or newer) and is not included; use bf16."
+_RAY = "Ray launches are not included; launch several processes with torchrun or accelerate."
+_LIGER = "Liger's Triton kernels run on CUDA GPUs only and are not included; remove it."
+_UNSLOTH = "Unsloth's kernels run on CUDA GPUs only and are not included; remove it."
+# Another branch implements these (export formats); until then they are refused like any feature
+# this build lacks.
+_NOT_IN_THIS_BUILD = "not in this build of lmtune; remove it."
+REFUSED_FEATURES: dict[str, tuple[Any, str]] = {
+    "image_max_pixels": (768 * 768, _MULTIMODAL),
+    "image_min_pixels": (32 * 32, _MULTIMODAL),
+    "image_do_pan_and_scan": (False, _MULTIMODAL),
+    "crop_to_patches": (False, _MULTIMODAL),
+    "video_max_pixels": (256 * 256, _MULTIMODAL),
+    "video_min_pixels": (16 * 16, _MULTIMODAL),
+    "video_fps": (2.0, _MULTIMODAL),
+    "video_maxlen": (128, _MULTIMODAL),
+    "use_audio_in_video": (False, _MULTIMODAL),
+    "audio_sampling_rate": (16000, _MULTIMODAL),
+    "media_dir": (None, _MULTIMODAL),
+    "freeze_vision_tower": (True, _MULTIMODAL),
+    "freeze_multi_modal_projector": (True, _MULTIMODAL),
+    "freeze_language_model": (False, _MULTIMODAL),
+    "use_kt": (False, _KT),
+    **dict.fromkeys(("kt_cpu_activation", "kt_weight_path", "kt_non_expert_weight_path",
+                     "kt_expert_checkpoint_path", "kt_use_lora_experts", "kt_lora_expert_num",
+                     "kt_lora_expert_intermediate_size", "kt_config"), (None, _KT)),
+    "use_mca": (False, _MEGATRON),
+    "use_megatron_bridge": (False, _MEGATRON),
+    "use_hyper_parallel": (False, _MEGATRON),
+    "hyper_parallel_args": (None, _MEGATRON),
+    "hyper_parallel_cp_size": (1, _MEGATRON),
+    **dict.fromkeys(("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                     "expert_model_parallel_size", "context_parallel_size"), (1, _MEGATRON)),
+    **dict.fromkeys(("virtual_pipeline_model_parallel_size", "recompute_granularity",
+                     "recompute_method", "recompute_num_layers",
+                     "account_for_embedding_in_pipeline_split", "account_for_loss_in_pipeline_split",
+                     "bias_activation_fusion", "apply_rope_fusion", "masked_softmax_fusion",
+                     "cross_entropy_loss_fusion", "moe_grouped_gemm", "moe_token_dispatcher_type",
+                     "calculate_per_token_loss", "megatron_pretrained_checkpoint", "extra_config"),
+                    (None, _MEGATRON)),
+    **dict.fromkeys(("sequence_parallel", "use_packed_sequences", "export_hf_on_finish"),
+                    (False, _MEGATRON)),
+    **dict.fromkeys(("use_distributed_optimizer", "overlap_param_gather", "overlap_grad_reduce"),
+                    (True, _MEGATRON)),
+    "mixed_precision": ("bf16_mixed", _MEGATRON + " Mixed precision is bf16 or fp16."),
+    "sglang_maxlen": (4096, _SGLANG),
+    "sglang_mem_fraction": (0.7, _SGLANG),
+    "sglang_tp_size": (-1, _SGLANG),
+    "sglang_config": (None, _SGLANG),
+    "sglang_lora_backend": ("triton", _SGLANG),
+    "fp8": (False, _FP8),
+    "fp8_backend": ("auto", _FP8),
+    "fp8_enable_fsdp_float8_all_gather": (False, _FP8),
+    "ray_init_kwargs": (None, _RAY),
+    "master_addr": (None, _RAY),
+    "master_port": (None, _RAY),
+    "enable_liger_kernel": (False, _LIGER),
+    "use_liger_kernel": (False, _LIGER),
+    "liger_kernel_config": (None, _LIGER),
+    "use_unsloth": (False, _UNSLOTH),
+    "use_unsloth_gc": (False, _UNSLOTH),
+    "use_v1_kernels": (False, "LLaMA-Factory's v1 kernels (fused GPU kernels) are not included; "
+                       "remove it."),
+    # Export options (quantized export, upload, inference dtype).
+    "export_quantization_bit": (None, "GPTQ export quantization needs a CUDA GPU and is "
+                                + _NOT_IN_THIS_BUILD),
+    "export_quantization_dataset": (None, "GPTQ export quantization is " + _NOT_IN_THIS_BUILD),
+    "export_quantization_nsamples": (128, "GPTQ export quantization is " + _NOT_IN_THIS_BUILD),
+    "export_quantization_maxlen": (1024, "GPTQ export quantization is " + _NOT_IN_THIS_BUILD),
+    "export_hub_model_id": (None, "lmtune never uploads; upload export_dir with `hf upload`."),
+    "infer_dtype": ("auto", "choosing the inference dtype is " + _NOT_IN_THIS_BUILD),
 }
 
 
@@ -75,13 +328,30 @@ class RunConfig(BaseModel):
         "default",
         description="HF hub id, local HF folder, .gguf file, or 'default' (the built-in "
         "SmolLM2-135M-Instruct).")
+    model_revision: str = Field(
+        "main", description="Hub models: the branch, tag or commit to fetch (local folders have "
+        "none).")
     adapter_name_or_path: str | None = Field(
-        None, description="Comma list of PEFT adapter folders; all but the last are merged, "
-        "training continues on the last.")
+        None, description="Comma list of PEFT adapters (folders or hub ids owner/name); all but "
+        "the last are merged, training continues on the last.")
     template: str | None = Field(
         None, description="Chat template name (LLaMA-Factory name) for a tokenizer without one: "
         "alpaca, chatml, llama2, llama3, mistral, qwen, gemma, deepseekcoder, default, empty. A "
         "tokenizer's own template always wins; a different name given for it is reported.")
+    default_system: str | None = Field(
+        None, description="System prompt for conversations whose data has none (replaces the "
+        "template's own default); training, chat, serve and predict render it alike.")
+    enable_thinking: bool | None = Field(
+        True, description="Reasoning templates (Qwen3 and kin): true trains replies with their "
+        "(possibly empty) reasoning block; false puts an empty block in the prompt, untrained; "
+        "null leaves it to the template.")
+    flash_attn: Literal["auto", "disabled", "eager", "sdpa", "fa2", "fa3"] = Field(
+        "auto", description="Attention implementation: auto (transformers chooses), sdpa (torch's "
+        "scaled_dot_product_attention), disabled or eager (plain matmuls), fa2 / fa3 "
+        "(FlashAttention 2 / 3: CUDA GPUs with the package installed).")
+    rope_scaling: Literal["linear", "dynamic", "yarn", "llama3"] | None = Field(
+        None, description="Stretch the rotary positions so cutoff_len fits when it is longer than "
+        "the model's: by the whole factor that covers it, with this method.")
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped with the model. Off unless you trust its source.")
 
@@ -92,6 +362,10 @@ class RunConfig(BaseModel):
         "on preference pairs), kto (KTO on answers tagged desirable or not).")
     do_train: bool = Field(True, description="Train (true) or only load and check (false).")
     finetuning_type: Literal["full", "freeze", "lora", "oft", "adalora", "ia3", "prefix", "prompt",
+    train_from_scratch: bool = Field(
+        False, description="finetuning_type full: train the model's architecture from freshly "
+        "initialised weights (seeded) instead of its checkpoint's.")
+    finetuning_type: Literal["full", "freeze", "lora", "adalora", "ia3", "prefix", "prompt",
                              "ptuning"] = Field(
         "lora", description="full: every weight; freeze: last layers or named modules; lora: "
         "low-rank adapters (DoRA, rsLoRA, PiSSA, LoRA+ by key); oft: a trained block-diagonal "
@@ -176,8 +450,10 @@ class RunConfig(BaseModel):
     quantization_bit: Literal[4, 8] | None = Field(
         None, description="Load the frozen base in 4 or 8 bits (QLoRA with an adapter method); "
         "bitsandbytes runs on CPU and CUDA.")
-    quantization_method: Literal["bnb"] = Field(
-        "bnb", description="Quantization library: bnb (bitsandbytes).")
+    quantization_method: Literal["bnb", "gptq", "awq", "aqlm", "quanto", "eetq", "hqq", "mxfp4",
+                                 "fp8"] = Field(
+        "bnb", description="Quantization library: bnb (bitsandbytes). LLaMA-Factory's other names "
+        "are refused with the reason.")
     quantization_type: Literal["nf4", "fp4"] = Field(
         "nf4", description="quantization_bit 4: the 4-bit data type.")
     double_quantization: bool = Field(
@@ -273,7 +549,13 @@ class RunConfig(BaseModel):
     overwrite_output_dir: bool = Field(
         False, description="Delete a non-empty output_dir before training.")
     logging_steps: int = Field(10, ge=1, description="Write a trainer_log.jsonl line every n steps.")
-    save_steps: int = Field(500, ge=1, description="Write checkpoint-N every n optimizer steps.")
+    logging_first_step: bool = Field(
+        False, description="Also write a trainer_log.jsonl line after the first step.")
+    save_strategy: Literal["steps", "epoch", "no"] = Field(
+        "steps", description="When to write checkpoint-N: every save_steps, at the end of each "
+        "epoch, or never (the finished run is saved either way).")
+    save_steps: int = Field(
+        500, ge=1, description="save_strategy steps: write checkpoint-N every n optimizer steps.")
     save_total_limit: int | None = Field(
         None, ge=1, description="Keep only the newest n complete checkpoints (none = keep all).")
     plot_loss: bool = Field(True, description="Write training_loss.png at the end.")
@@ -292,8 +574,15 @@ class RunConfig(BaseModel):
     learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate.")
     num_train_epochs: float = Field(3.0, gt=0, description="Passes over the training data.")
     max_steps: int = Field(-1, description="Optimizer steps to run; overrides num_train_epochs when > 0.")
-    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
-        "linear", description="Learning-rate schedule after warmup.")
+    lr_scheduler_type: Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                               "constant_with_warmup", "inverse_sqrt", "cosine_with_min_lr",
+                               "cosine_warmup_with_min_lr", "warmup_stable_decay",
+                               "reduce_lr_on_plateau", "greedy"] = Field(
+        "linear", description="Learning-rate schedule after warmup (transformers' get_scheduler "
+        "names; reduce_lr_on_plateau and greedy, which follow a metric, are refused).")
+    lr_scheduler_kwargs: dict[str, Any] | None = Field(
+        None, description="The schedule's own arguments, a mapping or JSON text, e.g. {num_cycles: "
+        "2} for cosine_with_restarts or {min_lr_rate: 0.1} for cosine_with_min_lr.")
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Warmup as a fraction of all steps.")
     warmup_steps: float = Field(
         0, ge=0, description="Warmup steps (a value < 1 is a fraction of all steps).")
@@ -337,10 +626,28 @@ class RunConfig(BaseModel):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward: less memory, ~30% slower.")
     seed: int = Field(42, description="Seed for weights init, data order and dropout.")
+    disable_shuffling: bool = Field(
+        False, description="Train on the rows in the order the data gives them, every epoch, "
+        "instead of a seeded shuffle.")
     eval_strategy: Literal["no", "steps", "epoch"] = Field(
         "no", description="When to compute eval loss on the val split.")
     eval_steps: int | None = Field(None, ge=1, description="Eval every n steps; default logging_steps.")
     per_device_eval_batch_size: int = Field(8, ge=1, description="Rows per eval batch.")
+    load_best_model_at_end: bool = Field(
+        False, description="Write the weights of the best evaluation (by metric_for_best_model) "
+        "as the run's output instead of the last step's.")
+    metric_for_best_model: str | None = Field(
+        None, description="With load_best_model_at_end or early_stopping_steps: the evaluation "
+        "metric that decides which is best (eval_ may be left out); default loss.")
+    greater_is_better: bool | None = Field(
+        None, description="Whether a higher metric_for_best_model is better; default: false for "
+        "names ending in loss, true otherwise.")
+    early_stopping_steps: int | None = Field(
+        None, ge=1, description="Stop after this many evaluations in a row without a better "
+        "metric_for_best_model (LLaMA-Factory's name; it counts evaluations, not steps).")
+    compute_accuracy: bool = Field(
+        False, description="sft: also log the share of reply tokens the model ranks first "
+        "(accuracy while training, eval_accuracy at evaluations).")
     eval_generate_samples: int = Field(
         0, ge=0, description="sft: at every evaluation, also answer the first N val rows by greedy "
         "generation and log BLEU-4, ROUGE and exact match against their replies (0 = off).")
@@ -376,6 +683,9 @@ class RunConfig(BaseModel):
         "on one base) or vllm (needs vLLM and a CUDA GPU; otherwise the built-in backend serves). "
         "sglang and ktransformers are refused.")
     num_beams: int = Field(1, ge=1, description="predict: beams of beam search (1 = greedy or sampling).")
+    eval_num_beams: int | None = Field(
+        None, ge=1, description="predict and eval_generate_samples: beams of beam search there, "
+        "instead of num_beams (which chat and serve keep).")
     length_penalty: float = Field(
         1.0, description="predict with num_beams > 1: exponent on length when ranking beams (> 1 "
         "favours longer answers).")
@@ -433,6 +743,17 @@ class RunConfig(BaseModel):
             value = [v.strip() for v in value.split(",")]
         if isinstance(value, list) and "none" in value and set(value) != {"none"}:
             raise ValueError("'none' cannot be listed with trackers")
+        return value
+
+    @field_validator("lr_scheduler_kwargs", mode="before")
+    @classmethod
+    def _kwargs_from_json(cls, value: Any) -> Any:
+        # HF TrainingArguments take this as JSON text on the command line.
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise ValueError("not a mapping or JSON text of one") from None
         return value
 
     @field_validator("replay", mode="before")

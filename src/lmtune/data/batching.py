@@ -154,14 +154,18 @@ def check_packing_isolation(config) -> None:
 
 # --- order ----------------------------------------------------------------------------------------
 
-def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
-    """A permutation that depends only on (seed, epoch), so a resumed run replays the same order."""
+def epoch_order(n_rows: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
+    """A permutation that depends only on (seed, epoch), so a resumed run replays the same order;
+    without `shuffle`, the rows in the order the data gave them."""
+    if not shuffle:
+        return list(range(n_rows))
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return torch.randperm(n_rows, generator=generator).tolist()
 
 
-def micro_batches(n_rows: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    order = epoch_order(n_rows, seed, epoch)
+def micro_batches(n_rows: int, batch_size: int, seed: int, epoch: int,
+                  shuffle: bool = True) -> list[list[int]]:
+    order = epoch_order(n_rows, seed, epoch, shuffle)
     return [order[i: i + batch_size] for i in range(0, n_rows, batch_size)]
 
 

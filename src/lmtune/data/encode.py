@@ -139,7 +139,8 @@ class ChatEncoder:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, stop_ids: list[int], cutoff_len: int, *,
                  train_on_prompt: bool = False, mask_history: bool = False,
-                 cutoff_policy: str = "truncate"):
+                 cutoff_policy: str = "truncate", default_system: str | None = None,
+                 enable_thinking: bool | None = None):
         if not tokenizer.chat_template:
             raise ModelError(f"the tokenizer of {tokenizer.name_or_path} has no chat template.",
                              "use a chat (instruct) model, a tokenizer folder with chat_template.jinja, "
@@ -154,11 +155,18 @@ class ChatEncoder:
         self.train_on_prompt = train_on_prompt
         self.mask_history = mask_history
         self.cutoff_policy = cutoff_policy
+        self.default_system = default_system
+        # Reasoning templates (Qwen3 and kin) read it: false puts an empty reasoning block in the
+        # prompt, so replies train without one; None leaves the template's own default.
+        self.template_kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
 
     def render(self, messages: list[Message], tools: list[dict] | None = None,
                add_generation_prompt: bool = False) -> str:
+        if self.default_system and not (messages and messages[0]["role"] == "system"):
+            messages = [{"role": "system", "content": self.default_system}, *messages]
         return self.tokenizer.apply_chat_template(
-            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt)
+            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt,
+            **self.template_kwargs)
 
     def tokenize(self, text: str) -> list[int]:
         # Rendered templates already hold their special tokens; adding them again doubles BOS.

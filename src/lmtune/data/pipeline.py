@@ -52,7 +52,8 @@ def make_encoder(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, stop_ids: l
         end = end_token_id(tokenizer, cfg.template)
         stops += [end] if end is not None else []
     return ChatEncoder(tokenizer, stops, cfg.cutoff_len, train_on_prompt=cfg.train_on_prompt,
-                       mask_history=cfg.mask_history, cutoff_policy=cfg.cutoff_policy), notes
+                       mask_history=cfg.mask_history, cutoff_policy=cfg.cutoff_policy,
+                       default_system=cfg.default_system, enable_thinking=cfg.enable_thinking), notes
 
 
 # What forked workers inherit: the encoder (tokenizer included) and the records, so only chunk
@@ -122,7 +123,8 @@ def prepare_data(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, stop_ids: l
     report.mix_strategy = cfg.mix_strategy
     settings = {"kind": kind, "cutoff_len": cfg.cutoff_len, "cutoff_policy": cfg.cutoff_policy,
                 "train_on_prompt": cfg.train_on_prompt, "mask_history": cfg.mask_history,
-                "packing": cfg.packing_enabled if kind == "text" else None}
+                "packing": cfg.packing_enabled if kind == "text" else None,
+                "default_system": cfg.default_system, "enable_thinking": cfg.enable_thinking}
     stops = sorted(encoder.stop_ids) if isinstance(encoder, ChatEncoder) else []
     fingerprint = cache.tokenizer_fingerprint(tokenizer, stops)
 

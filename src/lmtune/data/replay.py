@@ -24,7 +24,7 @@ from lmtune.data.formats import Conversation
 from lmtune.data.replay_prompts import GENERAL_PROMPTS
 from lmtune.data.report import DatasetCounts
 from lmtune.errors import ConfigError
-from lmtune.models.load import cache_root, load_model, resolve_model
+from lmtune.models.load import cache_root, load_model, resolve_for
 
 MAX_NEW_TOKENS = 200
 BATCH_SIZE = 8
@@ -82,7 +82,7 @@ def replay_records(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, encoder: 
     is the base as loaded for training (full precision, no method applied yet); without it the base
     loads here, only when the answers are not cached."""
     prompts, source = replay_prompts(cfg)
-    model_path = resolve_model(cfg.model_name_or_path)
+    model_path = resolve_for(cfg)
     cache = _cache_file(model_path, encoder, prompts)
     if cache.is_file():
         answers, how = json.loads(cache.read_text(encoding="utf-8")), "from the cache"

@@ -34,7 +34,7 @@ from lmtune.data.encode import ChatEncoder
 from lmtune.data.formats import Message
 from lmtune.data.pipeline import make_encoder
 from lmtune.errors import ConfigError, DataError
-from lmtune.models.load import load_model, load_tokenizer, resolve_model, stop_token_ids, tokenizer_source
+from lmtune.models.load import load_model, load_tokenizer, resolve_for, stop_token_ids, tokenizer_source
 from lmtune.models.methods import load_adapters
 
 AVERAGE = "Average"
@@ -449,7 +449,7 @@ def run_eval(cfg: RunConfig, models: list[str] | None = None) -> list[Scores]:
     all_scores: list[Scores] = []
     loaded: tuple[str, PreTrainedModel] | None = None
     for name, adapters in entries:
-        path = resolve_model(name)
+        path = resolve_for(cfg, name)
         if loaded is None or loaded[0] != path:
             loaded = (path, load_model(path, cfg.trust_remote_code))
         tokenizer = load_tokenizer(tokenizer_source(path, adapters), cfg.trust_remote_code)

@@ -32,7 +32,7 @@ from lmtune.data.sources import load_records
 from lmtune.errors import ConfigError, DataError, TrainingError
 from lmtune.evaluate.metrics import similarity
 from lmtune.models.lineage import run_output, weights_of
-from lmtune.models.load import (is_quantized, load_model, load_tokenizer, resolve_model,
+from lmtune.models.load import (is_quantized, load_model, load_tokenizer, model_options, resolve_for,
                                 stop_token_ids, tokenizer_source)
 from lmtune.models.methods import load_adapters
 
@@ -58,8 +58,9 @@ class Generation:
     @classmethod
     def from_config(cls, cfg: RunConfig) -> "Generation":
         sample = cfg.do_sample and "do_sample" in cfg.model_fields_set
-        return cls(cfg.max_new_tokens, sample, cfg.temperature, cfg.top_p, cfg.top_k, cfg.num_beams,
-                   cfg.repetition_penalty, cfg.length_penalty, cfg.skip_special_tokens)
+        return cls(cfg.max_new_tokens, sample, cfg.temperature, cfg.top_p, cfg.top_k,
+                   cfg.eval_num_beams or cfg.num_beams, cfg.repetition_penalty, cfg.length_penalty,
+                   cfg.skip_special_tokens)
 
     def kwargs(self, stop_ids: list[int], pad_id: int) -> dict[str, Any]:
         out: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
@@ -216,9 +217,9 @@ def _load(cfg: RunConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str
     `what` is "adapter", "full" (a fully trained model) or "base"."""
     model_name, adapters = weights_of(cfg)
     what = "adapter" if adapters else "full" if model_name != cfg.model_name_or_path else "base"
-    model_path = resolve_model(model_name)
+    model_path = resolve_for(cfg, model_name)
     tokenizer = load_tokenizer(tokenizer_source(model_path, adapters), cfg.trust_remote_code)
-    model = load_model(model_path, cfg.trust_remote_code)
+    model = load_model(model_path, cfg.trust_remote_code, **model_options(cfg))
     if adapters:
         model = load_adapters(model, adapters, trainable_last=False)
     return model, tokenizer, model_name + "".join(f" + {a}" for a in adapters), what
@@ -249,7 +250,7 @@ def run_predict(cfg: RunConfig, compare_base: bool = False) -> dict[str, dict[st
         # An adapter is switched off on the same weights; a full fine-tune has none to switch off,
         # so its base loads beside it.
         base = (model.disable_adapter() if what == "adapter"
-                else nullcontext(load_model(resolve_model(cfg.model_name_or_path), cfg.trust_remote_code)))
+                else nullcontext(load_model(resolve_for(cfg), cfg.trust_remote_code)))
         with base as loaded:
             results["base"] = predict_with(loaded if loaded is not None else model, tokenizer, inputs,
                                            stops, settings, batch, out / "base", desc="predict base")

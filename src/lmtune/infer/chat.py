@@ -23,7 +23,7 @@ from lmtune.data.formats import Message, fill_placeholders, Conversation
 from lmtune.durable import write_file
 from lmtune.errors import DataError, ModelError
 from lmtune.models.lineage import weights_of
-from lmtune.models.load import (load_model, load_tokenizer, resolve_model, stop_token_ids,
+from lmtune.models.load import (load_model, load_tokenizer, model_options, resolve_for, stop_token_ids,
                                 tokenizer_source)
 from lmtune.models.methods import load_adapters
 from lmtune.models.scalar_head import HEAD_FILE
@@ -50,15 +50,16 @@ class ChatSession:
 
     @classmethod
     def load(cls, cfg: RunConfig, model_name: str, adapters: list[str]) -> "ChatSession":
-        model_path = resolve_model(model_name)
+        model_path = resolve_for(cfg, model_name)
         tokenizer = load_tokenizer(tokenizer_source(model_path, adapters), cfg.trust_remote_code)
-        model = load_model(model_path, cfg.trust_remote_code)
+        model = load_model(model_path, cfg.trust_remote_code, **model_options(cfg))
         if adapters:
             model = load_adapters(model, adapters, trainable_last=False)
         model.eval()
         source = f"{model_name}" + (f" + adapter {', '.join(adapters)}" if adapters else "")
         print(f"model: {source}")
-        encoder = ChatEncoder(tokenizer, stop_token_ids(tokenizer, model), cfg.cutoff_len)
+        encoder = ChatEncoder(tokenizer, stop_token_ids(tokenizer, model), cfg.cutoff_len,
+                              default_system=cfg.default_system, enable_thinking=cfg.enable_thinking)
         return cls(model, tokenizer, encoder, cfg)
 
     def _generation_kwargs(self, sample: bool) -> dict[str, Any]:

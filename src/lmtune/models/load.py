@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import shutil
 import uuid
@@ -25,7 +26,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsA
                           PreTrainedModel, PreTrainedTokenizerBase)
 
 from lmtune.config import RunConfig
-from lmtune.errors import ModelError
+from lmtune.errors import ConfigError, ModelError
 from lmtune.hub import model_snapshot
 
 log = logging.getLogger(__name__)
@@ -89,9 +90,10 @@ def convert_gguf(gguf: Path) -> Path:
     return target
 
 
-def resolve_model(name: str) -> str:
+def resolve_model(name: str, revision: str | None = None) -> str:
     """A model name from the config -> a local folder that `from_pretrained` loads without the
-    network (a hub id is downloaded into the HF cache first when the hub is reachable)."""
+    network (a hub id is downloaded into the HF cache first when the hub is reachable, at
+    `revision`; local folders have none)."""
     if name == DEFAULT_MODEL:
         return str(convert_gguf(default_gguf()))
     path = Path(name).expanduser()
@@ -110,7 +112,22 @@ def resolve_model(name: str) -> str:
                          "give an HF model folder, a .gguf file, a hub id, or 'default'.")
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelError(f"model_name_or_path: folder not found: {name}", "check the path.")
-    return model_snapshot(name, "model_name_or_path")
+    return model_snapshot(name, "model_name_or_path", revision)
+
+
+def resolve_for(cfg: RunConfig, name: str | None = None) -> str:
+    """resolve_model for a config's model (default its model_name_or_path): the config's own hub
+    model is fetched at model_revision; any other (a trained run's folder) has no revision."""
+    name = cfg.model_name_or_path if name is None else name
+    return resolve_model(name, cfg.model_revision if name == cfg.model_name_or_path else None)
+
+
+def resolve_adapter(path: str) -> str:
+    """An adapter folder, or a hub id (owner/name, not a local path) -> its snapshot folder,
+    downloaded when the hub is reachable, as models are."""
+    if Path(path).expanduser().exists() or path.startswith((".", "/", "~")) or path.count("/") != 1:
+        return path
+    return model_snapshot(path, "adapter_name_or_path")
 
 
 def from_pretrained_or_error(loader, name: str, what: str, **kwargs):
@@ -172,8 +189,58 @@ def move_to_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+# flash_attn (LLaMA-Factory's names) -> transformers' attn_implementation; None lets it choose.
+_ATTENTION = {"auto": None, "disabled": "eager", "eager": "eager", "sdpa": "sdpa",
+              "fa2": "flash_attention_2", "fa3": "flash_attention_3"}
+_FLASH_PACKAGES = {"fa2": ("flash_attn", "flash-attn"), "fa3": ("flash_attn_interface", "FlashAttention-3")}
+
+
+def attention(cfg: RunConfig) -> str | None:
+    """The attention implementation flash_attn asks for, refused where its kernels cannot run."""
+    if cfg.flash_attn in _FLASH_PACKAGES:
+        module, package = _FLASH_PACKAGES[cfg.flash_attn]
+        if not torch.cuda.is_available():
+            raise ConfigError(f"flash_attn: {cfg.flash_attn} needs FlashAttention's CUDA kernels, and "
+                              "this machine has no CUDA GPU.",
+                              "use flash_attn: sdpa (or auto), which runs everywhere.")
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"flash_attn: {cfg.flash_attn} needs {package}, which is not installed.",
+                              f"install {package} for your CUDA version, or use flash_attn: sdpa.")
+    return _ATTENTION[cfg.flash_attn]
+
+
+def model_options(cfg: RunConfig) -> dict:
+    """load_model's keywords that the config decides: attention, RoPE scaling."""
+    return {"attn_implementation": attention(cfg), "rope_scaling": cfg.rope_scaling,
+            "max_length": cfg.cutoff_len}
+
+
+def scale_rope(config, rope_type: str, max_length: int) -> None:
+    """Stretch the model's rotary positions to cover `max_length` tokens: the factor is the whole
+    multiple of the positions it was trained on that covers them (LLaMA-Factory's rule)."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    if not params:
+        raise ConfigError(f"rope_scaling: {config.model_type} has no rotary position embeddings "
+                          "to scale.", "remove rope_scaling.")
+    old = int(params.get("original_max_position_embeddings") or config.max_position_embeddings)
+    if max_length <= old:
+        raise ConfigError(f"rope_scaling: {rope_type}, but cutoff_len {max_length} fits in the "
+                          f"{old} positions the model was trained on, so there is nothing to scale.",
+                          "remove rope_scaling, or raise cutoff_len above the model's length.")
+    factor = float(math.ceil(max_length / old))
+    params |= {"rope_type": rope_type, "factor": factor}
+    if rope_type != "linear":
+        params["original_max_position_embeddings"] = old
+    if rope_type == "llama3":
+        params |= {"low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    config.rope_parameters = params
+    config.max_position_embeddings = int(old * factor)
+
+
 def load_model(name: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
-               quantization: BitsAndBytesConfig | None = None) -> PreTrainedModel:
+               quantization: BitsAndBytesConfig | None = None, attn_implementation: str | None = None,
+               rope_scaling: str | None = None, max_length: int | None = None,
+               from_scratch: bool = False) -> PreTrainedModel:
     folder = Path(name)
     if folder.is_dir() and not list(folder.glob("*.safetensors")) and list(folder.glob("*.bin")):
         # .bin weights are pickles: loading one can run arbitrary code.
@@ -181,12 +248,19 @@ def load_model(name: str, trust_remote_code: bool = False, dtype: torch.dtype = 
                          "convert it once where you trust the file: load it with transformers and "
                          "save_pretrained(folder, safe_serialization=True).")
     config = from_pretrained_or_error(AutoConfig, name, "config", trust_remote_code=trust_remote_code)
+    if rope_scaling is not None:
+        scale_rope(config, rope_scaling, max_length or config.max_position_embeddings)
     extra = {}
     if quantization is not None:
         # bitsandbytes quantizes while loading, on the device the weights land on; a quantized
         # model cannot be moved to the GPU afterwards.
         extra = {"quantization_config": quantization,
                  "device_map": {"": torch.cuda.current_device()} if torch.cuda.is_available() else None}
+    if attn_implementation is not None:
+        extra["attn_implementation"] = attn_implementation
+    if from_scratch:  # the architecture only, with freshly initialised weights (seeded by the run)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                **extra)
     return from_pretrained_or_error(AutoModelForCausalLM, name, "weights", config=config, dtype=dtype,
                             trust_remote_code=trust_remote_code, use_safetensors=True, **extra)
 

@@ -28,7 +28,8 @@ from transformers import PreTrainedModel
 from lmtune.config import RunConfig, split_list
 from lmtune.errors import ConfigError, ModelError
 from lmtune.models.lineage import check_adapter, note_merged, record_base
-from lmtune.models.load import is_quantized, load_model, quantization_config
+from lmtune.models.load import (is_quantized, load_model, model_options, quantization_config,
+                                resolve_adapter)
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +240,7 @@ def load_adapters(model: PreTrainedModel, paths: list[str], trainable_last: bool
     """Load PEFT adapters in order. All but the last are merged into the base weights; the last stays
     an adapter (trainable when `trainable_last`) unless `merge_last`. Each must have been trained on
     the weights it goes on (models/lineage.py: check_adapter)."""
+    paths = [resolve_adapter(p) for p in paths]
     for i, path in enumerate(paths):
         folder = Path(path)
         if (folder / "adapter_config.json").is_file() and not (folder / "adapter_model.safetensors").is_file():
@@ -301,7 +303,7 @@ def _continue_adapters(model: PreTrainedModel, cfg: RunConfig):
     if cfg.create_new_adapter:
         model = load_adapters(model, cfg.adapter_paths, trainable_last=False, merge_last=True)
         return get_peft_model(model, adapter_config(model, cfg))
-    last = cfg.adapter_paths[-1]
+    last = resolve_adapter(cfg.adapter_paths[-1])
     if adapter_type(last) != PEFT_TYPES[cfg.finetuning_type]:
         raise ConfigError(f"adapter_name_or_path: {last} is a {adapter_type(last)} adapter, but "
                           f"finetuning_type is {cfg.finetuning_type}.",
@@ -325,7 +327,7 @@ def quantized_base(model: PreTrainedModel, cfg: RunConfig) -> PreTrainedModel:
     reloaded quantized from its folder: one extra load, and the full-precision copy is freed."""
     if not is_quantized(model):
         model = load_model(model.name_or_path, cfg.trust_remote_code,
-                           quantization=quantization_config(cfg))
+                           quantization=quantization_config(cfg), **model_options(cfg))
     # peft's default would also turn on gradient checkpointing, ~30% slower on a CPU; the loop turns
     # it on when gradient_checkpointing says so. Norms and other small weights stay in fp32.
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)

@@ -461,14 +461,14 @@ def served_adapters(cfg: RunConfig, extra: list[str]) -> tuple[str, list[str], l
 
 def build_server(cfg: RunConfig, extra_adapters: list[str], api_key: str | None = None,
                  max_batch: int = 16, max_tokens: int | None = None) -> Server:
-    from lmtune.models.load import load_model, load_tokenizer, resolve_model
+    from lmtune.models.load import load_model, load_tokenizer, model_options, resolve_for
     from lmtune.models.methods import load_adapters
 
     _check_backend(cfg)
     model_name, merged, served = served_adapters(cfg, extra_adapters)
-    path = resolve_model(model_name)
+    path = resolve_for(cfg, model_name)
     tokenizer = load_tokenizer(path, cfg.trust_remote_code)
-    base = load_model(path, cfg.trust_remote_code)
+    base = load_model(path, cfg.trust_remote_code, **model_options(cfg))
     if merged:
         base = load_adapters(base, merged, trainable_last=False, merge_last=True)
     adapters = AdapterSet(base, tokenizer, cfg, _base_name(model_name))

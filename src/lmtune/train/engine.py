@@ -48,6 +48,7 @@ from lmtune.errors import ConfigError, RunInterrupted, TrainingError
 from lmtune.models.methods import (TrainingHooks, check_untouched_4bit, count_parameters,
                                    evaluation, training_hooks)
 from lmtune.train import checkpoint as ckpt
+from lmtune.train.best import BestEvaluation
 from lmtune.train.logs import GENERATION_METRICS, PLOT_FILE, TrainerLog, plot_loss
 from lmtune.train.optim import build_optimizer
 from lmtune.train.trackers import open_trackers
@@ -97,7 +98,8 @@ def _windows(n_rows: int, cfg: RunConfig) -> Iterator[list[list[int]]]:
     per_step = cfg.gradient_accumulation_steps * dist.world_size()
     epoch = 0
     while True:
-        batches = micro_batches(n_rows, cfg.per_device_train_batch_size, cfg.seed, epoch)
+        batches = micro_batches(n_rows, cfg.per_device_train_batch_size, cfg.seed, epoch,
+                                shuffle=not cfg.disable_shuffling)
         for i in range(0, len(batches), per_step):
             yield batches[i: i + per_step]
         epoch += 1
@@ -182,7 +184,16 @@ def schedule(cfg: RunConfig, n_rows: int, world_size: int | None = None) -> Sche
 
 
 def is_log_step(cfg: RunConfig, step: int, total: int) -> bool:
-    return step % cfg.logging_steps == 0 or step == total
+    return step % cfg.logging_steps == 0 or step == total or (cfg.logging_first_step and step == 1)
+
+
+def is_save_step(cfg: RunConfig, step: int, plan: Schedule) -> bool:
+    """A checkpoint on save_strategy's cadence; the last step saves the run's output instead."""
+    if step >= plan.total:
+        return False
+    if cfg.save_strategy == "steps":
+        return step % cfg.save_steps == 0
+    return cfg.save_strategy == "epoch" and step % plan.per_epoch == 0
 
 
 def is_eval_step(cfg: RunConfig, step: int, plan: Schedule) -> bool:
@@ -441,7 +452,8 @@ def prepare_trainer(cfg: RunConfig, model: torch.nn.Module, tokenizer: PreTraine
     optimizer = build_optimizer(model, cfg)
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer,
                               num_warmup_steps=cfg.warmup_for(optimizer_steps),
-                              num_training_steps=optimizer_steps)
+                              num_training_steps=optimizer_steps,
+                              scheduler_specific_kwargs=cfg.lr_scheduler_kwargs)
     hooks = training_hooks(getattr(model, "lm", model), optimizer_steps, output_dir)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -452,14 +464,14 @@ def prepare_trainer(cfg: RunConfig, model: torch.nn.Module, tokenizer: PreTraine
                    scheduler, hooks, output_dir, trainable, wrapped, dist.engine(cfg))
 
 
-def checkpoint_or_stop(trainer: Trainer, step: int, total: int, stop_requested: list[int],
+def checkpoint_or_stop(trainer: Trainer, step: int, plan: Schedule, stop_requested: list[int],
                        state: dict[str, Any], unit: str = "step") -> None:
-    """Write checkpoint-`step` on the save_steps cadence or when a stop was requested (then stop,
-    saying how to resume). The last step saves nothing here: `finish` writes the run's output."""
-    cfg, output_dir = trainer.cfg, trainer.output_dir
+    """Write checkpoint-`step` on the save_strategy cadence or when a stop was requested (then
+    stop, saying how to resume). The last step saves nothing here: `finish` writes the run's output."""
+    output_dir, total = trainer.output_dir, plan.total
     # A signal may reach the ranks at different steps; all stop at the first step any rank saw it.
     interrupted = bool(dist.sum_over_ranks(len(stop_requested))) and step < total
-    if interrupted or (step % cfg.save_steps == 0 and step < total):
+    if interrupted or is_save_step(trainer.cfg, step, plan):
         trainer.save_checkpoint(step, state)
     if interrupted:
         raise RunInterrupted(f"stopped at {unit} {step} of {total}; checkpoint-{step} saved in "
@@ -528,6 +540,7 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
                                         "loss_sum": 0.0})
     log = TrainerLog(output_dir, state["global_step"],
                      open_trackers(cfg, output_dir) if dist.is_main() else [], files=dist.is_main())
+    best = BestEvaluation(cfg, trainer.trainable, output_dir, state)
     windows = _windows(len(train_rows), cfg)
     for _ in range(state["global_step"]):  # replay the data order up to the resumed step
         next(windows)
@@ -553,6 +566,7 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
     interval_start = time.perf_counter()
     run_start, tokens_before = time.perf_counter(), state["tokens_seen"]
     last_eval: dict[str, float] = {}
+    stop_early = False
     with stop_requests() as stop_requested:
         for step in range(state["global_step"] + 1, plan.total + 1):
             # This rank's share of the step's window; weight 0 only joins the all-reduce.
@@ -599,16 +613,27 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
             if eval_rows and is_eval_step(cfg, step, plan):
                 last_eval = {"step": step} | run_eval()
                 record |= {k: v for k, v in last_eval.items() if k != "step"}
+                stop_early = best.active and best.update(step, last_eval)
             if record:
                 log.write({"step": step, "epoch": round(step / plan.per_epoch, 4)} | record)
             try:
-                checkpoint_or_stop(trainer, step, plan.total, stop_requested,
+                checkpoint_or_stop(trainer, step, plan, stop_requested,
                                    state | {"log_interval": interval,
                                             "log_metrics": interval_metrics.sums})
             except RunInterrupted:
                 progress.close()
                 raise
+            if stop_early:
+                print(f"early_stopping_steps: {best.metric} did not improve on step "
+                      f"{state['best_step']} in {cfg.early_stopping_steps} evaluations; stopping "
+                      f"at step {step} of {plan.total}.")
+                break
     progress.close()
+    restored = best.restore()
+    if restored is not None and restored != state["global_step"]:
+        print(f"load_best_model_at_end: the weights of step {restored} ({best.metric} "
+              f"{state['best_metric']}) are the run's output.")
+        last_eval = {}  # the final evaluation is of the restored weights
     runtime = time.perf_counter() - run_start
 
     # --- the result -------------------------------------------------------------------------------
@@ -623,6 +648,10 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
     if eval_rows:
         # The last step's evaluation is the final one when it ran there: the model is the same.
         final = {k: v for k, v in last_eval.items() if k != "step"} \
-            if last_eval.get("step") == plan.total else run_eval()
+            if last_eval.get("step") == state["global_step"] else run_eval()
         results |= final | start_metrics(log)
-    return finish(trainer, results | extra_results, log)
+    if best.active:
+        results |= {"best_step": state["best_step"], f"best_{best.metric}": state["best_metric"]}
+    output = finish(trainer, results | extra_results, log)
+    best.clean_up()
+    return output

@@ -19,12 +19,14 @@ from lmtune.data.sources import read_dataset_info, resolve_dataset
 # Every other key is compared on resume; a new key is therefore protected unless listed here.
 RESUME_MAY_CHANGE = frozenset({
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "logging_steps", "save_steps",
+    "save_strategy", "logging_first_step",
     "save_total_limit", "plot_loss", "report_to", "eval_strategy", "eval_steps",
     "per_device_eval_batch_size", "overwrite_cache", "preprocessing_num_workers",
     "gradient_checkpointing", "do_train", "export_dir", "export_size", "export_device",
     "export_legacy_format", "export_full_precision", "not_applied",
     # what happens after training or beside it: prediction, benchmarks, serving
-    "eval_generate_samples", "do_predict", "predict_with_generate", "num_beams", "length_penalty",
+    "eval_generate_samples", "do_predict", "predict_with_generate", "num_beams", "eval_num_beams",
+    "length_penalty",
     "skip_special_tokens", "task", "task_dir", "n_shot", "lang", "batch_size", "save_dir",
     "infer_backend", "ddp_timeout",
     # part of the global batch, which Trainer.resume compares (another number of processes may

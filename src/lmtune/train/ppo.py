@@ -354,7 +354,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     def order(iteration: int) -> list[int]:
         """The prompts of `iteration` (0-based): a seeded permutation per epoch, so resume replays it."""
         epoch, slot = divmod(iteration, plan.per_epoch)
-        perm = epoch_order(len(prompts), cfg.seed, epoch)
+        perm = epoch_order(len(prompts), cfg.seed, epoch, shuffle=not cfg.disable_shuffling)
         return perm[slot * plan.rows_per_step: (slot + 1) * plan.rows_per_step]
 
     if state["eval_reward_start"] is None and val_prompts:
@@ -402,7 +402,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             if record:
                 log.write({"step": iteration, "epoch": round(iteration / plan.per_epoch, 4)} | record)
             try:
-                checkpoint_or_stop(trainer, iteration, plan.total, stop_requested, state,
+                checkpoint_or_stop(trainer, iteration, plan, stop_requested, state,
                                    unit="iteration")
             except RunInterrupted:
                 progress.close()

@@ -22,7 +22,8 @@ from lmtune.config import RunConfig
 from lmtune.data.batching import collate
 from lmtune.data.encode import PreferenceRow
 from lmtune.errors import ModelError
-from lmtune.models.load import load_model, load_tokenizer, move_to_device, resolve_model
+from lmtune.models.load import (load_model, load_tokenizer, model_options, move_to_device,
+                                resolve_model)
 from lmtune.models.methods import evaluation
 from lmtune.train.engine import Batch
 from lmtune.train.forward import response_logps
@@ -64,7 +65,7 @@ def load_ref_model(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> torch.
                          "use a reference with the same tokenizer (usually the SFT model you start "
                          "from), or remove ref_model.")
     with torch.random.fork_rng(devices=[]):
-        return load_model(path, cfg.trust_remote_code)
+        return load_model(path, cfg.trust_remote_code, **model_options(cfg))
 
 
 @contextmanager

@@ -12,7 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 from lmtune import distributed as dist
 from lmtune.config import RunConfig
 from lmtune.data.pipeline import prepare_data, training_rows
-from lmtune.models.load import load_model, load_tokenizer, resolve_model, stop_token_ids
+from lmtune.models.load import load_model, load_tokenizer, model_options, resolve_for, stop_token_ids
 from lmtune.train.checkpoint import prepare_run
 from lmtune.train.trackers import tracker_names
 
@@ -37,9 +37,10 @@ def start_run(cfg: RunConfig) -> RunInputs:
     # The output folder is checked (by rank 0, for all ranks) before anything heavy loads.
     resume_dir = dist.on_main(prepare_run, cfg)
     set_seed(cfg.seed)
-    model_path = resolve_model(cfg.model_name_or_path)
+    model_path = resolve_for(cfg)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
-    model = load_model(model_path, cfg.trust_remote_code)
+    model = load_model(model_path, cfg.trust_remote_code, **model_options(cfg),
+                       from_scratch=cfg.train_from_scratch)
     with dist.main_first():  # rank 0 fills the encoding cache, the others read it
         data = prepare_data(cfg, tokenizer, stop_token_ids(tokenizer, model), model)
         train_rows, val_rows = training_rows(data, cfg, model.config)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from peft import PeftModel
 
 from lmtune.config import RunConfig
@@ -26,7 +27,15 @@ def _sft_loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, Metri
     return token_loss_sum(model, batch), {}
 
 
+def _sft_loss_and_accuracy(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, Metrics]:
+    """compute_accuracy: also the share of target tokens the model ranks first."""
+    logits, labels = target_logits(model, batch)
+    correct = (logits.argmax(-1) == labels).sum().detach()
+    return F.cross_entropy(logits.float(), labels, reduction="sum"), {"accuracy": (correct, len(labels))}
+
+
 SFT_OBJECTIVE = Objective(loss=_sft_loss, units=count_targets)
+SFT_ACCURACY_OBJECTIVE = Objective(loss=_sft_loss_and_accuracy, units=count_targets)
 
 
 def _reference_logits(model: torch.nn.Module) -> Callable[[torch.nn.Module, Batch], torch.Tensor]:
@@ -49,7 +58,7 @@ def sft_objective(cfg: RunConfig, model: torch.nn.Module) -> Objective:
     """The token loss, or the rule of use_dft_loss / use_eaft_loss / use_asft_loss: each weights a
     target token's loss and sums, so the loop still normalises by the window's target tokens."""
     if not (cfg.use_dft_loss or cfg.use_eaft_loss or cfg.use_asft_loss):
-        return SFT_OBJECTIVE
+        return SFT_ACCURACY_OBJECTIVE if cfg.compute_accuracy else SFT_OBJECTIVE
     reference = _reference_logits(model) if cfg.use_asft_loss else None
 
     def loss(m: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, Metrics]:
@@ -60,7 +69,10 @@ def sft_objective(cfg: RunConfig, model: torch.nn.Module) -> Objective:
             tokens = eaft_token_losses(logits, labels, cfg.eaft_alpha)
         else:
             tokens = asft_token_losses(logits, labels, reference(m, batch), cfg.asft_alpha)
-        return tokens.sum(), {}
+        if not cfg.compute_accuracy:
+            return tokens.sum(), {}
+        correct = (logits.argmax(-1) == labels).sum().detach()
+        return tokens.sum(), {"accuracy": (correct, len(labels))}
 
     return Objective(loss=loss, units=count_targets)
 
