@@ -361,11 +361,10 @@ class RunConfig(BaseModel):
         "(supervised fine-tuning), rm (reward model), ppo (RLHF against a reward), dpo (DPO and kin "
         "on preference pairs), kto (KTO on answers tagged desirable or not).")
     do_train: bool = Field(True, description="Train (true) or only load and check (false).")
-    finetuning_type: Literal["full", "freeze", "lora", "oft", "adalora", "ia3", "prefix", "prompt",
     train_from_scratch: bool = Field(
         False, description="finetuning_type full: train the model's architecture from freshly "
         "initialised weights (seeded) instead of its checkpoint's.")
-    finetuning_type: Literal["full", "freeze", "lora", "adalora", "ia3", "prefix", "prompt",
+    finetuning_type: Literal["full", "freeze", "lora", "oft", "adalora", "ia3", "prefix", "prompt",
                              "ptuning"] = Field(
         "lora", description="full: every weight; freeze: last layers or named modules; lora: "
         "low-rank adapters (DoRA, rsLoRA, PiSSA, LoRA+ by key); oft: a trained block-diagonal "
