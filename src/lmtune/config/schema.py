@@ -682,7 +682,8 @@ class RunConfig(BaseModel):
 
     # --- export ------------------------------------------------------------------------------
     export_dir: str | None = Field(None, description="Where `lmtune export` writes the merged model.")
-    export_size: int = Field(5, ge=1, description="Largest safetensors shard, in GB.")
+    export_size: float = Field(
+        5, gt=0, description="Largest safetensors shard, in GB (a GGUF is always one file).")
     export_device: Literal["cpu", "auto"] = Field(
         "cpu", description="Where adapters merge: cpu, or auto (the GPU when one is present).")
     export_legacy_format: Literal[False] = Field(
@@ -690,6 +691,25 @@ class RunConfig(BaseModel):
     export_full_precision: bool = Field(
         False, description="Merge into the base loaded in full precision even though training used "
         "a quantized one (quantization_bit) or the base checkpoint is quantized.")
+    infer_dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="export: dtype of the exported weights; auto keeps the base "
+        "checkpoint's (bf16 for a bf16 one; float32 for 'default', dequantised from its GGUF). "
+        "chat and serve compute in float32 whatever it says.")
+    export_format: Literal["hf", "gguf"] = Field(
+        "hf", description="export: hf (safetensors folder) or gguf (one .gguf file for llama.cpp "
+        "and Ollama, llama-architecture models; an lmtune key, LLaMA-Factory has none).")
+    export_gguf_type: Literal["auto", "f32", "f16", "bf16", "q8_0"] = Field(
+        "auto", description="export_format gguf: tensor type of the weights (auto: the export "
+        "dtype, as infer_dtype decides); norms stay f32.")
+    export_quantization_bit: int | None = Field(
+        None, description="GPTQ-quantize the export (LLaMA-Factory); refused: it needs a CUDA GPU "
+        "and optimum + gptqmodel. Use export_format gguf with export_gguf_type q8_0 for 8 bits.")
+    export_quantization_dataset: str | None = Field(
+        None, description="GPTQ calibration data (with export_quantization_bit, which is refused).")
+    export_quantization_nsamples: int = Field(
+        128, ge=1, description="GPTQ calibration samples (with export_quantization_bit).")
+    export_quantization_maxlen: int = Field(
+        1024, ge=1, description="GPTQ calibration sample length (with export_quantization_bit).")
 
     # Keys from ACCEPTED_NOT_APPLIED that the YAML set, kept to report them.
     not_applied: dict[str, Any] = Field(default_factory=dict, exclude=True)
