@@ -246,7 +246,8 @@ def test_gguf_loads_back_with_the_same_answers(merge, tokenizer, random_adapter,
     gguf = export(tmp_path, "gguf16", merge, "export_format=gguf", "export_gguf_type=f16")
     assert sorted(p.name for p in gguf.iterdir()) == ["Modelfile", EXPORT_RECORD, "model-f16.gguf"]
     assert parse_modelfile((gguf / "Modelfile").read_text())["from"] == "./model-f16.gguf"
-    assert size(gguf, "*.gguf") < 1.2 * size(hf)
+    # The same f16 weights as the HF export, plus the vocabulary and merges (~2 MB).
+    assert 0 < size(gguf, "*.gguf") - size(hf) < 2.5e6
 
     loaded = AutoModelForCausalLM.from_pretrained(gguf, gguf_file="model-f16.gguf")
     from_gguf = AutoTokenizer.from_pretrained(gguf, gguf_file="model-f16.gguf")
@@ -257,17 +258,22 @@ def test_gguf_loads_back_with_the_same_answers(merge, tokenizer, random_adapter,
             tokenizer.apply_chat_template(chat, add_generation_prompt=True)
     assert greedy(loaded, from_gguf) == greedy(reference, tokenizer)
 
-    # q8_0: a quarter of float32, close to the f16 answers; lmtune itself loads the .gguf, and the
-    # export's record goes with it: the merged adapter is refused on it as on the HF export.
+    # q8_0 (34 bytes per 32 weights against f16's 64) stays close to f16; lmtune itself loads the
+    # .gguf, and the export's record goes with it: the merged adapter is refused on it as on the HF
+    # export.
     q8 = export(tmp_path, "gguf8", merge, "export_format=gguf", "export_gguf_type=q8_0")
-    assert size(q8, "*.gguf") < 0.6 * size(gguf, "*.gguf")
+    assert size(gguf, "*.gguf") - size(q8, "*.gguf") > 0.45 * size(hf)
     run = write_yaml(tmp_path / "q8.yaml", {"model_name_or_path": str(q8 / "model-q8_0.gguf"),
                                             "max_new_tokens": 8})
     assert main(["chat", str(run), "--prompt", "Greet me."]) == 0
     assert capsys.readouterr().out.strip()
     from lmtune.models.load import resolve_model
     q8_model = AutoModelForCausalLM.from_pretrained(resolve_model(str(q8 / "model-q8_0.gguf")))
-    torch.testing.assert_close(logits(q8_model), logits(reference), atol=0.05, rtol=0.05)
+    similarity = torch.nn.functional.cosine_similarity(logits(q8_model).flatten(),
+                                                       logits(reference).flatten(), dim=0)
+    # Rounded to 8 bits, and only slightly (the tiny model's logits spread by ~0.16 only, so its
+    # 8-bit rounding shows more than a trained model's: 0.9989 here).
+    assert 0.995 < similarity < 1 - 1e-6
     assert main(["chat", str(run), f"adapter_name_or_path={random_adapter}", "--prompt", "hi"]) == 2
     assert f"adapter {random_adapter} is already merged into" in capsys.readouterr().err
 
