@@ -123,7 +123,9 @@ def test_gptq_export_is_refused_with_the_reason(merge, tmp_path, capsys):
                                                     "export_quantization_dataset": "alpaca"})
     assert main(["export", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "export_quantization_bit: 4" in err and "CUDA" in err and "gptqmodel" in err
+    assert "2 keys lmtune cannot use" in err and "export_quantization_bit: 4" in err
+    assert "export_quantization_dataset: 'alpaca'" in err
+    assert "CUDA GPU" in err and "gptqmodel" in err and "q8_0" in err
     assert not (tmp_path / "q").exists()
 
 

@@ -105,13 +105,6 @@ def _check_export_dir(cfg: RunConfig) -> Path:
 def export(cfg: RunConfig) -> Path:
     out = _check_export_dir(cfg)
     model_name, adapters = weights_of(cfg)
-    if cfg.export_quantization_bit is not None:
-        raise ConfigError(f"export_quantization_bit: {cfg.export_quantization_bit}: GPTQ "
-                          "quantization needs a CUDA GPU and the optimum and gptqmodel packages, "
-                          "which lmtune neither needs nor installs.",
-                          "remove it; for 8-bit weights export export_format=gguf "
-                          "export_gguf_type=q8_0, or quantize this export with gptqmodel on a "
-                          "CUDA machine.")
     model_path = resolve_for(cfg, model_name)
     dtype = export_dtype(cfg, model_path)
     if not adapters and cfg.null_on_command_line("adapter_name_or_path") and \

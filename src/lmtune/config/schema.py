@@ -307,13 +307,14 @@ REFUSED_FEATURES: dict[str, tuple[Any, str]] = {
     "eaft_alpha": (1.0, "the EAFT loss is " + _NOT_IN_THIS_BUILD),
     "neftune_noise_alpha": (None, "NEFTune noise is " + _NOT_IN_THIS_BUILD),
     # Export options (quantized export, upload, inference dtype).
-    "export_quantization_bit": (None, "GPTQ export quantization needs a CUDA GPU and is "
-                                + _NOT_IN_THIS_BUILD),
-    "export_quantization_dataset": (None, "GPTQ export quantization is " + _NOT_IN_THIS_BUILD),
-    "export_quantization_nsamples": (128, "GPTQ export quantization is " + _NOT_IN_THIS_BUILD),
-    "export_quantization_maxlen": (1024, "GPTQ export quantization is " + _NOT_IN_THIS_BUILD),
+    **{key: (default, "GPTQ quantization needs a CUDA GPU and the optimum and gptqmodel packages, "
+             "which lmtune neither needs nor installs; remove it. For 8-bit weights use "
+             "export_format: gguf with export_gguf_type: q8_0, or quantize the export with "
+             "gptqmodel on a CUDA machine.")
+       for key, default in (("export_quantization_bit", None), ("export_quantization_dataset", None),
+                            ("export_quantization_nsamples", 128),
+                            ("export_quantization_maxlen", 1024))},
     "export_hub_model_id": (None, "lmtune never uploads; upload export_dir with `hf upload`."),
-    "infer_dtype": ("auto", "choosing the inference dtype is " + _NOT_IN_THIS_BUILD),
 }
 
 
@@ -701,15 +702,6 @@ class RunConfig(BaseModel):
     export_gguf_type: Literal["auto", "f32", "f16", "bf16", "q8_0"] = Field(
         "auto", description="export_format gguf: tensor type of the weights (auto: the export "
         "dtype, as infer_dtype decides); norms stay f32.")
-    export_quantization_bit: int | None = Field(
-        None, description="GPTQ-quantize the export (LLaMA-Factory); refused: it needs a CUDA GPU "
-        "and optimum + gptqmodel. Use export_format gguf with export_gguf_type q8_0 for 8 bits.")
-    export_quantization_dataset: str | None = Field(
-        None, description="GPTQ calibration data (with export_quantization_bit, which is refused).")
-    export_quantization_nsamples: int = Field(
-        128, ge=1, description="GPTQ calibration samples (with export_quantization_bit).")
-    export_quantization_maxlen: int = Field(
-        1024, ge=1, description="GPTQ calibration sample length (with export_quantization_bit).")
 
     # Keys from ACCEPTED_NOT_APPLIED that the YAML set, kept to report them.
     not_applied: dict[str, Any] = Field(default_factory=dict, exclude=True)
