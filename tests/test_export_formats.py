@@ -91,30 +91,37 @@ def test_export_keeps_the_base_dtype_and_bf16_halves_the_size(merge, tiny_model_
                                logits(AutoModelForCausalLM.from_pretrained(base)), atol=0, rtol=0)
 
 
-def test_a_full_fine_tune_is_re_exported_in_shards(train_config, tmp_path, capsys):
+def test_a_full_fine_tune_is_re_exported_in_shards_in_its_bases_dtype(train_config, tiny_model_dir,
+                                                                     tmp_path, capsys):
+    base = tmp_path / "bf16-base"  # a bf16 checkpoint, as most hub models are
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir).to(torch.bfloat16).save_pretrained(base)
+    load_tokenizer(tiny_model_dir).save_pretrained(base)
     run = {k: v for k, v in train_config.items() if k != "lora_rank"}
-    run |= {"finetuning_type": "full", "max_steps": 2}
+    run |= {"model_name_or_path": str(base), "finetuning_type": "full", "max_steps": 2}
     train(tmp_path, run)
     out = Path(run["output_dir"])
+    assert dtypes(out) == {"F32"}  # lmtune trains and saves in float32
     # LLaMA-Factory's merge config for a full fine-tune: the run as model, no adapter, a shard size.
-    sharded = export(tmp_path, "sharded", {"model_name_or_path": str(out), "export_size": 0.004})
+    sharded = export(tmp_path, "sharded", {"model_name_or_path": str(out), "export_size": 0.002})
     shards = sorted(sharded.glob("*.safetensors"))
     assert len(shards) > 1 and (sharded / "model.safetensors.index.json").is_file()
     for shard in shards:  # a tensor larger than export_size (the embedding) gets a shard alone
         with safe_open(shard, framework="pt") as f:
-            assert shard.stat().st_size <= 0.004e9 + 1e5 or len(f.keys()) == 1
-    assert dtypes(sharded) == {"F32"}  # the checkpoint it started from is float32
-    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(sharded)),
-                               logits(AutoModelForCausalLM.from_pretrained(out)), atol=0, rtol=0)
+            assert shard.stat().st_size <= 0.002e9 + 1e5 or len(f.keys()) == 1
+    assert dtypes(sharded) == {"BF16"}  # the dtype of the checkpoint the run started from
+    widened = AutoModelForCausalLM.from_pretrained(sharded, dtype=torch.float32)
+    torch.testing.assert_close(logits(widened), logits(AutoModelForCausalLM.from_pretrained(out)),
+                               atol=0.05, rtol=0.05)
     record = json.loads((sharded / EXPORT_RECORD).read_text())
     assert record["lineage"] == {"base_model_name_or_path": str(out),
                                  "base_fingerprint": weights_fingerprint(str(out)),
                                  "merged_adapters": []}
-    assert weights_fingerprint(str(sharded)) == weights_fingerprint(str(out))
-    # The run's own YAML exports what output_dir holds, here in half precision.
-    half = export(tmp_path, "half", run, "infer_dtype=float16")
-    assert dtypes(half) == {"F16"}
-    assert "(float16)" in capsys.readouterr().out
+    # The run's own YAML exports what output_dir holds; in float32 it is the trained model exactly.
+    exact = export(tmp_path, "exact", run, "infer_dtype=float32")
+    assert dtypes(exact) == {"F32"} and "(float32)" in capsys.readouterr().out
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(exact)),
+                               logits(AutoModelForCausalLM.from_pretrained(out)), atol=0, rtol=0)
+    assert weights_fingerprint(str(exact)) == weights_fingerprint(str(out))
 
 
 def test_gptq_export_is_refused_with_the_reason(merge, tmp_path, capsys):

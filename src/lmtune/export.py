@@ -34,8 +34,8 @@ from lmtune.models.load import (DEFAULT_MODEL, is_quantized, load_model, load_to
                                 resolve_model, stop_token_ids, tokenizer_source)
 from lmtune.models.methods import MERGEABLE, adapter_type, load_adapters
 from lmtune.models.modelfile import modelfile
-from lmtune.models.to_gguf import FOR_DTYPE, check_convertible, write_gguf
 from lmtune.models.scalar_head import HEAD_FILE
+from lmtune.models.to_gguf import FOR_DTYPE, check_convertible, write_gguf
 from lmtune.train.checkpoint import RUN_CONFIG
 
 EXPORT_MARKER = EXPORT_RECORD  # also what tells export a folder is its own to overwrite

@@ -106,13 +106,14 @@ def modelfile(tokenizer: PreTrainedTokenizerBase, stop_ids: list[int], source: s
               cfg: RunConfig) -> tuple[str, bool]:
     """The Modelfile text for the weights at `source` (relative to the Modelfile), and whether it
     holds a TEMPLATE."""
-    lines = ["# Ollama Modelfile written by lmtune export. In this folder: ollama create NAME -f Modelfile",
-             f"FROM {source}"]
+    lines = ["# Ollama Modelfile written by lmtune export. In this folder: "
+             "ollama create NAME -f Modelfile", f"FROM {source}"]
     found = message_format(tokenizer)
     template = found.go_template() if found else None
-    if template is not None and ('"""' in template or '"""' in found.default_system
-                                 or "{{" in "".join(sum(found.wrap.values(), (found.head, found.generation)))):
-        template = None  # text Ollama would read as the end of the block or as a template action
+    if found is not None:
+        text = "".join(sum(found.wrap.values(), (found.head, found.generation)))
+        if '"""' in text + found.default_system or "{{" in text:
+            template = None  # text Ollama would read as the end of the block or as an action
     if template is None:
         lines.append("# no TEMPLATE: this chat template is not one block of text per message, so "
                      "Ollama picks one from the model's tokenizer.chat_template")
