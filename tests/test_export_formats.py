@@ -15,7 +15,9 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmtune.cli import main
+from lmtune.config import build_config
 from lmtune.data.templates import BUILTIN, to_jinja
+from lmtune.errors import ConfigError
 from lmtune.models.lineage import EXPORT_RECORD, adapter_fingerprint, weights_fingerprint
 from lmtune.models.load import load_tokenizer
 from lmtune.models.modelfile import message_format
@@ -285,6 +287,14 @@ def test_gguf_loads_back_with_the_same_answers(merge, tokenizer, random_adapter,
     assert 0.995 < similarity < 1 - 1e-6
     assert main(["chat", str(run), f"adapter_name_or_path={random_adapter}", "--prompt", "hi"]) == 2
     assert f"adapter {random_adapter} is already merged into" in capsys.readouterr().err
+
+
+def test_gguf_keys_without_gguf_or_twice_are_refused(merge):
+    with pytest.raises(ConfigError, match="export_gguf_type: q8_0 applies to export_format: gguf"):
+        build_config(merge | {"export_gguf_type": "q8_0"})
+    with pytest.raises(ConfigError, match="both set the type of the GGUF's weights"):
+        build_config(merge | {"export_format": "gguf", "export_gguf_type": "f16",
+                              "infer_dtype": "bfloat16"})
 
 
 def test_gguf_refuses_what_it_cannot_write(merge, tiny_model_dir, tmp_path, capsys):
