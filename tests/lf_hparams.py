@@ -59,7 +59,7 @@ LF_KEYS = {
     "offload_folder": (NOT_APPLIED, "offload"),
     "use_kv_cache": (NOT_APPLIED, True),
     "use_v1_kernels": (REFUSED, False),
-    "infer_dtype": (REFUSED, "auto"),
+    "infer_dtype": (APPLIED, "auto"),
     "hf_hub_token": (NOT_APPLIED, None),
     "ms_hub_token": (NOT_APPLIED, None),
     "om_hub_token": (NOT_APPLIED, None),

@@ -164,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--sample", action="store_true", help="sample with the config's settings")
     chat.set_defaults(func=cmd_chat)
 
-    export = add("export", "merge an adapter (LoRA family, AdaLoRA, IA3) into its base and save a "
-                 "standalone model", True)
+    export = add("export", "merge an adapter (LoRA family, AdaLoRA, IA3) into its base, or re-export "
+                 "a model, as a standalone HF folder or GGUF file with an Ollama Modelfile", True)
     export.add_argument("--export-dir", dest="export_dir", help="export_dir (overrides the config)")
     export.set_defaults(func=cmd_export)
 

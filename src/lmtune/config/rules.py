@@ -343,6 +343,18 @@ def _check_scheduler(cfg: RunConfig) -> None:
                           "e.g. {min_lr_rate: 0.1} for cosine_with_min_lr.") from None
 
 
+def _check_export_keys(cfg: RunConfig, explicitly_set: set[str]) -> None:
+    if cfg.export_gguf_type != "auto" and cfg.export_format != "gguf":
+        raise ConfigError(f"export_gguf_type: {cfg.export_gguf_type} applies to export_format: gguf, "
+                          f"but export_format is {cfg.export_format}.",
+                          "add export_format: gguf, or remove export_gguf_type (infer_dtype sets the "
+                          "dtype of an hf export).")
+    if cfg.export_gguf_type != "auto" and "infer_dtype" in explicitly_set and cfg.infer_dtype != "auto":
+        raise ConfigError(f"infer_dtype: {cfg.infer_dtype} and export_gguf_type: "
+                          f"{cfg.export_gguf_type} both set the type of the GGUF's weights.",
+                          "keep export_gguf_type (infer_dtype picks it only when it is auto).")
+
+
 def check_combinations(cfg: RunConfig, explicitly_set: set[str]) -> None:
     """Refuse combinations that cannot work, with the fix. Runs after field-level validation."""
     _check_scheduler(cfg)
@@ -352,6 +364,7 @@ def check_combinations(cfg: RunConfig, explicitly_set: set[str]) -> None:
                           "use quantization_method: bnb with quantization_bit: 4 or 8 on a "
                           "full-precision base (bitsandbytes runs on CPU and CUDA).")
     _check_predict_and_replay(cfg, explicitly_set)
+    _check_export_keys(cfg, explicitly_set)
     if cfg.bf16 and cfg.fp16:
         raise ConfigError("bf16 and fp16 are both true.", "set only one of them (bf16 on CPUs and "
                           "recent GPUs).")

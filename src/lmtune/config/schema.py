@@ -301,13 +301,14 @@ REFUSED_FEATURES: dict[str, tuple[Any, str]] = {
     "use_v1_kernels": (False, "LLaMA-Factory's v1 kernels (fused GPU kernels) are not included; "
                        "remove it."),
     # Export options (quantized export, upload, inference dtype).
-    "export_quantization_bit": (None, "GPTQ export quantization needs a CUDA GPU and is "
-                                + _NOT_IN_THIS_BUILD),
-    "export_quantization_dataset": (None, "GPTQ export quantization is " + _NOT_IN_THIS_BUILD),
-    "export_quantization_nsamples": (128, "GPTQ export quantization is " + _NOT_IN_THIS_BUILD),
-    "export_quantization_maxlen": (1024, "GPTQ export quantization is " + _NOT_IN_THIS_BUILD),
+    **{key: (default, "GPTQ quantization needs a CUDA GPU and the optimum and gptqmodel packages, "
+             "which lmtune neither needs nor installs; remove it. For 8-bit weights use "
+             "export_format: gguf with export_gguf_type: q8_0, or quantize the export with "
+             "gptqmodel on a CUDA machine.")
+       for key, default in (("export_quantization_bit", None), ("export_quantization_dataset", None),
+                            ("export_quantization_nsamples", 128),
+                            ("export_quantization_maxlen", 1024))},
     "export_hub_model_id": (None, "lmtune never uploads; upload export_dir with `hf upload`."),
-    "infer_dtype": ("auto", "choosing the inference dtype is " + _NOT_IN_THIS_BUILD),
 }
 
 
@@ -719,7 +720,8 @@ class RunConfig(BaseModel):
 
     # --- export ------------------------------------------------------------------------------
     export_dir: str | None = Field(None, description="Where `lmtune export` writes the merged model.")
-    export_size: int = Field(5, ge=1, description="Largest safetensors shard, in GB.")
+    export_size: float = Field(
+        5, gt=0, description="Largest safetensors shard, in GB (a GGUF is always one file).")
     export_device: Literal["cpu", "auto"] = Field(
         "cpu", description="Where adapters merge: cpu, or auto (the GPU when one is present).")
     export_legacy_format: Literal[False] = Field(
@@ -727,6 +729,16 @@ class RunConfig(BaseModel):
     export_full_precision: bool = Field(
         False, description="Merge into the base loaded in full precision even though training used "
         "a quantized one (quantization_bit) or the base checkpoint is quantized.")
+    infer_dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="export: dtype of the exported weights; auto keeps the base "
+        "checkpoint's (bf16 for a bf16 one; float32 for 'default', dequantised from its GGUF). "
+        "chat and serve compute in float32 whatever it says.")
+    export_format: Literal["hf", "gguf"] = Field(
+        "hf", description="export: hf (safetensors folder) or gguf (one .gguf file for llama.cpp "
+        "and Ollama, llama-architecture models; an lmtune key, LLaMA-Factory has none).")
+    export_gguf_type: Literal["auto", "f32", "f16", "bf16", "q8_0"] = Field(
+        "auto", description="export_format gguf: tensor type of the weights (auto: the export "
+        "dtype, as infer_dtype decides); norms stay f32.")
 
     # Keys from ACCEPTED_NOT_APPLIED that the YAML set, kept to report them.
     not_applied: dict[str, Any] = Field(default_factory=dict, exclude=True)

@@ -28,6 +28,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsA
 from lmtune.config import RunConfig
 from lmtune.errors import ConfigError, ModelError
 from lmtune.hub import model_snapshot
+from lmtune.models.lineage import EXPORT_RECORD
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,10 @@ def convert_gguf(gguf: Path) -> Path:
             quantization_config=GgufConfig(gguf_file=gguf.name, dequantize=True))
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        if (gguf.parent / EXPORT_RECORD).is_file():
+            # An lmtune export: what it merged goes with the weights, so an adapter merged into
+            # them is refused again on the GGUF as on the HF export (models/lineage.py).
+            shutil.copyfile(gguf.parent / EXPORT_RECORD, staging / EXPORT_RECORD)
         (staging / _COMPLETE).write_text(json.dumps({"source": gguf.name}))
         if target.exists():  # another process finished first; keep its copy
             shutil.rmtree(staging)

@@ -24,6 +24,7 @@ RESUME_MAY_CHANGE = frozenset({
     "per_device_eval_batch_size", "overwrite_cache", "preprocessing_num_workers",
     "gradient_checkpointing", "do_train", "export_dir", "export_size", "export_device",
     "export_legacy_format", "export_full_precision", "not_applied",
+    "infer_dtype", "export_format", "export_gguf_type",
     # what happens after training or beside it: prediction, benchmarks, serving
     "eval_generate_samples", "do_predict", "predict_with_generate", "num_beams", "eval_num_beams",
     "length_penalty",
