@@ -266,7 +266,12 @@ class Trainer:
 
         state = get_model_state_dict(self.wrapped, options=StateDictOptions(
             full_state_dict=True, cpu_offload=True))
-        return {k.removeprefix("model."): v for k, v in state.items()}
+        # A tied weight (lm_head = embeddings) comes back gathered twice; the HF format keeps one.
+        model = self.unwrapped
+        tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - \
+            {n for n, _ in model.named_parameters()}
+        return {k.removeprefix("model."): v for k, v in state.items()
+                if k.removeprefix("model.") not in tied}
 
     def sharded_state(self) -> dict[str, Any]:
         """The trainable weights and the optimizer state by parameter name, as this rank holds
