@@ -109,10 +109,15 @@ def is_sharded(folder: Path) -> bool:
 
 def load_sharded(state: dict[str, Any], folder: Path) -> None:
     """Fill `state` in place from the checkpoint's shards, in `state`'s own layout (all ranks)."""
+    import warnings
+
     import torch.distributed.checkpoint as dcp
 
     try:
-        dcp.load(state, checkpoint_id=folder / SHARDS)
+        with warnings.catch_warnings():
+            # One process reading shards is intended here (re-sharding), not a forgotten init.
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=folder / SHARDS)
     except (OSError, RuntimeError, ValueError) as exc:
         raise TrainingError(f"cannot read the shards in {folder}: {str(exc).splitlines()[0]}",
                             "resume with the model and method the checkpoint was written "
