@@ -8,6 +8,10 @@ Each multi-process run starts two torch processes, so there are few of them and 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +19,9 @@ import torch
 from safetensors.torch import load_file
 
 from lmtune.cli import main
-from tests.conftest import write_yaml
+from lmtune.train.checkpoint import complete_checkpoints
+from lmtune.train.logs import read_log
+from tests.conftest import ROOT, wait_for_log_lines, write_yaml
 from tests.test_distributed import EXAMPLES, _losses, _run_two_ranks
 
 
@@ -98,3 +104,50 @@ def test_fsdp2_full_finetune_with_the_accelerate_example_saves_whole_hf_weights(
     checkpoint = two / "checkpoint-1"
     assert (checkpoint / "fsdp_shards").is_dir()
     assert _weights(checkpoint, "model.safetensors").keys() == _weights(one, "model.safetensors").keys()
+
+
+def _start_two_ranks(config_path: Path, *extra: str) -> subprocess.Popen:
+    env = os.environ | {"PYTHONPATH": str(ROOT / "src"), "PYTHONUNBUFFERED": "1"}
+    # A session of its own: should the job hang, the test ends every process it started.
+    return subprocess.Popen([sys.executable, "-m", "lmtune.cli", "train", str(config_path),
+                             *extra, "--nproc", "2"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"the 2-rank job did not stop within {timeout} s:\n{err[-3000:]}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine,ctrl_c", [({}, False), ({"fsdp": "full_shard"}, True)],
+                         ids=["ddp-sigterm", "fsdp2-ctrl-c"])
+def test_a_stop_request_stops_both_ranks_with_one_checkpoint_and_the_run_resumes(
+        tmp_path, train_config, engine, ctrl_c):
+    config = train_config | engine | {"max_steps": 12, "save_steps": 100, "plot_loss": False}
+    out = tmp_path / "out"
+    path = write_yaml(tmp_path / "run.yaml", config | {"output_dir": str(out)})
+    proc = _start_two_ranks(path)
+    wait_for_log_lines(out, 1, proc, timeout=300)
+    if ctrl_c:  # a terminal's Ctrl-C: SIGINT to the launcher, torchrun and both ranks at once
+        os.killpg(proc.pid, signal.SIGINT)
+    else:  # as a job scheduler would: SIGTERM to the launcher, which passes it to torchrun
+        proc.send_signal(signal.SIGTERM)
+    _, err = _finish(proc, timeout=180)
+    assert proc.returncode == 130, err[-3000:]
+    checkpoints = complete_checkpoints(out)
+    assert len(checkpoints) == 1 and "resume_from_checkpoint=auto" in err
+    stopped = int(checkpoints[0].name.split("-")[1])
+    assert 1 <= stopped < 12 and f"stopped at step {stopped} of 12" in err
+    assert not (out / "all_results.json").exists()
+
+    proc = _start_two_ranks(path, "resume_from_checkpoint=auto")
+    _, err = _finish(proc, timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    steps = [r["step"] for r in read_log(out / "trainer_log.jsonl")]
+    assert steps == list(range(1, 13))  # the steps before the stop, then the resumed ones, once
+    assert json.loads((out / "all_results.json").read_text())["global_step"] == 12
