@@ -87,7 +87,11 @@ def open_staging(output_dir: Path, step: int) -> Path:
     before `save_checkpoint(..., staged=True)` completes it."""
     staging = _staging(output_dir, step)
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    try:
+        staging.mkdir(parents=True)
+    except OSError as exc:  # an LmtuneError reaches every rank; others would wait for rank 0
+        raise TrainingError(f"cannot create {staging}: {exc.strerror or exc}",
+                            "check output_dir's permissions and free space, then resume.") from None
     return staging
 
 
