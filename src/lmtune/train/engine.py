@@ -16,8 +16,9 @@ for every stage.
 Several processes (torchrun, accelerate launch, --nproc) run the same loop; what differs lives in
 the pieces and in lmtune.distributed: each rank takes its share of every step's window, the loss is
 normalised by the units of the window on ALL ranks (so N ranks make the same update as one process
-with the same global batch), the model is wrapped by accelerate (DDP, FSDP2 or DeepSpeed) and only
-rank 0 writes logs, checkpoints and the output.
+with the same global batch), the model is wrapped by accelerate (DDP) or sharded by torch's
+fully_shard (FSDP2), and only rank 0 writes logs, checkpoints and the output (FSDP2: each rank
+writes its own shards of a checkpoint).
 """
 
 from __future__ import annotations
