@@ -158,19 +158,36 @@ def test_deepspeed_file_disagreeing_with_the_run_is_refused(tmp_path):
     assert "train_micro_batch_size_per_gpu: 8" in info.value.message and '"auto"' in info.value.fix
 
 
-def test_fsdp2_example_parses_and_is_refused_on_cpu():
+def test_fsdp2_example_parses(monkeypatch):
     cfg = build_config({"fsdp": "full_shard auto_wrap",
                         "fsdp_config": str(EXAMPLES / "accelerate" / "fsdp2_config.yaml")})
     settings = distributed.fsdp_settings(cfg)
-    assert settings["fsdp_version"] == 2 and settings["reshard_after_forward"] is True
-    assert settings["transformer_cls_names_to_wrap"] == ["LlamaDecoderLayer"]
-    assert settings["cpu_offload"] is False
+    assert settings["reshard_after_forward"] is True and settings["cpu_offload"] is False
+    assert settings["layer_classes"] == ["LlamaDecoderLayer"]
+    assert settings["state_dict_type"] == "FULL_STATE_DICT"
     shard_grad_op = distributed.fsdp_settings(build_config({"fsdp": "shard_grad_op offload"}))
     assert shard_grad_op["reshard_after_forward"] is False and shard_grad_op["cpu_offload"] is True
-    # accelerate would quietly run DDP instead of FSDP on the CPU: refused, not replicated.
+    assert shard_grad_op["state_dict_type"] == "SHARDED_STATE_DICT"
+    # torch's fully_shard runs on gloo: FSDP2 is this CPU's engine too, not quietly DDP.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert distributed.engine(cfg) == "fsdp2"
     with pytest.raises(ConfigError) as info:
-        distributed.init(cfg)
-    assert "GPUs only" in info.value.message
+        distributed.engine(cfg.model_copy(update={"quantization_bit": 4}))
+    assert "quantization_bit" in info.value.message
+
+
+def test_accelerate_launch_fsdp_environment_is_read(monkeypatch):
+    # What `accelerate launch --config_file examples/accelerate/fsdp2_config.yaml` exports.
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "LlamaDecoderLayer")
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "false")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    settings = distributed.fsdp_settings(build_config({}))
+    assert settings["layer_classes"] == ["LlamaDecoderLayer"]
+    assert settings["reshard_after_forward"] is False
+    with distributed.accelerate_without_fsdp():
+        assert "ACCELERATE_USE_FSDP" not in os.environ
+    assert os.environ["ACCELERATE_USE_FSDP"] == "true"
 
 
 def test_fsdp_version_1_is_refused():

@@ -227,16 +227,27 @@ def launch(nproc: int, program: list[str]) -> None:
                      "rank's output is above.", code if code > 0 else 1)
 
 
-# --- sharded engines: FSDP2 and DeepSpeed ZeRO, through accelerate's plugins ----------------------
+# --- sharded engines: FSDP2 and DeepSpeed ZeRO -----------------------------------------------------
 
-# LLaMA-Factory / HF `fsdp` options; lmtune runs FSDP2 (fully_shard), where "full_shard" reshards
-# parameters after each forward and "shard_grad_op" keeps them gathered until backward (ZeRO-2-like).
+# LLaMA-Factory / HF `fsdp` options; lmtune runs FSDP2 (torch's fully_shard), where "full_shard"
+# reshards parameters after each forward and "shard_grad_op" keeps them gathered until backward
+# (ZeRO-2-like).
 FSDP_OPTIONS = ("full_shard", "shard_grad_op", "hybrid_shard", "offload", "auto_wrap")
 # fsdp_config keys (with or without the `fsdp_` prefix). Layers are always wrapped by class
-# (TRANSFORMER_BASED_WRAP), and saves always gather the full state on rank 0.
+# (TRANSFORMER_BASED_WRAP); every rank loads the same weights before they are sharded and FSDP2 always
+# keeps the original parameters, so cpu_ram_efficient_loading, sync_module_states and
+# use_orig_params (FSDP1-era keys LLaMA-Factory's configs carry) change nothing.
 FSDP_CONFIG_KEYS = ("version", "transformer_layer_cls_to_wrap", "reshard_after_forward",
                     "cpu_ram_efficient_loading", "activation_checkpointing", "offload_params",
-                    "auto_wrap_policy", "state_dict_type")
+                    "auto_wrap_policy", "state_dict_type", "sync_module_states", "use_orig_params")
+STATE_DICT_TYPES = ("SHARDED_STATE_DICT", "FULL_STATE_DICT")
+# What `accelerate launch --config_file <an FSDP config>` hands its processes, as fsdp_config keys.
+_ACCELERATE_ENV = {"FSDP_VERSION": "version", "FSDP_TRANSFORMER_CLS_TO_WRAP":
+                   "transformer_layer_cls_to_wrap", "FSDP_RESHARD_AFTER_FORWARD":
+                   "reshard_after_forward", "FSDP_OFFLOAD_PARAMS": "offload_params",
+                   "FSDP_ACTIVATION_CHECKPOINTING": "activation_checkpointing",
+                   "FSDP_AUTO_WRAP_POLICY": "auto_wrap_policy",
+                   "FSDP_STATE_DICT_TYPE": "state_dict_type"}
 
 
 def _read_structured(path: str, key: str) -> dict[str, Any]:
@@ -256,17 +267,33 @@ def _read_structured(path: str, key: str) -> dict[str, Any]:
     return data
 
 
+def _flag(value: Any) -> bool:
+    return str(value).lower() in ("true", "1", "yes") if isinstance(value, str) else bool(value)
+
+
+def _accelerate_fsdp_env() -> dict[str, Any] | None:
+    """The FSDP settings `accelerate launch` put in the environment, if it launched with FSDP."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None
+    settings = {key: os.environ[env] for env, key in _ACCELERATE_ENV.items() if env in os.environ}
+    if "transformer_layer_cls_to_wrap" in settings:
+        settings["transformer_layer_cls_to_wrap"] = settings["transformer_layer_cls_to_wrap"].split(",")
+    return settings
+
+
 def fsdp_settings(cfg: RunConfig) -> dict[str, Any] | None:
     """`fsdp` + `fsdp_config` (LLaMA-Factory's meaning; keys with or without the `fsdp_` prefix,
-    or an accelerate config file's `fsdp_config` section) -> accelerate FSDP2 plugin arguments."""
-    if not cfg.fsdp and not cfg.fsdp_config:
+    or an accelerate config file's `fsdp_config` section), else the FSDP settings of an
+    `accelerate launch` environment -> lmtune's FSDP2 settings, or None without FSDP."""
+    from_env = None if cfg.fsdp or cfg.fsdp_config else _accelerate_fsdp_env()
+    if not cfg.fsdp and not cfg.fsdp_config and from_env is None:
         return None
     options = cfg.fsdp.split() if isinstance(cfg.fsdp, str) else list(cfg.fsdp or ["full_shard"])
     unknown = [o for o in options if o not in FSDP_OPTIONS]
     if unknown:
         raise ConfigError(f"fsdp: unknown option {', '.join(unknown)}.",
                           f"use some of: {' '.join(FSDP_OPTIONS)}.")
-    raw = cfg.fsdp_config or {}
+    raw = cfg.fsdp_config or from_env or {}
     raw = _read_structured(raw, "fsdp_config") if isinstance(raw, str) else raw
     raw = raw.get("fsdp_config", raw)  # an `accelerate config` file nests it
     settings = {k.removeprefix("fsdp_"): v for k, v in raw.items()}
@@ -285,17 +312,20 @@ def fsdp_settings(cfg: RunConfig) -> dict[str, Any] | None:
     if "hybrid_shard" in options:
         raise ConfigError("fsdp: hybrid_shard (shard within a node, replicate across nodes) is not "
                           "supported.", "use full_shard or shard_grad_op.")
+    state_dict_type = str(settings.get("state_dict_type", "SHARDED_STATE_DICT")).upper()
+    if state_dict_type not in STATE_DICT_TYPES:
+        raise ConfigError(f"fsdp_config: state_dict_type {settings['state_dict_type']} is not "
+                          "supported.", f"use one of: {', '.join(STATE_DICT_TYPES)}.")
     layers = settings.get("transformer_layer_cls_to_wrap")
     return {
-        "fsdp_version": 2,
-        "reshard_after_forward": bool(settings.get("reshard_after_forward",
-                                                   "shard_grad_op" not in options)),
-        "cpu_offload": "offload" in options or bool(settings.get("offload_params", False)),
-        "auto_wrap_policy": "transformer_based_wrap",
-        "transformer_cls_names_to_wrap": [layers] if isinstance(layers, str) else layers,
-        "activation_checkpointing": bool(settings.get("activation_checkpointing", False)),
-        "cpu_ram_efficient_loading": bool(settings.get("cpu_ram_efficient_loading", False)),
-        "state_dict_type": "FULL_STATE_DICT",
+        "reshard_after_forward": _flag(settings.get("reshard_after_forward",
+                                                    "shard_grad_op" not in options)),
+        "cpu_offload": "offload" in options or _flag(settings.get("offload_params", False)),
+        "layer_classes": [layers] if isinstance(layers, str) else list(layers or []),
+        "activation_checkpointing": _flag(settings.get("activation_checkpointing", False)),
+        # Checkpoints: SHARDED_STATE_DICT writes each rank's shards (torch.distributed.checkpoint);
+        # FULL_STATE_DICT also gathers the whole weights into the checkpoint, in HF/PEFT format.
+        "state_dict_type": state_dict_type,
     }
 
 
@@ -329,7 +359,7 @@ def deepspeed_settings(cfg: RunConfig) -> dict[str, Any] | None:
 
 def engine(cfg: RunConfig) -> str:
     """The multi-process engine a run uses: "ddp" or "fsdp2" ("single": one process).
-    Refuses, naming what is missing, a sharded engine this machine cannot run."""
+    Refuses, naming what is missing, an engine or combination this machine cannot run."""
     ds, fsdp = deepspeed_settings(cfg), fsdp_settings(cfg)
     if ds and fsdp:
         raise ConfigError("both deepspeed and fsdp are set.", "keep one of them.")
@@ -353,24 +383,51 @@ def engine(cfg: RunConfig) -> str:
                           f"this version (ZeRO stage {ds['stage']} parsed from {cfg.deepspeed}).",
                           "use fsdp: full_shard (FSDP2 shards weights, gradients and optimizer "
                           "states like ZeRO-3; shard_grad_op like ZeRO-2), or plain DDP.")
-    if fsdp and not torch.cuda.is_available():
-        raise ConfigError("fsdp: accelerate runs FSDP2 on GPUs only (on the CPU it would quietly "
-                          "fall back to DDP, replicating every weight).",
-                          "remove fsdp to train with DDP here, or run on CUDA GPUs.")
     if world_size() == 1:
         return "single"
-    return "fsdp2" if fsdp else "ddp"
+    if fsdp:
+        if cfg.quantization_bit:
+            raise ConfigError("fsdp with quantization_bit: FSDP2 cannot shard bitsandbytes' packed "
+                              "4/8-bit weights in this version.",
+                              "remove quantization_bit (or fsdp: QLoRA trains with DDP).")
+        if cfg.eval_generate_samples:
+            raise ConfigError("fsdp with eval_generate_samples: generating answers needs the whole "
+                              "model on one rank, and FSDP2 keeps it sharded.",
+                              "set eval_generate_samples: 0 under fsdp (eval_loss is still "
+                              "computed), or train with DDP.")
+        return "fsdp2"
+    return "ddp"
 
 
-def accelerator_plugins(cfg: RunConfig, model: torch.nn.Module) -> dict[str, Any]:
-    """Accelerator keyword arguments for the run's sharded engine (none for DDP / one process)."""
-    kind = engine(cfg)
-    if kind == "fsdp2":
-        from accelerate.utils import FullyShardedDataParallelPlugin
+def shard(root: torch.nn.Module, model: torch.nn.Module, cfg: RunConfig) -> None:
+    """FSDP2: `fully_shard` each decoder layer of `model` (its gathered weights live only during
+    that layer's forward and backward), then `root`, which holds the rest (embeddings, final norm,
+    head). The same torch code runs on CUDA (nccl) and on the CPU (gloo)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
-        settings = fsdp_settings(cfg)
-        if not settings["transformer_cls_names_to_wrap"]:
-            settings["transformer_cls_names_to_wrap"] = list(
-                getattr(getattr(model, "lm", model), "_no_split_modules", None) or [])
-        return {"fsdp_plugin": FullyShardedDataParallelPlugin(**settings)}
-    return {}
+    settings = fsdp_settings(cfg)
+    names = settings["layer_classes"] or list(
+        getattr(getattr(model, "lm", model), "_no_split_modules", None) or [])
+    layers = [m for m in root.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ConfigError(f"fsdp: the model has no layer of class {', '.join(names) or '(none named)'} "
+                          "to shard.", "set fsdp_config: {fsdp_transformer_layer_cls_to_wrap: "
+                          "<the decoder layer's class name>}.")
+    options: dict[str, Any] = {"reshard_after_forward": settings["reshard_after_forward"]}
+    if settings["cpu_offload"] and torch.cuda.is_available():  # on the CPU it already is there
+        options["offload_policy"] = CPUOffloadPolicy()
+    for layer in layers:
+        fully_shard(layer, **options)
+    fully_shard(root, **options)
+
+
+@contextmanager
+def accelerate_without_fsdp() -> Iterator[None]:
+    """lmtune shards with `fully_shard` itself; under `accelerate launch --config_file <FSDP>`
+    the Accelerator must not wrap the model a second time, so it is built without that flag."""
+    flag = os.environ.pop("ACCELERATE_USE_FSDP", None)
+    try:
+        yield
+    finally:
+        if flag is not None:
+            os.environ["ACCELERATE_USE_FSDP"] = flag

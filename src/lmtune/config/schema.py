@@ -666,7 +666,8 @@ class RunConfig(BaseModel):
         "'offload'); shards weights, gradients and optimizer states across ranks.")
     fsdp_config: dict[str, Any] | str | None = Field(
         None, description="FSDP options: a dict or a JSON/YAML file (transformer_layer_cls_to_wrap, "
-        "reshard_after_forward, cpu_ram_efficient_loading, activation_checkpointing).")
+        "reshard_after_forward, activation_checkpointing, state_dict_type: SHARDED_STATE_DICT or "
+        "FULL_STATE_DICT for checkpoints).")
     deepspeed: str | None = Field(
         None, description="DeepSpeed JSON config (ZeRO stage 2/3, offload); needs the deepspeed "
         "extra and CUDA GPUs.")

@@ -68,9 +68,18 @@ class ScalarHeadModel(torch.nn.Module):
         last = hidden[torch.arange(len(hidden), device=hidden.device), last_token_index(attention_mask)]
         return self.head(last.to(self.head.weight.dtype)).squeeze(-1).float()
 
-    def save_pretrained(self, folder: Path, **kwargs) -> None:
-        self.lm.save_pretrained(folder, **kwargs)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()},
+    def save_pretrained(self, folder: Path, state_dict: dict[str, torch.Tensor] | None = None,
+                        **kwargs) -> None:
+        """`state_dict`: this model's whole weights (`lm.*`, `head.*`), when its own parameters
+        are sharded over ranks."""
+        lm_state = head_state = None
+        if state_dict is not None:
+            lm_state = {k.removeprefix("lm."): v for k, v in state_dict.items() if k.startswith("lm.")}
+            head_state = {k.removeprefix("head."): v for k, v in state_dict.items()
+                          if k.startswith("head.")}
+        self.lm.save_pretrained(folder, state_dict=lm_state, **kwargs)
+        save_file({k: v.detach().cpu().contiguous()
+                   for k, v in (head_state or self.head.state_dict()).items()},
                   Path(folder) / self.head_file)
 
     def load_head(self, folder: Path) -> None:

@@ -39,6 +39,9 @@ RUN_MARKER = "lmtune_run.json"
 FINAL_MARKER = "lmtune_complete.json"
 TRAINER_STATE = "trainer_state.json"
 RUN_CONFIG = "run_config.yaml"
+# FSDP2's checkpoints: each rank's shards of the trainable weights and the optimizer state,
+# written by torch.distributed.checkpoint (one .distcp file per rank plus .metadata).
+SHARDS = "fsdp_shards"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _FINAL_STAGING = ".final.staging"
 
@@ -75,20 +78,75 @@ def _kept(output_dir: Path) -> str:
     return f"No complete checkpoint of this run exists in {output_dir}."
 
 
-def save_checkpoint(output_dir: Path, step: int, save_weights, optimizer_state: dict[str, Any],
-                    scheduler_state: dict[str, Any], rng_states: list[dict[str, Any]],
-                    trainer_state: dict[str, Any], run_config: dict[str, Any]) -> Path:
-    """Write checkpoint-`step` atomically (one process writes it, whatever the world size).
-    `save_weights(folder)` writes the model in HF/PEFT format; `rng_states` holds every rank's."""
-    final = output_dir / f"checkpoint-{step}"
-    staging = output_dir / f".checkpoint-{step}.staging"
+def _staging(output_dir: Path, step: int) -> Path:
+    return output_dir / f".checkpoint-{step}.staging"
+
+
+def open_staging(output_dir: Path, step: int) -> Path:
+    """An empty staging folder for checkpoint-`step`, for every rank to write its shards into
+    before `save_checkpoint(..., staged=True)` completes it."""
+    staging = _staging(output_dir, step)
     shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir(parents=True)
+    except OSError as exc:  # an LmtuneError reaches every rank; others would wait for rank 0
+        raise TrainingError(f"cannot create {staging}: {exc.strerror or exc}",
+                            "check output_dir's permissions and free space, then resume.") from None
+    return staging
+
+
+def save_sharded(state: dict[str, Any], staging: Path) -> None:
+    """Every rank writes its shards of `state` (all ranks call it)."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        dcp.save(state, checkpoint_id=staging / SHARDS)
+    except OSError as exc:
+        raise TrainingError(f"cannot write the shards of {staging.name.strip('.')}: "
+                            f"{exc.strerror or exc}", "free disk space or check output_dir's "
+                            "permissions, then resume.") from None
+
+
+def is_sharded(folder: Path) -> bool:
+    return (folder / SHARDS).is_dir()
+
+
+def load_sharded(state: dict[str, Any], folder: Path) -> None:
+    """Fill `state` in place from the checkpoint's shards, in `state`'s own layout (all ranks)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        with warnings.catch_warnings():
+            # One process reading shards is intended here (re-sharding), not a forgotten init.
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=folder / SHARDS)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise TrainingError(f"cannot read the shards in {folder}: {str(exc).splitlines()[0]}",
+                            "resume with the model and method the checkpoint was written "
+                            "with, or from another checkpoint.") from None
+
+
+def save_checkpoint(output_dir: Path, step: int, save_weights,
+                    optimizer_state: dict[str, Any] | None, scheduler_state: dict[str, Any],
+                    rng_states: list[dict[str, Any]], trainer_state: dict[str, Any],
+                    run_config: dict[str, Any], staged: bool = False) -> Path:
+    """Write checkpoint-`step` atomically (one process writes it, whatever the world size).
+    `save_weights(folder)` writes the model in HF/PEFT format; `rng_states` holds every rank's.
+    `staged`: the ranks already wrote their shards (weights and optimizer) into `open_staging`'s
+    folder, and `optimizer_state` is None."""
+    final = output_dir / f"checkpoint-{step}"
+    staging = _staging(output_dir, step)
+    if not staged:
+        shutil.rmtree(staging, ignore_errors=True)
     kept = _kept(output_dir)
     try:
         with writing(f"checkpoint-{step}", final, kept):
-            staging.mkdir(parents=True)
+            staging.mkdir(parents=True, exist_ok=staged)
             save_weights(staging)
-            torch.save(optimizer_state, staging / "optimizer.pt")
+            if optimizer_state is not None:
+                torch.save(optimizer_state, staging / "optimizer.pt")
             torch.save(scheduler_state, staging / "scheduler.pt")
             for rank, state in enumerate(rng_states):
                 torch.save(state, staging / rng_file(rank))

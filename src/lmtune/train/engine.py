@@ -16,8 +16,9 @@ for every stage.
 Several processes (torchrun, accelerate launch, --nproc) run the same loop; what differs lives in
 the pieces and in lmtune.distributed: each rank takes its share of every step's window, the loss is
 normalised by the units of the window on ALL ranks (so N ranks make the same update as one process
-with the same global batch), the model is wrapped by accelerate (DDP, FSDP2 or DeepSpeed) and only
-rank 0 writes logs, checkpoints and the output.
+with the same global batch), the model is wrapped by accelerate (DDP) or sharded by torch's
+fully_shard (FSDP2), and only rank 0 writes logs, checkpoints and the output (FSDP2: each rank
+writes its own shards of a checkpoint).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_scheduler
 
@@ -246,28 +248,45 @@ class Trainer:
         """`loss_fn(model, batch)` run through the engine's wrapper."""
         return self.wrapped(loss_fn, batch)
 
+    @property
+    def torch_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer accelerate's wrapper holds (torch's state-dict helpers want that one)."""
+        return getattr(self.optimizer, "optimizer", self.optimizer)
+
     def model_state(self) -> dict[str, torch.Tensor] | None:
-        """FSDP2: the full weights gathered from every rank (all ranks call it); else None, and
-        the model's own parameters are whole."""
+        """FSDP2: the full weights gathered from every rank onto rank 0 (all ranks call it; the
+        others get an empty dict); else None, and the model's own parameters are whole."""
         if self.engine != "fsdp2":
             return None
-        state = self.accelerator.get_state_dict(self.wrapped)
-        return {k.removeprefix("model."): v for k, v in state.items()}
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    def optimizer_state(self) -> dict[str, Any]:
-        """The optimizer's full state (FSDP2: gathered from the shards, so a checkpoint resumes on
-        any number of ranks)."""
-        if self.engine != "fsdp2":
-            return self.optimizer.state_dict()
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        return get_optimizer_state_dict(self.wrapped, self.optimizer, options=StateDictOptions(
+        state = get_model_state_dict(self.wrapped, options=StateDictOptions(
             full_state_dict=True, cpu_offload=True))
+        # A tied weight (lm_head = embeddings) comes back gathered twice; the HF format keeps one.
+        model = self.unwrapped
+        tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - \
+            {n for n, _ in model.named_parameters()}
+        return {k.removeprefix("model."): v for k, v in state.items()
+                if k.removeprefix("model.") not in tied}
+
+    def sharded_state(self) -> dict[str, Any]:
+        """The trainable weights and the optimizer state by parameter name, as this rank holds
+        them (FSDP2: its shards), for torch.distributed.checkpoint to save or load in place."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        return {"model": get_model_state_dict(self.wrapped, options=StateDictOptions(
+                    ignore_frozen_params=True)),
+                "optimizer": get_optimizer_state_dict(self.wrapped, self.torch_optimizer)}
 
     def gradient_sync(self, sync: bool):
-        """Around a micro-batch's forward and backward: all-reduce (DDP) or reduce-scatter (FSDP2)
-        its gradients (the window's last micro-batch on this rank) or only accumulate them."""
-        return contextlib.nullcontext() if sync else self.accelerator.no_sync(self.wrapped)
+        """Around a micro-batch's forward and backward: all-reduce (DDP) its gradients (the
+        window's last micro-batch on this rank) or only accumulate them. FSDP2 reduce-scatters
+        every micro-batch: holding whole unsynced gradients would undo its memory saving, and the
+        sum of the shards' gradients is the same."""
+        if sync or self.engine == "fsdp2":
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(self.wrapped)
 
     @property
     def device(self) -> torch.device:
@@ -295,8 +314,11 @@ class Trainer:
         optimizer and the schedule, with the method's hooks around it. -> (learning rate used,
         gradient norm before clipping)."""
         self.hooks.before_step()
-        grad_norm = float(self.accelerator.clip_grad_norm_(
-            self.trainable, self.cfg.max_grad_norm or float("inf")))
+        grad_norm = self.accelerator.clip_grad_norm_(self.trainable,
+                                                     self.cfg.max_grad_norm or float("inf"))
+        if isinstance(grad_norm, DTensor):  # FSDP2: each rank holds a partial norm
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = float(grad_norm)
         if not math.isfinite(grad_norm):
             raise TrainingError(f"{where}: the gradient norm is {grad_norm}; training stopped.",
                                 "lower learning_rate, use bf16 rather than fp16, or check the data.")
@@ -311,10 +333,13 @@ class Trainer:
         """The model or adapter (HF/PEFT format) and tokenizer, written by rank 0; never weights
         holding NaN/inf. Every rank calls it (a sharded engine gathers the weights first)."""
         model = self.unwrapped
-        for name, param in model.named_parameters():
-            if param.requires_grad and not torch.isfinite(param).all():
-                raise TrainingError(f"parameter {name} holds NaN/inf; nothing was saved.",
-                                    "lower learning_rate, or use bf16 instead of fp16.")
+        # Each rank checks what it holds (FSDP2: its shards), and all learn of any bad value.
+        bad = [name for name, param in model.named_parameters() if param.requires_grad
+               and not torch.isfinite(param.to_local() if isinstance(param, DTensor) else param).all()]
+        bad = [name for names in dist.gather(bad) for name in names]
+        if bad:
+            raise TrainingError(f"parameter {bad[0]} holds NaN/inf; nothing was saved.",
+                                "lower learning_rate, or use bf16 instead of fp16.")
 
         weights = self.model_state()
 
@@ -326,16 +351,25 @@ class Trainer:
         dist.on_main(ckpt.save_final, folder, into) if final else dist.on_main(into, folder)
 
     def save_checkpoint(self, step: int, state: dict[str, Any]) -> None:
-        """checkpoint-`step` with every rank's random state, written once (by rank 0); sharded
-        states are gathered whole first."""
-        rng_states, weights, optimizer = dist.gather(ckpt.rng_state()), self.model_state(), \
-            self.optimizer_state()
+        """checkpoint-`step` with every rank's random state, written once (by rank 0). FSDP2:
+        every rank first writes its own shards of the weights and optimizer into the staging
+        folder (torch.distributed.checkpoint), and the whole weights are gathered in HF/PEFT
+        format only with state_dict_type FULL_STATE_DICT."""
+        rng_states = dist.gather(ckpt.rng_state())
+        sharded = self.engine == "fsdp2"
+        full = not sharded or dist.fsdp_settings(self.cfg)["state_dict_type"] == "FULL_STATE_DICT"
+        weights = self.model_state() if full else None
+        if sharded:
+            staging = dist.on_main(ckpt.open_staging, self.output_dir, step)
+            ckpt.save_sharded(self.sharded_state(), staging)
 
         def write() -> None:
             ckpt.save_checkpoint(self.output_dir, step, lambda folder: (
-                self.hooks.save(self.unwrapped, folder, False, weights),
-                self.tokenizer.save_pretrained(folder)), optimizer,
-                self.scheduler.state_dict(), rng_states, state, self.cfg.to_yaml_dict())
+                full and self.hooks.save(self.unwrapped, folder, False, weights),
+                self.tokenizer.save_pretrained(folder)),
+                None if sharded else self.optimizer.state_dict(),
+                self.scheduler.state_dict(), rng_states, state, self.cfg.to_yaml_dict(),
+                staged=sharded)
             ckpt.rotate_checkpoints(self.output_dir, self.cfg.save_total_limit)
 
         dist.on_main(write)
@@ -364,19 +398,32 @@ class Trainer:
                 f"{dist.world_size()} processes).",
                 "choose gradient_accumulation_steps (or the number of processes) so the product "
                 f"is {saved_batch} again.")
-        if self.engine == "fsdp2":
-            self._load_sharded(resume_dir)
+        if ckpt.is_sharded(resume_dir):
+            self._load_shards(resume_dir)
+        elif self.engine == "fsdp2":
+            self._load_whole_into_shards(resume_dir)
         else:
             ckpt.load_weights(self.unwrapped, resume_dir)
         state = ckpt.load_training_state(resume_dir, self.optimizer, self.scheduler, dist.rank(),
-                                         load_optimizer=self.engine != "fsdp2")
+                                         load_optimizer=not ckpt.is_sharded(resume_dir)
+                                         and self.engine != "fsdp2")
         print(f"resuming from {resume_dir} at step {state['global_step']}")
         return state | {"global_batch": self.global_batch}
 
+    def _load_shards(self, resume_dir: Path) -> None:
+        """A checkpoint of FSDP2 shards: torch.distributed.checkpoint reads into whatever layout
+        this run holds (FSDP2 on any number of ranks, DDP, one process), so it re-shards."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
 
-    def _load_sharded(self, resume_dir: Path) -> None:
-        """FSDP2: the checkpoint's whole weights and optimizer state, split over this job's ranks
-        (whatever their number when the checkpoint was written)."""
+        state = self.sharded_state()
+        ckpt.load_sharded(state, resume_dir)
+        set_model_state_dict(self.wrapped, state["model"], options=StateDictOptions(strict=False))
+        set_optimizer_state_dict(self.wrapped, self.torch_optimizer, state["optimizer"])
+
+    def _load_whole_into_shards(self, resume_dir: Path) -> None:
+        """FSDP2 from a checkpoint of whole weights (DDP, one process, FULL_STATE_DICT): the
+        weights and optimizer state, split over this job's ranks."""
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
 
@@ -385,15 +432,13 @@ class Trainer:
         ckpt.load_weights(whole.model, resume_dir)
         options = StateDictOptions(full_state_dict=True, strict=False)
         set_model_state_dict(self.wrapped, whole.state_dict(), options=options)
-        set_optimizer_state_dict(self.wrapped, self.optimizer,
+        set_optimizer_state_dict(self.wrapped, self.torch_optimizer,
                                  ckpt.load_optimizer_state(resume_dir), options=options)
 
 
 def _whole_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A CPU copy of a sharded model with whole (gathered) parameters, to load a checkpoint into."""
     import copy
-
-    from torch.distributed.tensor import DTensor
 
     clone = copy.deepcopy(model).to("cpu")
     for module in clone.modules():
@@ -437,31 +482,42 @@ def prepare_trainer(cfg: RunConfig, model: torch.nn.Module, tokenizer: PreTraine
         find_unused_parameters=bool(cfg.ddp_find_unused_parameters), broadcast_buffers=False)
     # split_batches: the schedule counts global optimizer steps (lmtune shards the data itself),
     # so the prepared scheduler steps once per optimizer step, not once per rank.
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
-                              kwargs_handlers=[ddp],
-                              dataloader_config=DataLoaderConfiguration(split_batches=True),
-                              **dist.accelerator_plugins(cfg, model))
+    engine = dist.engine(cfg)
+    with dist.accelerate_without_fsdp():
+        accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
+                                  cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp],
+                                  dataloader_config=DataLoaderConfiguration(split_batches=True))
     if cfg.fp16 and accelerator.device.type == "cpu":
         raise ConfigError("fp16 needs a GPU; this run is on the CPU.", "use bf16: true (or neither).")
     if cfg.pure_bf16:
         model.to(torch.bfloat16)  # the adapter too: peft keeps adapters in fp32 otherwise
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
+    if not any(p.requires_grad for p in model.parameters()):
         raise TrainingError("no parameter is trainable.", "check finetuning_type and its keys.")
     check_untouched_4bit(model)
+    hooks = training_hooks(getattr(model, "lm", model), optimizer_steps, output_dir)
+    if cfg.gradient_checkpointing or (engine == "fsdp2"
+                                      and dist.fsdp_settings(cfg)["activation_checkpointing"]):
+        enable_gradient_checkpointing(model)
+    if cfg.neftune_noise_alpha is not None:
+        add_neftune_noise(getattr(model, "lm", model), cfg.neftune_noise_alpha)
+    root = LossModule(model)
+    if engine == "fsdp2":
+        # Sharding replaces the parameters with DTensors: the optimizer is built on those.
+        root.to(accelerator.device)
+        dist.shard(root, model, cfg)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, cfg)
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer,
                               num_warmup_steps=cfg.warmup_for(optimizer_steps),
                               num_training_steps=optimizer_steps,
                               scheduler_specific_kwargs=cfg.lr_scheduler_kwargs)
-    hooks = training_hooks(getattr(model, "lm", model), optimizer_steps, output_dir)
-    if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    if cfg.neftune_noise_alpha is not None:
-        add_neftune_noise(getattr(model, "lm", model), cfg.neftune_noise_alpha)
-    wrapped, optimizer, scheduler = accelerator.prepare(LossModule(model), optimizer, scheduler)
-    return Trainer(cfg, accelerator.unwrap_model(wrapped).model, tokenizer, accelerator, optimizer,
-                   scheduler, hooks, output_dir, trainable, wrapped, dist.engine(cfg))
+    if engine == "fsdp2":
+        wrapped = root
+        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    else:
+        wrapped, optimizer, scheduler = accelerator.prepare(root, optimizer, scheduler)
+    return Trainer(cfg, model, tokenizer, accelerator, optimizer, scheduler, hooks, output_dir,
+                   trainable, wrapped, engine)
 
 
 def checkpoint_or_stop(trainer: Trainer, step: int, plan: Schedule, stop_requested: list[int],

@@ -33,6 +33,9 @@ RESUME_MAY_CHANGE = frozenset({
     # part of the global batch, which Trainer.resume compares (another number of processes may
     # resume a checkpoint with the accumulation that keeps the global batch)
     "gradient_accumulation_steps",
+    # how the same update is spread over the processes: FSDP2's sharded checkpoints load into DDP
+    # or one process, and a whole checkpoint into FSDP2 shards
+    "fsdp", "fsdp_config",
 })
 # Generation settings are chat's business, except in ppo, whose rollouts sample with them.
 _GENERATION = frozenset({"do_sample", "temperature", "top_p", "top_k", "max_new_tokens",
