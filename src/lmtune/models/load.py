@@ -27,6 +27,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsA
 from lmtune.config import RunConfig
 from lmtune.errors import ModelError
 from lmtune.hub import model_snapshot
+from lmtune.models.precision import half_dtype
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,10 @@ def move_to_device(model: torch.nn.Module) -> torch.device:
 
 
 def load_model(name: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
-               quantization: BitsAndBytesConfig | None = None) -> PreTrainedModel:
+               quantization: BitsAndBytesConfig | None = None,
+               half_precision: bool = False) -> PreTrainedModel:
+    """The model's weights in `dtype`, or with `half_precision` in the checkpoint's own half
+    precision (bf16 when it records none), for a base that stays frozen (models/precision.py)."""
     folder = Path(name)
     if folder.is_dir() and not list(folder.glob("*.safetensors")) and list(folder.glob("*.bin")):
         # .bin weights are pickles: loading one can run arbitrary code.
@@ -181,6 +185,8 @@ def load_model(name: str, trust_remote_code: bool = False, dtype: torch.dtype = 
                          "convert it once where you trust the file: load it with transformers and "
                          "save_pretrained(folder, safe_serialization=True).")
     config = from_pretrained_or_error(AutoConfig, name, "config", trust_remote_code=trust_remote_code)
+    if half_precision:
+        dtype = half_dtype(config)
     extra = {}
     if quantization is not None:
         # bitsandbytes quantizes while loading, on the device the weights land on; a quantized
