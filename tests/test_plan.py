@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 from lmtune.cli import main
@@ -70,8 +71,8 @@ def test_memory_estimate_parts(tiny_model_dir):
     assert m["weights"] == round(4 * n / gib, 3)  # fp32 weights
     assert m["gradients"] == m["weights"]  # everything trains
     assert m["optimizer"] == round(8 * n / gib, 3)  # two AdamW moments
-    assert m["total"] == pytest.approx(sum(m[k] for k in ("weights", "gradients", "optimizer",
-                                                          "activations")), abs=0.003)
+    assert m["total"] == pytest.approx(sum(m[k] for k in ("runtime", "weights", "gradients", "optimizer",
+                                                          "autocast_copies", "activations")), abs=0.004)
     more = memory_estimate(model, cfg, 2048, 512)
     assert more["activations"] == pytest.approx(2 * m["activations"], rel=0.01)
     lean = memory_estimate(model, build_config({"finetuning_type": "full", "gradient_checkpointing": True,
@@ -80,6 +81,40 @@ def test_memory_estimate_parts(tiny_model_dir):
     lora = build_config({"lora_rank": 4})
     adapter = memory_estimate(apply_method(meta_model(tiny_model_dir, lora), lora), lora, 1024, 256)
     assert adapter["optimizer"] < m["optimizer"] / 10
+
+
+def test_memory_estimate_counts_runtime_storage_and_autocast_copies(tiny_model_dir):
+    from lmtune.plan import RUNTIME_GIB
+
+    gib = 2**30
+
+    def estimate(**keys):
+        cfg = build_config({"lora_rank": 4, "bf16": True} | keys)
+        model = apply_method(meta_model(tiny_model_dir, cfg), cfg)
+        return model, memory_estimate(model, cfg, 1024, 256)
+
+    model, half = estimate()
+    _, fp32 = estimate(frozen_dtype="float32")
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    big = sum(p.numel() for p in frozen if p.ndim >= 2)
+    small = sum(p.numel() for p in frozen if p.ndim < 2)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert half["runtime"] == fp32["runtime"] == RUNTIME_GIB
+    assert half["weights"] == round((2 * big + 4 * (small + trained)) / gib, 3)
+    assert fp32["weights"] == round(4 * (big + small + trained) / gib, 3)
+    # fp32 storage: a bf16 copy of every linear weight (the tied head once, LoRA's A and B too)
+    linear = {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    assert fp32["autocast_copies"] == round(2 * sum(linear.values()) / gib, 3)
+    # half storage: only the fp32 adapters are cast
+    adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert half["autocast_copies"] == round(2 * adapters / gib, 3)
+    parts = ("runtime", "weights", "gradients", "optimizer", "autocast_copies", "activations")
+    for m in (half, fp32):
+        assert m["total"] == pytest.approx(sum(m[k] for k in parts), abs=0.004)
+    assert fp32["total"] - half["total"] == pytest.approx(
+        (2 * big + 2 * sum(linear.values()) - 2 * adapters) / gib, abs=0.004)
+    _, no_autocast = estimate(bf16=False)
+    assert no_autocast["autocast_copies"] == 0 and no_autocast["weights"] == fp32["weights"]
 
 
 def test_plan_warnings_in_plain_words(tmp_path, tiny_model_dir, capsys):

@@ -30,10 +30,15 @@ from lmtune.durable import write_with
 from lmtune.errors import ConfigError, ModelError
 from lmtune.models.load import from_pretrained_or_error, load_tokenizer, resolve_for, stop_token_ids
 from lmtune.models.methods import apply_method, count_parameters
+from lmtune.models.precision import half_frozen_base
 from lmtune.train.engine import schedule
 from lmtune.train.optim import state_bytes
 
 GIB = 2**30
+# What a training process holds before any weight or batch: Python, torch, transformers, peft and
+# the default model's tokenizer (peak RSS of the `runtime` row of benchmarks/memory_levers.py,
+# which imports what `lmtune train` imports and loads that tokenizer; measured 2026-12-03).
+RUNTIME_GIB = 0.45
 
 
 def meta_model(model_path: str, cfg: RunConfig) -> torch.nn.Module:
@@ -73,20 +78,33 @@ def schedule_summary(cfg: RunConfig, n_rows: int, report_packing: Any,
 
 def memory_estimate(model: torch.nn.Module, cfg: RunConfig, micro_batch_tokens: int,
                     micro_batch_targets: int) -> dict[str, float]:
-    """Peak training memory in GiB: weights, gradients and optimizer states of what trains, activations.
+    """Peak training memory in GiB: the runtime (Python, torch, tokenizer), weights, gradients and
+    AdamW states of what trains, the compute-dtype copies autocast makes of fp32 matmul weights,
+    activations.
 
-    Activations are a rough estimate per token and decoder layer (what autograd keeps of a
+    Weights count as stored: an adapter method's frozen base in half precision under bf16
+    (frozen_dtype: auto), else fp32. Under autocast every fp32 weight a linear layer uses is cast
+    to the compute dtype in each forward and kept for backward; a half-precision base is used as
+    it is. Activations are a rough estimate per token and decoder layer (what autograd keeps of a
     Llama-style block: the norm inputs in fp32, the matmul inputs and outputs in the compute dtype),
     plus the output head on the trained positions only (lmtune computes logits there alone)."""
     c = model.config
+    half = half_frozen_base(cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    def size(p: torch.nn.Parameter) -> int:
-        return p.numel() * (2 if cfg.pure_bf16 else p.element_size())
 
-    weights = sum(size(p) for p in model.parameters())
-    gradients = sum(size(p) for p in trainable)
+    def stored(p: torch.nn.Parameter) -> int:
+        if cfg.pure_bf16:
+            return 2
+        return 2 if half and not p.requires_grad and p.ndim >= 2 else 4
+
+    weights = sum(p.numel() * stored(p) for p in model.parameters())
+    gradients = sum(p.numel() * (2 if cfg.pure_bf16 else 4) for p in trainable)
     optimizer = state_bytes(model, cfg)
     width = 2 if cfg.bf16 or cfg.fp16 or cfg.pure_bf16 else 4
+    matmul_weights = {id(m.weight): m.weight for m in model.modules()
+                      if isinstance(m, torch.nn.Linear) and isinstance(m.weight, torch.nn.Parameter)}
+    casts = sum(w.numel() * width for w in matmul_weights.values() if stored(w) == 4) \
+        if width == 2 else 0
     h, i = c.hidden_size, getattr(c, "intermediate_size", 4 * c.hidden_size)
     heads = c.num_attention_heads
     kv = getattr(c, "num_key_value_heads", heads) * getattr(c, "head_dim", h // heads)
@@ -97,8 +115,8 @@ def memory_estimate(model: torch.nn.Module, cfg: RunConfig, micro_batch_tokens: 
         layers = c.num_hidden_layers * per_token_layer * micro_batch_tokens
     head = micro_batch_targets * c.vocab_size * (width + 8)  # logits, fp32 copy, its gradient
     activations = layers + head
-    parts = {"weights": weights, "gradients": gradients, "optimizer": optimizer,
-             "activations": activations}
+    parts = {"runtime": RUNTIME_GIB * GIB, "weights": weights, "gradients": gradients,
+             "optimizer": optimizer, "autocast_copies": casts, "activations": activations}
     return {k: round(v / GIB, 3) for k, v in parts.items()} | {
         "total": round(sum(parts.values()) / GIB, 3)}
 
@@ -109,8 +127,10 @@ def memory_per_rank(model: torch.nn.Module, memory: dict[str, float],
     DDP replicates everything; ZeRO-2 (FSDP2 shard_grad_op) shards gradients and optimizer states;
     ZeRO-3 (FSDP2 full_shard) shards the weights too, plus the largest unit gathered whole at a
     time (two decoder layers with prefetch, or the embedding); offload moves the optimizer (ZeRO-2)
-    or optimizer and weights (ZeRO-3) to CPU memory. Activations are per rank in every engine."""
-    w, g, o, a = (memory[k] for k in ("weights", "gradients", "optimizer", "activations"))
+    or optimizer and weights (ZeRO-3) to CPU memory. Activations, autocast's copies and the
+    runtime are per rank in every engine."""
+    w, g, o = (memory[k] for k in ("weights", "gradients", "optimizer"))
+    a = memory["activations"] + memory["runtime"] + memory["autocast_copies"]  # on every rank
     n = world_size
     layers = getattr(model.config, "num_hidden_layers", 1)
     embedding = model.get_input_embeddings()
@@ -285,9 +305,10 @@ def plan_lines(plan: dict[str, Any], report: DataReport) -> list[str]:
     lines.append(f"{m['total_params']:,} parameters, {m['trainable_params']:,} trainable "
                  f"({m['trainable_percent']:.2f}%)")
     g = m["memory_gib"]
-    lines.append(f"estimated peak memory {g['total']:.2f} GiB: weights {g['weights']:.2f}, gradients "
-                 f"{g['gradients']:.2f}, optimizer {g['optimizer']:.2f}, activations "
-                 f"{g['activations']:.2f} (largest micro-batch {m['micro_batch_tokens']:,} tokens)")
+    lines.append(f"estimated peak memory {g['total']:.2f} GiB: runtime {g['runtime']:.2f}, weights "
+                 f"{g['weights']:.2f}, gradients {g['gradients']:.2f}, optimizer {g['optimizer']:.2f}, "
+                 f"autocast copies {g['autocast_copies']:.2f}, activations {g['activations']:.2f} "
+                 f"(largest micro-batch {m['micro_batch_tokens']:,} tokens)")
     r = m["memory_per_rank_gib"]
     lines.append(f"per rank with {s['world_size']} processes: DDP {r['ddp']:.2f} GiB, FSDP2 "
                  f"shard_grad_op / ZeRO-2 {r['fsdp2_shard_grad_op_or_zero2']:.2f}, ZeRO-2 + offload "

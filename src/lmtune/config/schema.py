@@ -623,6 +623,11 @@ class RunConfig(BaseModel):
         "the input embeddings while training (never in eval or generation); 5 in the paper.")
     bf16: bool = Field(False, description="bfloat16 mixed precision (weights stay fp32).")
     fp16: bool = Field(False, description="float16 mixed precision with loss scaling (GPU only).")
+    frozen_dtype: Literal["auto", "float32"] = Field(
+        "auto", description="Adapter methods (lora, adalora, ia3, prefix, prompt, ptuning) with bf16: "
+        "auto stores the frozen base in bf16 (or the checkpoint's float16), the precision bf16 "
+        "computes in anyway, at half the memory; float32 keeps it in full precision. Trained "
+        "weights and saved adapters are fp32 either way.")
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward: less memory, ~30% slower.")
     seed: int = Field(42, description="Seed for weights init, data order and dropout.")

@@ -29,6 +29,7 @@ from lmtune.config import RunConfig
 from lmtune.errors import ConfigError, ModelError
 from lmtune.hub import model_snapshot
 from lmtune.models.lineage import EXPORT_RECORD
+from lmtune.models.precision import half_dtype
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +246,9 @@ def scale_rope(config, rope_type: str, max_length: int) -> None:
 def load_model(name: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
                quantization: BitsAndBytesConfig | None = None, attn_implementation: str | None = None,
                rope_scaling: str | None = None, max_length: int | None = None,
-               from_scratch: bool = False) -> PreTrainedModel:
+               from_scratch: bool = False, half_precision: bool = False) -> PreTrainedModel:
+    """The model's weights in `dtype`, or with `half_precision` in the checkpoint's own half
+    precision (bf16 when it records none), for a base that stays frozen (models/precision.py)."""
     folder = Path(name)
     if folder.is_dir() and not list(folder.glob("*.safetensors")) and list(folder.glob("*.bin")):
         # .bin weights are pickles: loading one can run arbitrary code.
@@ -255,6 +258,8 @@ def load_model(name: str, trust_remote_code: bool = False, dtype: torch.dtype = 
     config = from_pretrained_or_error(AutoConfig, name, "config", trust_remote_code=trust_remote_code)
     if rope_scaling is not None:
         scale_rope(config, rope_scaling, max_length or config.max_position_embeddings)
+    if half_precision:
+        dtype = half_dtype(config)
     extra = {}
     if quantization is not None:
         # bitsandbytes quantizes while loading, on the device the weights land on; a quantized

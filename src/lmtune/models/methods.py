@@ -30,6 +30,7 @@ from lmtune.errors import ConfigError, ModelError
 from lmtune.models.lineage import check_adapter, note_merged, record_base
 from lmtune.models.load import (is_quantized, load_model, model_options, quantization_config,
                                 resolve_adapter)
+from lmtune.models.precision import half_frozen_base, settle_dtypes
 
 log = logging.getLogger(__name__)
 
@@ -385,6 +386,8 @@ def apply_method(model: PreTrainedModel, cfg: RunConfig):
         model = _continue_adapters(model, cfg)
     else:
         model = get_peft_model(model, adapter_config(model, cfg))
+    if half_frozen_base(cfg):
+        settle_dtypes(model)
     trainable, total = count_parameters(model)
     log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}",
              100 * trainable / total)

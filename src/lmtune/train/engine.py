@@ -605,7 +605,10 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
 
     def run_eval() -> dict[str, float]:
         metrics = evaluate(trainer, eval_rows, objective, pad_id)
-        return metrics | (generated(trainer.unwrapped) if generated else {})
+        if not generated:
+            return metrics
+        with trainer.autocast():  # the precision the model trains in (and its storage expects)
+            return metrics | generated(trainer.unwrapped)
 
     # The val split's metrics before the first update: the baseline every later eval is read
     # against (logged as step 0; all_results.json gets them as <name>_start).

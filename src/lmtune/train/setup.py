@@ -13,6 +13,7 @@ from lmtune import distributed as dist
 from lmtune.config import RunConfig
 from lmtune.data.pipeline import prepare_data, training_rows
 from lmtune.models.load import load_model, load_tokenizer, model_options, resolve_for, stop_token_ids
+from lmtune.models.precision import half_frozen_base
 from lmtune.train.checkpoint import prepare_run
 from lmtune.train.trackers import tracker_names
 
@@ -22,7 +23,7 @@ class RunInputs:
     output_dir: Path
     resume_dir: Path | None  # the checkpoint to continue from, if resuming
     tokenizer: PreTrainedTokenizerBase
-    model: PreTrainedModel  # as loaded; the stage applies the method
+    model: PreTrainedModel  # as loaded (frozen_dtype: maybe half precision); the stage applies the method
     train_rows: list[Any]
     val_rows: list[Any]
 
@@ -39,10 +40,14 @@ def start_run(cfg: RunConfig) -> RunInputs:
     set_seed(cfg.seed)
     model_path = resolve_for(cfg)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
+    half = half_frozen_base(cfg)
     model = load_model(model_path, cfg.trust_remote_code, **model_options(cfg),
-                       from_scratch=cfg.train_from_scratch)
+                       from_scratch=cfg.train_from_scratch, half_precision=half)
     with dist.main_first():  # rank 0 fills the encoding cache, the others read it
-        data = prepare_data(cfg, tokenizer, stop_token_ids(tokenizer, model), model)
+        # Replay answers are cached per base whatever the run's precision, so they always come
+        # from the full-precision base (loaded by replay itself when the cache misses).
+        data = prepare_data(cfg, tokenizer, stop_token_ids(tokenizer, model),
+                            None if half else model)
         train_rows, val_rows = training_rows(data, cfg, model.config)
     data.report.show()
     dist.on_main(data.report.save, output_dir / "data_report.json")

@@ -1,0 +1,137 @@
+"""frozen_dtype: auto: an adapter method's frozen base is stored in bf16 under bf16 autocast, with the
+same math as the fp32-stored run (forward and the trained parameters' gradients), fp32 adapters on
+disk, and every path that runs the model (eval, generation, dpo's reference, ppo's rollouts) working
+on it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from lmtune.config import RunConfig
+from lmtune.models.load import load_model
+from lmtune.models.methods import apply_method
+from lmtune.models.precision import half_frozen_base
+from lmtune.train.forward import token_loss_sum
+from tests.conftest import PAIRS, train, write_json
+
+
+def build(model_dir: str, method: str, frozen_dtype: str) -> torch.nn.Module:
+    cfg = RunConfig(model_name_or_path=model_dir, finetuning_type=method, lora_rank=4, bf16=True,
+                    frozen_dtype=frozen_dtype)
+    model = load_model(model_dir, half_precision=half_frozen_base(cfg))
+    torch.manual_seed(1)
+    model = apply_method(model, cfg)
+    torch.manual_seed(2)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # zero at init, which would leave lora_A without a gradient
+            torch.nn.init.normal_(param, std=0.05)
+    return model
+
+
+def batch() -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, 49152, (2, 40), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone()
+    labels[:, :10] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def loss_and_grads(model: torch.nn.Module, data: dict[str, torch.Tensor]
+                   ) -> tuple[float, dict[str, torch.Tensor]]:
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = token_loss_sum(model, data) / 60
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "prefix", "prompt"])
+def test_bf16_stored_base_keeps_the_loss_and_gradients(tiny_model_dir, method):
+    reference = build(tiny_model_dir, method, "float32")
+    half = build(tiny_model_dir, method, "auto")
+    frozen = [p for p in half.parameters() if not p.requires_grad]
+    assert all(p.dtype == torch.float32 for p in reference.parameters())
+    assert {p.dtype for p in frozen if p.ndim >= 2} == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in half.parameters() if p.requires_grad or p.ndim < 2)
+    frozen_bytes = sum(p.numel() * p.element_size() for p in frozen)
+    reference_bytes = sum(p.numel() * p.element_size() for p in reference.parameters()
+                          if not p.requires_grad)
+    assert frozen_bytes < 0.51 * reference_bytes
+
+    data = batch()
+    loss, grads = loss_and_grads(reference, data)
+    half_loss, half_grads = loss_and_grads(half, data)
+    assert half_loss == pytest.approx(loss, rel=1e-4)
+    assert grads.keys() == half_grads.keys()
+    for name, grad in grads.items():
+        assert half_grads[name].dtype == torch.float32
+        assert (half_grads[name] - grad).norm() <= 0.03 * grad.norm(), name
+
+
+@pytest.mark.parametrize("update,expect_half", [
+    ({}, True), ({"bf16": False}, False), ({"frozen_dtype": "float32"}, False),
+    ({"finetuning_type": "full"}, False), ({"finetuning_type": "freeze"}, False),
+    ({"quantization_bit": 4}, False), ({"finetuning_type": "ptuning"}, True)])
+def test_which_runs_store_the_base_in_half_precision(update, expect_half):
+    assert half_frozen_base(RunConfig(**{"finetuning_type": "lora", "bf16": True} | update)) is expect_half
+
+
+def test_half_precision_follows_a_float16_checkpoint(tiny_model_dir, tmp_path):
+    fp16_dir = tmp_path / "fp16"
+    load_model(tiny_model_dir, dtype=torch.float16).save_pretrained(fp16_dir)
+    assert load_model(str(fp16_dir), half_precision=True).dtype == torch.float16
+    assert load_model(tiny_model_dir, half_precision=True).dtype == torch.bfloat16
+
+
+def test_generating_first_leaves_training_gradients_intact(tiny_model_dir):
+    """No eval-mode kernel repacks bf16 weights for inference (as bitsandbytes does with 4-bit
+    weights on avx512_bf16 CPUs): after generate() the gradients are a fresh model's."""
+    used, fresh = build(tiny_model_dir, "lora", "auto"), build(tiny_model_dir, "lora", "auto")
+    used.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = used.generate(input_ids=torch.tensor([[1, 2, 3, 4]]), max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 8)
+    used.train()
+    data = batch()
+    loss, grads = loss_and_grads(used, data)
+    fresh_loss, fresh_grads = loss_and_grads(fresh, data)
+    assert loss == fresh_loss
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, fresh_grads[name], rtol=0, atol=0)
+
+
+def adapter_dtypes(folder: Path) -> set[str]:
+    with safe_open(folder / "adapter_model.safetensors", "pt") as f:
+        return {str(f.get_slice(k).get_dtype()) for k in f.keys()}
+
+
+def test_sft_run_with_generation_metrics_saves_an_fp32_adapter(tmp_path, train_config):
+    config = train_config | {"bf16": True, "val_size": 2, "eval_strategy": "steps",
+                             "eval_generate_samples": 2, "max_new_tokens": 4, "max_steps": 4}
+    results = train(tmp_path, config)
+    assert "eval_bleu-4" in results and results["eval_loss"] > 0
+    assert adapter_dtypes(Path(config["output_dir"])) == {"F32"}
+
+
+def test_dpo_reference_on_a_bf16_base(tmp_path, tiny_model_dir):
+    data = write_json(tmp_path / "data" / "pairs.json", PAIRS)
+    write_json(tmp_path / "data" / "dataset_info.json", {"pairs": {"file_name": data.name, "ranking": True}})
+    config = {"model_name_or_path": tiny_model_dir, "dataset_dir": str(data.parent), "dataset": "pairs",
+              "stage": "dpo", "bf16": True, "output_dir": str(tmp_path / "out"),
+              "finetuning_type": "lora", "lora_rank": 4, "per_device_train_batch_size": 4,
+              "learning_rate": 1e-2, "max_steps": 6, "logging_steps": 1, "save_steps": 100, "seed": 0}
+    results = train(tmp_path, config)
+    # The reference is the policy before its first update: the first step's margin is zero.
+    first = json.loads((tmp_path / "out" / "trainer_log.jsonl").read_text().splitlines()[0])
+    assert abs(first["reward_margin"]) < 1e-2
+    assert results["train_loss"] < 0.6931
+    assert adapter_dtypes(tmp_path / "out") == {"F32"}
+
+
+def test_ppo_rollouts_on_a_bf16_base(tmp_path, ppo_config):
+    results = train(tmp_path, ppo_config | {"bf16": True, "max_steps": 2})
+    assert results["global_step"] == 2
+    assert adapter_dtypes(Path(ppo_config["output_dir"])) == {"F32"}
