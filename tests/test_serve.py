@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 import torch
-from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from peft import IA3Config, LoraConfig, OFTConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lmtune.config import RunConfig, load_config
@@ -44,7 +44,7 @@ def make_adapter(base_dir: str, folder: Path, config, seed: int) -> str:
     torch.manual_seed(seed)
     model = get_peft_model(load_model(base_dir), config)
     for name, param in model.named_parameters():
-        if "lora_B" in name or "prompt_encoder" in name:
+        if "lora_B" in name or "prompt_encoder" in name or "oft_R" in name:
             torch.nn.init.normal_(param, std=2.0 if "prompt_encoder" in name else 0.5)
     model.save_pretrained(folder)
     return str(folder)
@@ -226,6 +226,23 @@ def test_a_mixed_batch_gives_each_row_what_it_gets_alone(live):
                                             lambda i, t: True)[0] for i, (n, p) in enumerate(plan)]
         assert [r.tokens for r in mixed] == [r.tokens for r in alone]
     assert len({tuple(r.tokens) for r in mixed}) > 1
+
+
+def test_an_oft_adapter_serves_as_peft_runs_it(lively_dir, tokenizer, tmp_path):
+    # OFT starts as the identity rotation; make_adapter's random weights make it change the answer.
+    oft = make_adapter(lively_dir, tmp_path / "oft", OFTConfig(oft_block_size=16, r=0,
+                       target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"), 7)
+    server = build_server(serve_cfg(lively_dir), [f"oft={oft}"])
+    try:
+        served = server.adapters.models["oft"]
+        ids = served.encoder.prompt_ids(MESSAGES)
+        with server.adapters.lock:
+            reply = server.adapters.generate(served, [GenRow(ids, Sampling(max_new_tokens=6),
+                                                             served.stop_ids, "oft")], lambda i, t: True)[0]
+        expected = peft_greedy(lively_dir, oft, ids, 6)
+        assert reply.tokens == expected and expected != peft_greedy(lively_dir, None, ids, 6)
+    finally:
+        server.scheduler.close()
 
 
 def test_requests_for_different_adapters_share_one_batch(live):

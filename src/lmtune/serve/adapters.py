@@ -37,7 +37,7 @@ from lmtune.models.methods import adapter_type
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PROMPT_TYPES = {"PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING"}
-WEIGHT_TYPES = {"LORA", "IA3", "ADALORA"}
+WEIGHT_TYPES = {"LORA", "OFT", "IA3", "ADALORA"}
 MIXED = "mixed"  # the batch group of the base and plain LoRA adapters
 
 
