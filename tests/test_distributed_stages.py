@@ -1,0 +1,94 @@
+"""Stages pt, rm, dpo and kto under DDP (torchrun with gloo on this CPU, 2 ranks): the same losses
+and final weights as one process with the same global batch. Their normalisers (pairs, answers),
+reference log-probs computed before the first update and kto's KL reference point from mismatched
+pairs must all come out the same whichever rank a row lands on.
+
+One torchrun job trains the four stages one after the other, so the processes start once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmtune import distributed
+from lmtune.cli import main
+from lmtune.train.logs import read_log
+from tests.conftest import PAIRS, QUESTIONS, write_json, write_yaml
+
+KTO = [{"messages": [{"role": "user", "content": q},
+                     {"role": "assistant", "content": "Yes." if i % 3 else "No."}],
+        "label": i % 3 != 0} for i, q in enumerate(QUESTIONS)]
+TEXT = [f"The river Alder runs past the town of Merrow number {i} and the mill." for i in range(12)]
+
+# Every rank trains each config in turn, as `lmtune train` would.
+_TRAIN_EACH = """
+import sys
+from lmtune.cli import main
+for config in sys.argv[1:]:
+    code = main(["train", config])
+    if code:
+        sys.exit(code)
+"""
+
+STAGES = {
+    "pt": {"dataset": "corpus", "cutoff_len": 48},
+    "rm": {"dataset": "pairs"},
+    "dpo": {"dataset": "pairs", "pref_loss": "sigmoid"},
+    "kto": {"dataset": "kto", "kto_rejected_weight": 1.5},
+}
+
+
+def _trained(folder: Path) -> dict[str, torch.Tensor]:
+    weights = load_file(folder / "adapter_model.safetensors")
+    if (folder / "scalar_head.safetensors").is_file():
+        weights |= {f"head.{k}": v for k, v in load_file(folder / "scalar_head.safetensors").items()}
+    return weights
+
+
+@pytest.mark.slow
+def test_pt_rm_dpo_kto_on_two_ranks_equal_one_process(tmp_path, tiny_model_dir):
+    data = tmp_path / "data"
+    # 9 pairs / answers in micro-batches of 3: windows of 2 micro-batches and a last one of 1, so
+    # rank 1 also joins a step at weight 0; kto's rows mix both labels within a micro-batch.
+    write_json(data / "pairs.json", PAIRS[:9])
+    write_json(data / "kto.json", KTO[:9])
+    (data / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXT))
+    write_json(data / "dataset_info.json", {
+        "pairs": {"file_name": "pairs.json", "ranking": True},
+        "kto": {"file_name": "kto.json", "formatting": "openai", "columns": {"kto_tag": "label"}},
+        "corpus": {"file_name": "corpus.jsonl", "columns": {"prompt": "text"}}})
+    base = {"model_name_or_path": tiny_model_dir, "dataset_dir": str(data),
+            "finetuning_type": "lora", "lora_rank": 4, "per_device_train_batch_size": 3,
+            "learning_rate": 1e-2, "max_steps": 3, "logging_steps": 1, "save_steps": 100,
+            "seed": 0, "plot_loss": False}
+
+    two_configs = []
+    for stage, keys in STAGES.items():
+        config = base | keys | {"stage": stage}
+        assert main(["train", str(write_yaml(tmp_path / f"{stage}-one.yaml", config | {
+            "output_dir": str(tmp_path / f"{stage}-one"), "gradient_accumulation_steps": 2}))]) == 0
+        two_configs.append(str(write_yaml(tmp_path / f"{stage}-two.yaml", config | {
+            "output_dir": str(tmp_path / f"{stage}-two")})))
+    script = tmp_path / "train_each.py"
+    script.write_text(_TRAIN_EACH)
+    distributed.launch(2, [str(script), *two_configs])
+
+    for stage in STAGES:
+        one, two = tmp_path / f"{stage}-one", tmp_path / f"{stage}-two"
+        # Loss, gradient norm and the stage's metrics (accuracy, margins, rewards, kl) per step.
+        log_one, log_two = (read_log(d / "trainer_log.jsonl") for d in (one, two))
+        assert [r["step"] for r in log_two] == [1, 2, 3], stage
+        for a, b in zip(log_one, log_two):
+            assert a.keys() == b.keys(), stage
+            for key in a.keys() - {"tokens_per_second"}:
+                rel = 1e-5 if key == "loss" else 1e-4
+                assert b[key] == pytest.approx(a[key], rel=rel, abs=1e-6), f"{stage} {key}"
+        a, b = _trained(one), _trained(two)
+        assert a.keys() == b.keys(), stage
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=f"{stage} {key}")
