@@ -1,9 +1,10 @@
 """Stages pt, rm, dpo and kto under DDP (torchrun with gloo on this CPU, 2 ranks): the same losses
 and final weights as one process with the same global batch. Their normalisers (pairs, answers),
 reference log-probs computed before the first update and kto's KL reference point from mismatched
-pairs must all come out the same whichever rank a row lands on.
+pairs must all come out the same whichever rank a row lands on; and every trainable parameter
+must get a gradient (rm with a full, untied model: the LM's own head never runs).
 
-One torchrun job trains the four stages one after the other, so the processes start once.
+One torchrun job trains the stages one after the other, so its processes start once.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from lmtune import distributed
 from lmtune.cli import main
@@ -40,18 +42,32 @@ STAGES = {
     "rm": {"dataset": "pairs"},
     "dpo": {"dataset": "pairs", "pref_loss": "sigmoid"},
     "kto": {"dataset": "kto", "kto_rejected_weight": 1.5},
+    # The LM's own head never runs under a reward head: untied and trainable, DDP would wait
+    # for its gradient for ever.
+    "rm-full-untied": {"dataset": "pairs", "stage": "rm", "finetuning_type": "full",
+                       "learning_rate": 1e-4},
 }
 
 
+def _untied_model(tiny_model_dir: str, tokenizer, folder: Path) -> str:
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.tie_word_embeddings = False
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
 def _trained(folder: Path) -> dict[str, torch.Tensor]:
-    weights = load_file(folder / "adapter_model.safetensors")
+    adapter = folder / "adapter_model.safetensors"
+    weights = load_file(adapter if adapter.is_file() else folder / "model.safetensors")
     if (folder / "scalar_head.safetensors").is_file():
         weights |= {f"head.{k}": v for k, v in load_file(folder / "scalar_head.safetensors").items()}
     return weights
 
 
 @pytest.mark.slow
-def test_pt_rm_dpo_kto_on_two_ranks_equal_one_process(tmp_path, tiny_model_dir):
+def test_pt_rm_dpo_kto_on_two_ranks_equal_one_process(tmp_path, tiny_model_dir, tokenizer):
     data = tmp_path / "data"
     # 9 pairs / answers in micro-batches of 3: windows of 2 micro-batches and a last one of 1, so
     # rank 1 also joins a step at weight 0; kto's rows mix both labels within a micro-batch.
@@ -67,28 +83,32 @@ def test_pt_rm_dpo_kto_on_two_ranks_equal_one_process(tmp_path, tiny_model_dir):
             "learning_rate": 1e-2, "max_steps": 3, "logging_steps": 1, "save_steps": 100,
             "seed": 0, "plot_loss": False}
 
+    untied = _untied_model(tiny_model_dir, tokenizer, tmp_path / "untied")
     two_configs = []
-    for stage, keys in STAGES.items():
-        config = base | keys | {"stage": stage}
-        assert main(["train", str(write_yaml(tmp_path / f"{stage}-one.yaml", config | {
-            "output_dir": str(tmp_path / f"{stage}-one"), "gradient_accumulation_steps": 2}))]) == 0
-        two_configs.append(str(write_yaml(tmp_path / f"{stage}-two.yaml", config | {
-            "output_dir": str(tmp_path / f"{stage}-two")})))
+    for name, keys in STAGES.items():
+        config = base | {"stage": name} | keys
+        if config["finetuning_type"] == "full":
+            config = {k: v for k, v in config.items() if k != "lora_rank"} | {
+                "model_name_or_path": untied}
+        assert main(["train", str(write_yaml(tmp_path / f"{name}-one.yaml", config | {
+            "output_dir": str(tmp_path / f"{name}-one"), "gradient_accumulation_steps": 2}))]) == 0
+        two_configs.append(str(write_yaml(tmp_path / f"{name}-two.yaml", config | {
+            "output_dir": str(tmp_path / f"{name}-two")})))
     script = tmp_path / "train_each.py"
     script.write_text(_TRAIN_EACH)
     distributed.launch(2, [str(script), *two_configs])
 
-    for stage in STAGES:
-        one, two = tmp_path / f"{stage}-one", tmp_path / f"{stage}-two"
+    for name in STAGES:
+        one, two = tmp_path / f"{name}-one", tmp_path / f"{name}-two"
         # Loss, gradient norm and the stage's metrics (accuracy, margins, rewards, kl) per step.
         log_one, log_two = (read_log(d / "trainer_log.jsonl") for d in (one, two))
-        assert [r["step"] for r in log_two] == [1, 2, 3], stage
+        assert [r["step"] for r in log_two] == [1, 2, 3], name
         for a, b in zip(log_one, log_two):
-            assert a.keys() == b.keys(), stage
+            assert a.keys() == b.keys(), name
             for key in a.keys() - {"tokens_per_second"}:
                 rel = 1e-5 if key == "loss" else 1e-4
-                assert b[key] == pytest.approx(a[key], rel=rel, abs=1e-6), f"{stage} {key}"
+                assert b[key] == pytest.approx(a[key], rel=rel, abs=1e-6), f"{name} {key}"
         a, b = _trained(one), _trained(two)
-        assert a.keys() == b.keys(), stage
+        assert a.keys() == b.keys(), name
         for key in a:
-            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=f"{stage} {key}")
+            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=f"{name} {key}")

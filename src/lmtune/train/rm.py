@@ -41,9 +41,22 @@ def _rm_loss(model: ScalarHeadModel, batch: Batch) -> tuple[torch.Tensor, Metric
 RM_OBJECTIVE = Objective(loss=_rm_loss, units=count_pairs, collate=collate_pairs)
 
 
+def freeze_output_head(lm: torch.nn.Module) -> None:
+    """A reward model scores from the decoder, so the LM's own output head never runs. Left
+    trainable (full fine-tuning of a model with an untied head), it gets no gradient: DDP then
+    stops at the second step, waiting for that gradient, and the optimizer would hold state for
+    it. A head tied to the input embeddings runs as those and keeps training."""
+    head = lm.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if weight is not None and weight is not lm.get_input_embeddings().weight:
+        head.requires_grad_(False)
+
+
 def run(cfg: RunConfig) -> dict[str, Any]:
     inputs = start_run(cfg)
-    model = ScalarHeadModel(apply_method(inputs.model, cfg))
+    lm = apply_method(inputs.model, cfg)
+    freeze_output_head(lm)
+    model = ScalarHeadModel(lm)
     train = [ScoredPair(p) for p in inputs.train_rows]
     val = [ScoredPair(p) for p in inputs.val_rows]
     return fit(cfg, model, inputs.tokenizer, train, val, RM_OBJECTIVE, inputs.output_dir,
