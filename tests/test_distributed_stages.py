@@ -69,10 +69,11 @@ def _trained(folder: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_pt_rm_dpo_kto_on_two_ranks_equal_one_process(tmp_path, tiny_model_dir, tokenizer):
     data = tmp_path / "data"
-    # 9 pairs / answers in micro-batches of 3: windows of 2 micro-batches and a last one of 1, so
-    # rank 1 also joins a step at weight 0; kto's rows mix both labels within a micro-batch.
-    write_json(data / "pairs.json", PAIRS[:9])
-    write_json(data / "kto.json", KTO[:9])
+    # 12 pairs / answers, 3 held out: 9 in micro-batches of 3 make windows of 2 micro-batches and
+    # a last one of 1, so rank 1 also joins a step at weight 0; kto's rows mix both labels within
+    # a micro-batch.
+    write_json(data / "pairs.json", PAIRS)
+    write_json(data / "kto.json", KTO)
     (data / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXT))
     write_json(data / "dataset_info.json", {
         "pairs": {"file_name": "pairs.json", "ranking": True},
@@ -81,7 +82,7 @@ def test_pt_rm_dpo_kto_on_two_ranks_equal_one_process(tmp_path, tiny_model_dir, 
     base = {"model_name_or_path": tiny_model_dir, "dataset_dir": str(data),
             "finetuning_type": "lora", "lora_rank": 4, "per_device_train_batch_size": 3,
             "learning_rate": 1e-2, "max_steps": 3, "logging_steps": 1, "save_steps": 100,
-            "seed": 0, "plot_loss": False}
+            "seed": 0, "plot_loss": False, "val_size": 3}
 
     untied = _untied_model(tiny_model_dir, tokenizer, tmp_path / "untied")
     two_configs = []
@@ -108,6 +109,12 @@ def test_pt_rm_dpo_kto_on_two_ranks_equal_one_process(tmp_path, tiny_model_dir, 
             for key in a.keys() - {"tokens_per_second"}:
                 rel = 1e-5 if key == "loss" else 1e-4
                 assert b[key] == pytest.approx(a[key], rel=rel, abs=1e-6), f"{name} {key}"
+        # The final evaluation: every rank scores the whole val split against its reference log-probs.
+        results_one, results_two = (json.loads((d / "all_results.json").read_text())
+                                    for d in (one, two))
+        assert "eval_loss" in results_one, name
+        for key in [k for k in results_one if k.startswith("eval_")] + ["train_loss"]:
+            assert results_two[key] == pytest.approx(results_one[key], rel=1e-5), f"{name} {key}"
         a, b = _trained(one), _trained(two)
         assert a.keys() == b.keys(), name
         for key in a:
