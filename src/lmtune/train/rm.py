@@ -43,13 +43,17 @@ RM_OBJECTIVE = Objective(loss=_rm_loss, units=count_pairs, collate=collate_pairs
 
 def freeze_output_head(lm: torch.nn.Module) -> None:
     """A reward model scores from the decoder, so the LM's own output head never runs. Left
-    trainable (full fine-tuning of a model with an untied head), it gets no gradient: DDP then
-    stops at the second step, waiting for that gradient, and the optimizer would hold state for
-    it. A head tied to the input embeddings runs as those and keeps training."""
+    trainable (full fine-tuning of a model with an untied head, an adapter on lm_head), its
+    parameters get no gradient: DDP then stops at the second step, waiting for those gradients,
+    and the optimizer would hold state for them. A head weight tied to the input embeddings runs
+    as those and keeps training."""
     head = lm.get_output_embeddings()
-    weight = getattr(head, "weight", None)
-    if weight is not None and weight is not lm.get_input_embeddings().weight:
-        head.requires_grad_(False)
+    if head is None:
+        return
+    embeddings = lm.get_input_embeddings().weight
+    for parameter in head.parameters():
+        if parameter is not embeddings:
+            parameter.requires_grad_(False)
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
