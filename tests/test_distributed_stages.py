@@ -81,7 +81,7 @@ def test_pt_rm_dpo_kto_on_two_ranks_equal_one_process(tmp_path, tiny_model_dir, 
         "corpus": {"file_name": "corpus.jsonl", "columns": {"prompt": "text"}}})
     base = {"model_name_or_path": tiny_model_dir, "dataset_dir": str(data),
             "finetuning_type": "lora", "lora_rank": 4, "per_device_train_batch_size": 3,
-            "learning_rate": 1e-2, "max_steps": 3, "logging_steps": 1, "save_steps": 100,
+            "learning_rate": 1e-2, "max_steps": 2, "logging_steps": 1, "save_steps": 100,
             "seed": 0, "plot_loss": False, "val_size": 3}
 
     untied = _untied_model(tiny_model_dir, tokenizer, tmp_path / "untied")
@@ -103,7 +103,7 @@ def test_pt_rm_dpo_kto_on_two_ranks_equal_one_process(tmp_path, tiny_model_dir, 
         one, two = tmp_path / f"{name}-one", tmp_path / f"{name}-two"
         # Loss, gradient norm and the stage's metrics (accuracy, margins, rewards, kl) per step.
         log_one, log_two = (read_log(d / "trainer_log.jsonl") for d in (one, two))
-        assert [r["step"] for r in log_two] == [1, 2, 3], name
+        assert [r["step"] for r in log_two] == [1, 2], name
         for a, b in zip(log_one, log_two):
             assert a.keys() == b.keys(), name
             for key in a.keys() - {"tokens_per_second"}:
