@@ -42,8 +42,8 @@ STAGES = {
     "rm": {"dataset": "pairs"},
     "dpo": {"dataset": "pairs", "pref_loss": "sigmoid"},
     "kto": {"dataset": "kto", "kto_rejected_weight": 1.5},
-    # The LM's own head never runs under a reward head: untied and trainable, DDP would wait
-    # for its gradient for ever.
+    # The LM's own head never runs under a reward head: untied and trainable, it would get no
+    # gradient and DDP would stop at step 2, still expecting one.
     "rm-full-untied": {"dataset": "pairs", "stage": "rm", "finetuning_type": "full",
                        "learning_rate": 1e-4},
 }
