@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from lmtune.cli import main
 from lmtune.config import load_config
 from lmtune.errors import ModelError
 from lmtune.models.load import stop_token_ids
@@ -123,5 +124,13 @@ def test_lmtune_reward_model_is_also_in_llamafactory_layout(tmp_path, tiny_model
     for name in ("adapter_config.json", "adapter_model.safetensors", "value_head.safetensors"):
         shutil.copyfile(out / name, lf_view / name)
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lf_view)
-    assert score_texts(RewardModel(lf_view, base=tiny_model_dir)) == pytest.approx(
-        score_texts(RewardModel(out)), abs=1e-5)
+    ours = score_texts(RewardModel(out))
+    assert score_texts(RewardModel(lf_view, base=tiny_model_dir)) == pytest.approx(ours, abs=1e-5)
+
+    # Exported, it is LLaMA-Factory's full layout (reward_model_type: full): merged weights and
+    # value_head.safetensors, read the same with lmtune's own files taken away.
+    merged = tmp_path / "merged"
+    assert main(["export", str(tmp_path / "run.yaml"), f"export_dir={merged}"]) == 0
+    (merged / "scalar_head.safetensors").unlink()
+    (merged / "run_config.yaml").unlink()
+    assert score_texts(RewardModel(merged)) == pytest.approx(ours, abs=1e-4)

@@ -95,16 +95,23 @@ class ScalarHeadModel(torch.nn.Module):
             head_state = {k.removeprefix("head."): v for k, v in state_dict.items()
                           if k.startswith("head.")}
         self.lm.save_pretrained(folder, state_dict=lm_state, **kwargs)
-        head = {k: v.detach().cpu().contiguous() for k, v in (head_state or self.head.state_dict()).items()}
+        head = {k: v.detach().cpu().contiguous()
+                for k, v in (head_state or self.head.state_dict()).items()}
         save_file(head, Path(folder) / self.head_file)
         if self.head_file == HEAD_FILE:
-            save_file({LF_HEAD_NAMES[k]: v.clone() for k, v in head.items()}, Path(folder) / LF_HEAD_FILE,
+            save_file({LF_HEAD_NAMES[k]: v for k, v in head.items()}, Path(folder) / LF_HEAD_FILE,
                       metadata={"format": "pt"})
 
     def load_head(self, folder: Path) -> None:
         path = Path(folder) / self.head_file
         if self.head_file == HEAD_FILE and not path.is_file() and is_lf_reward_head(folder):
             state = load_file(Path(folder) / LF_HEAD_FILE, device=str(self.head.weight.device))
+            weight = state[LF_HEAD_NAMES["weight"]]
+            if weight.shape != self.head.weight.shape:
+                raise ModelError(f"{folder / LF_HEAD_FILE}: {LF_HEAD_NAMES['weight']} has shape "
+                                 f"{tuple(weight.shape)}, but this model's hidden size needs "
+                                 f"{tuple(self.head.weight.shape)}.",
+                                 "load the reward model on the base model it was trained on.")
             self.head.load_state_dict({k: state[name].to(self.head.weight.dtype)
                                        for k, name in LF_HEAD_NAMES.items()})
             return
