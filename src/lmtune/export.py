@@ -34,7 +34,7 @@ from lmtune.models.load import (DEFAULT_MODEL, is_quantized, load_model, load_to
                                 resolve_model, stop_token_ids, tokenizer_source)
 from lmtune.models.methods import MERGEABLE, adapter_type, load_adapters
 from lmtune.models.modelfile import modelfile
-from lmtune.models.scalar_head import HEAD_FILE
+from lmtune.models.scalar_head import HEAD_FILE, LF_HEAD_FILE
 from lmtune.models.to_gguf import FOR_DTYPE, check_convertible, write_gguf
 from lmtune.train.checkpoint import RUN_CONFIG
 
@@ -182,8 +182,9 @@ def export(cfg: RunConfig) -> Path:
             if (trained / HEAD_FILE).is_file():
                 # A reward model: its scalar head (and the run config that says how it encodes) go
                 # with it, so the merged folder scores as the adapter did (lmtune.train.rm.RewardModel).
-                for name in (HEAD_FILE, RUN_CONFIG):
-                    shutil.copyfile(trained / name, staging / name)
+                for name in (HEAD_FILE, RUN_CONFIG, LF_HEAD_FILE):
+                    if (trained / name).is_file():  # LF_HEAD_FILE: in LLaMA-Factory's full layout
+                        shutil.copyfile(trained / name, staging / name)
             # The merged adapters' fingerprints go with the weights: an adapter put on them again is
             # refused by name, and one trained on them is told apart from one trained on the base.
             (staging / EXPORT_MARKER).write_text(json.dumps(

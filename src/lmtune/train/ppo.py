@@ -39,7 +39,8 @@ from lmtune.data.encode import IGNORE_INDEX, EncodedRow
 from lmtune.errors import ConfigError, ModelError, RunInterrupted, TrainingError
 from lmtune.models.load import stop_token_ids
 from lmtune.models.methods import apply_method, evaluation
-from lmtune.models.scalar_head import VALUE_HEAD_FILE, ScalarHeadModel, decoder_hidden
+from lmtune.models.scalar_head import (VALUE_HEAD_FILE, ScalarHeadModel, decoder_hidden,
+                                      is_lf_reward_head)
 from lmtune.train import checkpoint as ckpt
 from lmtune.train.engine import (Trainer, checkpoint_or_stop, finish, is_eval_step, is_log_step,
                                  prepare_trainer, schedule, stop_requests)
@@ -80,10 +81,14 @@ def reward_scorer(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, stop_ids: 
         return _function_scorer(spec, tokenizer, stop_ids)
     from lmtune.train.rm import RewardModel
 
-    if not (Path(spec) / ckpt.RUN_CONFIG).is_file():
-        raise ConfigError(f"reward_model: {spec} is neither an output_dir of stage rm nor "
-                          "'module:function'.", "train one with stage: rm, or name a function.")
-    reward = RewardModel(spec, batch_size=cfg.per_device_eval_batch_size)
+    if not (Path(spec) / ckpt.RUN_CONFIG).is_file() and not is_lf_reward_head(Path(spec)):
+        raise ConfigError(f"reward_model: {spec} is neither an output_dir of stage rm (lmtune's or "
+                          "LLaMA-Factory's) nor 'module:function'.",
+                          "train one with stage: rm, or name a function.")
+    # A LoRA reward model of LLaMA-Factory's goes on the policy's base, as there (reward_model_type
+    # lora); a full one is its own folder (reward_model_type full).
+    reward = RewardModel(spec, batch_size=cfg.per_device_eval_batch_size,
+                         base=cfg.model_name_or_path, cutoff_len=cfg.cutoff_len)
     if reward.tokenizer.get_vocab() != tokenizer.get_vocab():
         raise ModelError(f"reward_model {spec} uses another tokenizer than the policy.",
                          "train the reward model on the same base model as the policy.")

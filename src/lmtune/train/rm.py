@@ -4,8 +4,9 @@ reply scores above the rejected one (Bradley-Terry: -log sigmoid(r_chosen - r_re
 Reads top to bottom: setup -> method on the LM -> scalar head on top (models/scalar_head.py; it
 always trains) -> the shared loop. Logged per step and on the val split: accuracy (share of pairs
 scored chosen-first) and margin (mean r_chosen - r_rejected). The output folder holds the adapter
-(or full model) and scalar_head.safetensors; `RewardModel(folder)` below loads it by path for ppo
-and for scoring.
+(or full model), scalar_head.safetensors and the same head in LLaMA-Factory's value_head.safetensors;
+`RewardModel(folder)` below loads it by path for ppo and for scoring, and loads a reward model of
+LLaMA-Factory's (an adapter or full model with value_head.safetensors) the same way.
 """
 
 from __future__ import annotations
@@ -14,15 +15,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftConfig
 
 from lmtune.config import RunConfig
+from lmtune.errors import ModelError
 from lmtune.data.batching import collate
 from lmtune.data.encode import ChatEncoder, EncodedRow
 from lmtune.data.formats import Message
 from lmtune.models.load import load_model, load_tokenizer, resolve_model, stop_token_ids
 from lmtune.models.methods import apply_method, load_adapters
-from lmtune.models.scalar_head import ScalarHeadModel
-from lmtune.train.checkpoint import saved_run_config
+from lmtune.models.scalar_head import LF_HEAD_FILE, LF_HEAD_NAMES, ScalarHeadModel, is_lf_reward_head
+from lmtune.train.checkpoint import RUN_CONFIG, saved_run_config
 from lmtune.train.engine import Batch, Metrics, Objective, fit
 from lmtune.train.losses import bradley_terry
 from lmtune.train.preference import ScoredPair, collate_pairs, count_pairs
@@ -72,12 +75,38 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 class RewardModel:
     """A trained stage-rm output, loaded by path, that scores (conversation, reply) pairs."""
 
-    def __init__(self, folder: str | Path, batch_size: int = 8):
+    def __init__(self, folder: str | Path, batch_size: int = 8, base: str | None = None,
+                 cutoff_len: int | None = None):
+        """`base` and `cutoff_len` serve a folder LLaMA-Factory wrote, which records neither in a form
+        lmtune reads: its adapter goes on `base` (default: the base its adapter_config names), as
+        LLaMA-Factory's ppo puts it on the policy's base; rows keep `cutoff_len` tokens (default
+        2048, both tools' default)."""
         folder = Path(folder)
-        run_config = saved_run_config(folder)
-        base = resolve_model(run_config["model_name_or_path"])
-        self.tokenizer = load_tokenizer(str(folder))
-        if (folder / "adapter_config.json").is_file():
+        adapter = (folder / "adapter_config.json").is_file()
+        if (folder / RUN_CONFIG).is_file():
+            run_config = saved_run_config(folder)
+            base, cutoff_len = run_config["model_name_or_path"], run_config["cutoff_len"]
+        elif is_lf_reward_head(folder):
+            if not adapter:
+                base = str(folder)
+            elif base is None:
+                base = PeftConfig.from_pretrained(str(folder)).base_model_name_or_path
+            cutoff_len = cutoff_len or RunConfig.model_fields["cutoff_len"].default
+            if base is None:
+                raise ModelError(f"{folder / 'adapter_config.json'} names no base model.",
+                                 "set base_model_name_or_path in it, or load the reward model with "
+                                 "the policy's model_name_or_path (stage ppo does).")
+        else:
+            raise ModelError(f"{folder} is not a reward model: it has neither lmtune's {RUN_CONFIG} "
+                             f"nor LLaMA-Factory's {LF_HEAD_FILE} (tensors "
+                             f"{', '.join(LF_HEAD_NAMES.values())}).",
+                             "point it at the output_dir of a stage rm run (lmtune's or "
+                             "LLaMA-Factory's).")
+        base = resolve_model(base)
+        # LLaMA-Factory saves the tokenizer beside the head too; a folder without one uses the base's.
+        self.tokenizer = load_tokenizer(str(folder) if (folder / "tokenizer_config.json").is_file()
+                                        else base)
+        if adapter:
             # Merged: scoring runs at the speed of the plain model.
             lm = load_adapters(load_model(base), [str(folder)], trainable_last=False, merge_last=True)
         else:
@@ -86,7 +115,7 @@ class RewardModel:
         self.model.load_head(folder)
         self.model.eval().requires_grad_(False)
         self.encoder = ChatEncoder(self.tokenizer, stop_token_ids(self.tokenizer, lm),
-                                   cutoff_len=run_config["cutoff_len"])
+                                   cutoff_len=cutoff_len)
         self.batch_size = batch_size
 
     def ids(self, prompt: list[Message], reply: str) -> list[int]:
