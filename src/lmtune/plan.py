@@ -28,7 +28,7 @@ from lmtune.data.pipeline import PreparedData, prepare_data, training_rows
 from lmtune.data.report import DataReport
 from lmtune.durable import write_with
 from lmtune.errors import ConfigError, ModelError
-from lmtune.models.load import from_pretrained_or_error, load_tokenizer, resolve_for, stop_token_ids
+from lmtune.models.load import add_new_tokens, from_pretrained_or_error, load_tokenizer, resolve_for, stop_token_ids
 from lmtune.models.methods import apply_method, count_parameters
 from lmtune.models.precision import half_frozen_base
 from lmtune.train.engine import schedule
@@ -254,6 +254,7 @@ def build_plan(cfg: RunConfig, measure_steps: int = 0, world_size: int | None = 
                           "add e.g. dataset: identity (a name in dataset_info.json) or a file path.")
     model_path = resolve_for(cfg)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
+    add_new_tokens(tokenizer, cfg)  # the rows are counted as training encodes them
     model = meta_model(model_path, cfg)
     data = prepare_data(cfg, tokenizer, stop_token_ids(tokenizer, model))
     train_rows, _ = training_rows(data, cfg, model.config)

@@ -134,10 +134,7 @@ NOT_SUPPORTED: dict[str, tuple[Any, str]] = {
     "badam_verbose": (0, "a setting of use_badam, which is refused; remove it."),
     # LLaMA-Factory's model arguments
     "adapter_folder": (None, "give the adapter's own folder in adapter_name_or_path."),
-    "resize_vocab": (False, "the vocabulary is never resized; train with the tokenizer as it is."),
     "split_special_tokens": (False, "special tokens written in the text stay single tokens."),
-    "add_tokens": (None, "new tokens are not added; train with the tokenizer as it is."),
-    "add_special_tokens": (None, "new special tokens are not added; train with the tokenizer as it is."),
     "new_special_tokens_config": (None, "new special tokens are not added; remove it."),
     "init_special_tokens": ("noise_init", "new special tokens are not added; remove it."),
     "shift_attn": (False, "shift short attention (S2-Attn) is not implemented; remove it."),
@@ -339,6 +336,16 @@ class RunConfig(BaseModel):
         None, description="Chat template name (LLaMA-Factory name) for a tokenizer without one: "
         "alpaca, chatml, llama2, llama3, mistral, qwen, gemma, deepseekcoder, default, empty. A "
         "tokenizer's own template always wins; a different name given for it is reported.")
+    add_tokens: str | None = Field(
+        None, description="Comma list of new (normal) tokens added to the tokenizer; the embeddings "
+        "and output head grow to fit (resize_vocab) and their new rows train.")
+    add_special_tokens: str | None = Field(
+        None, description="Comma list of new special tokens added to the tokenizer (never split, "
+        "hidden by skip_special_tokens); the embeddings grow to fit as with add_tokens.")
+    resize_vocab: bool = Field(
+        False, description="Grow the embeddings and output head to the tokenizer's length (a "
+        "multiple of 64) when it is longer, new rows set to the mean row plus noise, and train them "
+        "(adapters: in modules_to_save). On by itself when add_tokens/add_special_tokens add any.")
     default_system: str | None = Field(
         None, description="System prompt for conversations whose data has none (replaces the "
         "template's own default); training, chat, serve and predict render it alike.")

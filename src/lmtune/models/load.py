@@ -166,6 +166,57 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
     return tokenizer
 
 
+def add_new_tokens(tokenizer: PreTrainedTokenizerBase, cfg: RunConfig) -> list[str]:
+    """Add cfg.add_tokens and cfg.add_special_tokens to the tokenizer; returns those it did not
+    know yet (LLaMA-Factory's keys: normal tokens may still be split by a special one, special
+    tokens never are and are hidden by skip_special_tokens)."""
+    from lmtune.config import split_list
+
+    added: list[str] = []
+    for value, special in ((cfg.add_tokens, False), (cfg.add_special_tokens, True)):
+        tokens = [t for t in split_list(value or "") if t not in tokenizer.get_vocab()]
+        if tokens:
+            tokenizer.add_tokens(tokens, special_tokens=special)
+            added += tokens
+    return added
+
+
+def trains_vocab(cfg: RunConfig) -> bool:
+    """Whether the run may grow the vocabulary, and so trains the embeddings and output head."""
+    return bool(cfg.resize_vocab or cfg.add_tokens or cfg.add_special_tokens)
+
+
+def fit_vocab(model: PreTrainedModel, size: int, new_tokens: list[int] | None = None) -> bool:
+    """Grow the input embeddings and output head to `size` rows rounded up to a multiple of 64
+    (LLaMA-Factory's rule, so its resized checkpoints and lmtune's have the same shapes) when they
+    are smaller. `new_tokens` rows (else all added rows) start at the mean of the old rows plus
+    noise of std 1/sqrt(hidden), in the output head too when it is not tied. False: nothing grew."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if size <= rows:
+        return False
+    if is_quantized(model):
+        raise ConfigError("resize_vocab: the embeddings of a quantized base cannot grow.",
+                          "train the new tokens without quantization_bit, or remove "
+                          "add_tokens/add_special_tokens.")
+    if not isinstance(model.get_output_embeddings(), torch.nn.Linear):
+        raise ModelError(f"resize_vocab: {type(model).__name__} has no linear output head to grow.",
+                         "remove add_tokens/add_special_tokens/resize_vocab.")
+    model.resize_token_embeddings(size, pad_to_multiple_of=64, mean_resizing=False)
+    grown = model.get_input_embeddings().weight.shape[0]
+    fresh = new_tokens if new_tokens else list(range(rows, grown))
+    heads = [model.get_input_embeddings().weight]
+    if not model.config.tie_word_embeddings:
+        heads.append(model.get_output_embeddings().weight)
+    with torch.no_grad():
+        for weight in heads:
+            mean = weight[:rows].mean(dim=0, keepdim=True)
+            noise = torch.randn(len(fresh), weight.shape[1], dtype=weight.dtype) / math.sqrt(weight.shape[1])
+            weight[fresh] = mean + noise.to(weight.device)
+    model.config.vocab_size = grown
+    log.info("embeddings resized from %d to %d rows", rows, grown)
+    return True
+
+
 def quantization_config(cfg: RunConfig) -> BitsAndBytesConfig | None:
     """The bitsandbytes settings for cfg.quantization_bit (None: full precision)."""
     if cfg.quantization_bit is None:

@@ -23,13 +23,13 @@ from peft import (AdaLoraConfig, IA3Config, LoraConfig, OFTConfig, PeftConfig, P
                   PrefixTuningConfig,
                   PromptEncoderConfig, PromptTuningConfig, get_peft_model,
                   prepare_model_for_kbit_training)
-from transformers import PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel
 
 from lmtune.config import RunConfig, split_list
 from lmtune.errors import ConfigError, ModelError
 from lmtune.models.lineage import check_adapter, note_merged, record_base
-from lmtune.models.load import (is_quantized, load_model, model_options, quantization_config,
-                                resolve_adapter)
+from lmtune.models.load import (fit_vocab, is_quantized, load_model, model_options,
+                                quantization_config, resolve_adapter, trains_vocab)
 from lmtune.models.precision import half_frozen_base, settle_dtypes
 
 log = logging.getLogger(__name__)
@@ -129,8 +129,17 @@ def _modules_to_save(model: PreTrainedModel, cfg: RunConfig) -> list[str] | None
     # peft matches modules_to_save by plain name ending ("norm" would also catch input_layernorm),
     # so the modules named by the user are handed over as full names.
     if not cfg.additional_target:
+        if trains_vocab(cfg):  # as LLaMA-Factory: the grown embeddings and head train in full
+            heads = (model.get_input_embeddings(), model.get_output_embeddings())
+            return sorted(name for name, module in model.named_modules() if module in heads)
         return None
     return sorted(_modules_named(model, split_list(cfg.additional_target), "additional_target"))
+
+
+def _keeps_tying(model: PreTrainedModel, cfg: RunConfig) -> bool:
+    # A tied embedding and head trained as two separate copies would come apart, and a merged
+    # export (still tied in its config) would keep only one of them; peft can train them as one.
+    return trains_vocab(cfg) and not cfg.additional_target and bool(model.config.tie_word_embeddings)
 
 
 def lora_config(model: PreTrainedModel, cfg: RunConfig) -> LoraConfig:
@@ -141,7 +150,8 @@ def lora_config(model: PreTrainedModel, cfg: RunConfig) -> LoraConfig:
                       lora_dropout=cfg.lora_dropout,
                       target_modules=resolve_targets(model, cfg.lora_target, "lora_target"),
                       use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, init_lora_weights=init,
-                      modules_to_save=_modules_to_save(model, cfg), task_type="CAUSAL_LM")
+                      modules_to_save=_modules_to_save(model, cfg), task_type="CAUSAL_LM",
+                      ensure_weight_tying=_keeps_tying(model, cfg))
 
 
 def oft_config(model: PreTrainedModel, cfg: RunConfig) -> OFTConfig:
@@ -257,6 +267,10 @@ def load_adapters(model: PreTrainedModel, paths: list[str], trainable_last: bool
                              "list it last in adapter_name_or_path (and do not set "
                              "create_new_adapter), or use it on its own.")
         check_adapter(model, path)
+        if (folder / "tokenizer_config.json").is_file():
+            # An adapter trained with new tokens carries their embedding rows (modules_to_save):
+            # the base grows to its tokenizer's length first, as it did in training.
+            fit_vocab(model, len(AutoTokenizer.from_pretrained(folder)))
         try:
             model = PeftModel.from_pretrained(model, path, is_trainable=last and trainable_last)
         except (RuntimeError, ValueError, KeyError) as exc:

@@ -12,7 +12,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 from lmtune import distributed as dist
 from lmtune.config import RunConfig
 from lmtune.data.pipeline import prepare_data, training_rows
-from lmtune.models.load import load_model, load_tokenizer, model_options, resolve_for, stop_token_ids
+from lmtune.models.load import (add_new_tokens, fit_vocab, load_model, load_tokenizer, model_options,
+                                resolve_for, stop_token_ids, trains_vocab)
 from lmtune.models.precision import half_frozen_base
 from lmtune.train.checkpoint import prepare_run
 from lmtune.train.trackers import tracker_names
@@ -40,9 +41,12 @@ def start_run(cfg: RunConfig) -> RunInputs:
     set_seed(cfg.seed)
     model_path = resolve_for(cfg)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
+    added = add_new_tokens(tokenizer, cfg)
     half = half_frozen_base(cfg)
     model = load_model(model_path, cfg.trust_remote_code, **model_options(cfg),
                        from_scratch=cfg.train_from_scratch, half_precision=half)
+    if trains_vocab(cfg):
+        fit_vocab(model, len(tokenizer), tokenizer.convert_tokens_to_ids(added) if added else None)
     with dist.main_first():  # rank 0 fills the encoding cache, the others read it
         # Replay answers are cached per base whatever the run's precision, so they always come
         # from the full-precision base (loaded by replay itself when the cache misses).

@@ -1,0 +1,60 @@
+"""LLaMA-Factory's token and encoded-data keys on real runs of the tiny model: add_tokens and
+add_special_tokens (tokenizer, embeddings and head grown, new rows trained, chat reloads them),
+tokenized_path, eval_on_each_dataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from lmtune.config import build_config
+from lmtune.export import export
+from lmtune.infer.chat import ChatSession
+from lmtune.models.load import load_tokenizer
+from tests.conftest import ALPACA, train, write_json
+
+NEW = "<|calc|>"
+WORD = "zorbleflux"
+
+
+def test_added_tokens_encode_whole_train_their_rows_and_chat_reloads_them(tmp_path, train_config):
+    rows = [dict(r, output=f"{NEW} {r['output']} {WORD}") for r in ALPACA]
+    config = train_config | {"dataset": str(write_json(tmp_path / "data" / "calc.json", rows)),
+                             "add_special_tokens": NEW, "add_tokens": WORD, "save_steps": 1,
+                             "max_steps": 3, "learning_rate": 1e-2}
+    train(tmp_path, config)
+    out = Path(config["output_dir"])
+
+    tokenizer = load_tokenizer(str(out))
+    new_id, word_id = tokenizer.convert_tokens_to_ids([NEW, WORD])
+    assert tokenizer.encode(f"a {NEW}b {WORD}", add_special_tokens=False).count(new_id) == 1
+    assert word_id in tokenizer.encode(f"a {WORD} b", add_special_tokens=False)
+    assert new_id >= 49152 and word_id >= 49152  # past the base's vocabulary
+
+    # LoRA: the grown embeddings train in full and are saved with the adapter (modules_to_save).
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert "model.embed_tokens" in adapter_config["modules_to_save"]
+    weights = load_file(out / "adapter_model.safetensors")
+    embed_key = next(k for k in weights if "embed_tokens" in k)
+    assert weights[embed_key].shape[0] == 49152 + 64  # rounded up to a multiple of 64
+    first = load_file(out / "checkpoint-1" / "adapter_model.safetensors")[embed_key]
+    assert not torch.allclose(first[new_id], weights[embed_key][new_id])  # the new row learned
+
+    session = ChatSession.from_config(build_config(config))
+    assert session.tokenizer.convert_tokens_to_ids(NEW) == new_id
+    embed = session.model.get_input_embeddings()
+    assert torch.allclose(embed(torch.tensor([new_id]))[0], weights[embed_key][new_id])
+    session.answer_once("Say hi.")
+
+    # The tied head trained as one with the embedding, so a merged export keeps the new rows.
+    export(build_config(config | {"export_dir": str(tmp_path / "merged")}))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    ids = torch.tensor([[new_id, word_id, 42]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, session.model(ids).logits, atol=1e-5)
+    assert load_tokenizer(str(tmp_path / "merged")).convert_tokens_to_ids(WORD) == word_id
+
