@@ -140,7 +140,7 @@ LF_KEYS = {
     "default_system": (APPLIED, None),
     "enable_thinking": (APPLIED, True),
     "preserve_thinking": (DEFAULT_ONLY, False),
-    "tokenized_path": (DEFAULT_ONLY, None),
+    "tokenized_path": (APPLIED, None),
     "data_shared_file_system": (NOT_APPLIED, False),
     # finetuning_args.py FreezeArguments
     "freeze_trainable_layers": (APPLIED, 2),

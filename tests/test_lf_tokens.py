@@ -4,14 +4,18 @@ tokenized_path, eval_on_each_dataset."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from lmtune.config import build_config
+from lmtune.data.pipeline import prepare_data
+from lmtune.errors import DataError
 from lmtune.export import export
 from lmtune.infer.chat import ChatSession
 from lmtune.models.load import load_tokenizer
@@ -57,4 +61,30 @@ def test_added_tokens_encode_whole_train_their_rows_and_chat_reloads_them(tmp_pa
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, session.model(ids).logits, atol=1e-5)
     assert load_tokenizer(str(tmp_path / "merged")).convert_tokens_to_ids(WORD) == word_id
+
+
+
+def test_tokenized_path_saves_the_rows_and_a_later_run_trains_without_the_data_files(
+        tmp_path, train_config, tokenizer):
+    saved = tmp_path / "tokenized"
+    config = train_config | {"tokenized_path": str(saved), "val_size": 2, "max_steps": 2}
+    first = train(tmp_path, config)
+    assert (saved / "tokenized.json").is_file()
+    Path(config["dataset"]).unlink()
+
+    again = config | {"output_dir": str(tmp_path / "again")}
+    second = train(tmp_path, again)
+    assert second["train_rows"] == first["train_rows"] and second["val_rows"] == first["val_rows"] == 2
+    assert second["train_loss"] == first["train_loss"]  # the same rows in the same order
+    report = json.loads((tmp_path / "again" / "data_report.json").read_text())
+    assert any("tokenized_path" in note for note in report["notes"])
+
+    # Rows encoded otherwise than this run asks are refused with the difference.
+    with pytest.raises(DataError) as info:
+        prepare_data(build_config(again | {"cutoff_len": 64}), tokenizer, [tokenizer.eos_token_id])
+    assert "cutoff_len: 2048 then, 64 now" in info.value.message
+    with pytest.raises(DataError, match="another tokenizer"):
+        grown = copy.deepcopy(tokenizer)
+        grown.add_tokens([WORD])
+        prepare_data(build_config(again), grown, [tokenizer.eos_token_id])
 

@@ -150,8 +150,6 @@ NOT_SUPPORTED: dict[str, tuple[Any, str]] = {
     "tool_format": (None, "tool calls are rendered by the tokenizer's chat template; remove it."),
     "preserve_thinking": (False, "earlier turns are rendered by the tokenizer's chat template, "
                           "which decides whether their reasoning is kept; remove it."),
-    "tokenized_path": (None, "encoded rows are cached by content automatically; remove it "
-                       "(overwrite_cache: true encodes afresh)."),
     "use_llama_pro": (False, "LLaMA-Pro block expansion is not implemented; use finetuning_type: "
                       "freeze to train the last layers."),
     "use_swanlab": (False, "use report_to: swanlab."),
@@ -546,6 +544,10 @@ class RunConfig(BaseModel):
     neat_packing: bool = Field(
         False, description="LLaMA-Factory's packing without cross-attention; the same as packing: "
         "true here, because lmtune's packing never lets samples attend to each other.")
+    tokenized_path: str | None = Field(
+        None, description="Folder for the encoded train/val rows: the first run saves them there, "
+        "later runs train from them without reading the data files or data keys (refused when "
+        "the tokenizer or encoding settings differ).")
     overwrite_cache: bool = Field(
         False, description="Encode the data afresh instead of reading encoded rows from the cache.")
     preprocessing_num_workers: int | None = Field(

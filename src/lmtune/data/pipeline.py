@@ -17,8 +17,8 @@ from typing import Any
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lmtune.config import RunConfig
-from lmtune.data import cache
+from lmtune.config import RunConfig, split_list
+from lmtune.data import cache, tokenized
 from lmtune.data.batching import check_packing_isolation, pack_documents, pack_rows
 from lmtune.data.encode import (NO_TARGET, OVER_LONG, TRUNCATED, ChatEncoder, Result, Row,
                                 TextEncoder)
@@ -118,15 +118,18 @@ def prepare_data(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, stop_ids: l
     `model`, the base as loaded, answers the `replay` prompts when they are not cached yet."""
     kind = STAGE_KINDS[cfg.stage]
     encoder, notes = make_encoder(cfg, tokenizer, stop_ids, kind)
-    per_dataset, report = load_records(cfg, kind)
-    report.notes += notes
-    report.mix_strategy = cfg.mix_strategy
     settings = {"kind": kind, "cutoff_len": cfg.cutoff_len, "cutoff_policy": cfg.cutoff_policy,
                 "train_on_prompt": cfg.train_on_prompt, "mask_history": cfg.mask_history,
                 "packing": cfg.packing_enabled if kind == "text" else None,
                 "default_system": cfg.default_system, "enable_thinking": cfg.enable_thinking}
     stops = sorted(encoder.stop_ids) if isinstance(encoder, ChatEncoder) else []
     fingerprint = cache.tokenizer_fingerprint(tokenizer, stops)
+    saved = tokenized.load(cfg.tokenized_path, kind, fingerprint, settings) if cfg.tokenized_path else None
+    if saved is not None:
+        return _from_tokenized(cfg, kind, *saved, notes)
+    per_dataset, report = load_records(cfg, kind)
+    report.notes += notes
+    report.mix_strategy = cfg.mix_strategy
 
     def encode_datasets(per_dataset: list[list[Record]], counts_list: list[DatasetCounts]) -> list[list[Row]]:
         encoded: list[list[Row]] = []
@@ -165,6 +168,26 @@ def prepare_data(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, stop_ids: l
     else:
         train, val = split_validation(rows, cfg.val_size, cfg.seed)
     report.train, report.val = _split_stats(train), _split_stats(val)
+    if cfg.tokenized_path:
+        from lmtune.train.fingerprint import data_fingerprint
+
+        tokenized.save(cfg.tokenized_path, train, val, kind, fingerprint, settings,
+                       cfg.dataset_names + split_list(cfg.eval_dataset), data_fingerprint(cfg))
+    return PreparedData(train, val, report, kind)
+
+
+def _from_tokenized(cfg: RunConfig, kind: Kind, train: list[Row], val: list[Row],
+                    saved: dict[str, Any], notes: list[str]) -> PreparedData:
+    """Rows read back from tokenized_path, with a report that says where they came from."""
+    counts = DatasetCounts(name=", ".join(saved["datasets"]), file=str(cfg.tokenized_path),
+                           found=len(train), kept=len(train), cache="tokenized_path",
+                           tokens=_split_stats(train))
+    note = (f"rows loaded as saved at tokenized_path {cfg.tokenized_path} (encoded from "
+            f"{', '.join(saved['datasets'])}); the data files and data keys (dataset, max_samples, "
+            "val_size, mix) were not read")
+    report = DataReport(datasets=[counts], train=_split_stats(train), val=_split_stats(val),
+                        cutoff_len=cfg.cutoff_len, max_samples=cfg.max_samples, kind=kind,
+                        mix_strategy=cfg.mix_strategy, notes=notes + [note])
     return PreparedData(train, val, report, kind)
 
 

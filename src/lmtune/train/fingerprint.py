@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lmtune.config import RunConfig, split_list
+from lmtune.data import tokenized
 from lmtune.data.sources import read_dataset_info, resolve_dataset
 
 # Keys that change how a run is logged, saved, evaluated or where it writes, never what it computes.
@@ -22,6 +23,8 @@ RESUME_MAY_CHANGE = frozenset({
     "save_strategy", "logging_first_step",
     "save_total_limit", "plot_loss", "report_to", "eval_strategy", "eval_steps",
     "per_device_eval_batch_size", "overwrite_cache", "preprocessing_num_workers",
+    # where encoded rows are kept: the data fingerprint still guards what they are
+    "tokenized_path",
     "gradient_checkpointing", "do_train", "export_dir", "export_size", "export_device",
     "export_legacy_format", "export_full_precision", "not_applied",
     "infer_dtype", "export_format", "export_gguf_type",
@@ -65,6 +68,9 @@ def _dataset_paths(cfg: RunConfig, names: list[str]) -> list[tuple[str, Path | s
 def data_fingerprint(cfg: RunConfig) -> str:
     """A hash of the training data's bytes (every file of every dataset, in order) and of
     dataset_info.json, so an edited file reads as other data."""
+    saved = tokenized.manifest(cfg.tokenized_path)
+    if saved is not None:  # the rows trained are those saved from this data
+        return str(saved["data_fingerprint"])
     digest = hashlib.sha256()
     info = Path(cfg.dataset_dir) / "dataset_info.json"
     sources = _dataset_paths(cfg, cfg.dataset_names)
@@ -92,7 +98,9 @@ def run_inputs(cfg: RunConfig) -> list[tuple[str, Path]]:
             # `module:function` names Python code: the module's file is what the run reads.
             found.append((key, Path(module.replace(".", "/") + ".py")
                           if sep and function and not Path(value).exists() else Path(value)))
-    if cfg.dataset:
+    if cfg.tokenized_path:
+        found.append(("tokenized_path", Path(cfg.tokenized_path).expanduser()))
+    if cfg.dataset and tokenized.manifest(cfg.tokenized_path) is None:
         found.append(("dataset_dir", Path(cfg.dataset_dir) / "dataset_info.json"))
         names = cfg.dataset_names + split_list(cfg.eval_dataset)
         found += [("dataset", where) for _, where in _dataset_paths(cfg, names)
