@@ -133,7 +133,7 @@ LF_KEYS = {
     "eval_num_beams": (APPLIED, None),
     "ignore_pad_token_for_loss": (DEFAULT_ONLY, True),
     "val_size": (APPLIED, 0.0),
-    "eval_on_each_dataset": (DEFAULT_ONLY, False),
+    "eval_on_each_dataset": (APPLIED, False),
     "packing": (APPLIED, None),
     "neat_packing": (APPLIED, False),
     "tool_format": (DEFAULT_ONLY, None),

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from lmtune.config import build_config
 from lmtune.data.pipeline import prepare_data
-from lmtune.errors import DataError
+from lmtune.errors import ConfigError, DataError
 from lmtune.export import export
 from lmtune.infer.chat import ChatSession
 from lmtune.models.load import load_tokenizer
@@ -88,3 +88,19 @@ def test_tokenized_path_saves_the_rows_and_a_later_run_trains_without_the_data_f
         grown.add_tokens([WORD])
         prepare_data(build_config(again), grown, [tokenizer.eos_token_id])
 
+
+
+def test_eval_on_each_dataset_scores_each_eval_set_beside_the_combined_one(tmp_path, train_config):
+    first = write_json(tmp_path / "data" / "greet.json", ALPACA[:3])
+    second = write_json(tmp_path / "data" / "count.json", ALPACA[4:8])
+    config = train_config | {"eval_dataset": f"{first},{second}", "eval_on_each_dataset": True,
+                             "eval_strategy": "steps", "eval_steps": 2, "max_steps": 2}
+    results = train(tmp_path, config)
+    greet, count = results["eval_greet_loss"], results["eval_count_loss"]
+    assert greet != count and min(greet, count) <= results["eval_loss"] <= max(greet, count)
+    log = [json.loads(line) for line in
+           (Path(config["output_dir"]) / "trainer_log.jsonl").read_text().splitlines()]
+    assert any("eval_greet_loss" in r and "eval_count_loss" in r for r in log)
+
+    with pytest.raises(ConfigError, match="no eval_dataset is set"):
+        build_config(train_config | {"eval_on_each_dataset": True, "val_size": 2})

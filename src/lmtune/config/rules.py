@@ -390,6 +390,10 @@ def check_combinations(cfg: RunConfig, explicitly_set: set[str]) -> None:
         raise ConfigError("eval_dataset and val_size are both set: the val split comes from one "
                           "of them.", "keep eval_dataset (held-out files) or val_size (a split of "
                           "dataset).")
+    if cfg.eval_on_each_dataset and not cfg.eval_dataset:
+        raise ConfigError("eval_on_each_dataset scores each eval_dataset on its own, and no "
+                          "eval_dataset is set (a val_size split is one set).",
+                          "list the held-out datasets in eval_dataset, or remove eval_on_each_dataset.")
     if cfg.eval_strategy != "no" and cfg.val_size == 0 and not cfg.eval_dataset:
         raise ConfigError(f"eval_strategy: {cfg.eval_strategy} but val_size is 0 and no "
                           "eval_dataset is set, so there is nothing to evaluate on.",

@@ -145,8 +145,6 @@ NOT_SUPPORTED: dict[str, tuple[Any, str]] = {
     "streaming": (False, "streaming is not implemented: the data is encoded and cached before "
                   "training; use max_samples to cap a large dataset."),
     "ignore_pad_token_for_loss": (True, "padding is never trained on (labels are padded with -100)."),
-    "eval_on_each_dataset": (False, "the val split is scored as one set; evaluate each dataset "
-                             "with its own run of `lmtune predict`."),
     "tool_format": (None, "tool calls are rendered by the tokenizer's chat template; remove it."),
     "preserve_thinking": (False, "earlier turns are rendered by the tokenizer's chat template, "
                           "which decides whether their reasoning is kept; remove it."),
@@ -512,6 +510,9 @@ class RunConfig(BaseModel):
     eval_dataset: str | None = Field(
         None, description="Comma list of datasets (names or paths) used whole as the val split, "
         "instead of splitting val_size rows off `dataset`.")
+    eval_on_each_dataset: bool = Field(
+        False, description="With several eval_dataset: score each also on its own, logged as "
+        "eval_<name>_loss (and its other metrics) beside the combined eval_loss.")
     dataset_dir: str = Field("data", description="Folder holding dataset_info.json and dataset files.")
     data_vars: dict[str, str] = Field(
         default_factory=dict, description="Values for {{key}} placeholders in dataset text, e.g. "

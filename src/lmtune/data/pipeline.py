@@ -11,7 +11,8 @@ rows that train.
 from __future__ import annotations
 
 import multiprocessing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -38,6 +39,8 @@ class PreparedData:
     val: list[Row]
     report: DataReport
     kind: Kind
+    # eval_on_each_dataset: (name, rows) of each eval dataset, in the order their rows fill `val`
+    val_groups: list[tuple[str, int]] = field(default_factory=list)
 
 
 def make_encoder(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, stop_ids: list[int],
@@ -158,13 +161,17 @@ def prepare_data(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, stop_ids: l
         report.datasets.append(counts)
         report.notes.append(note)
         rows += encode_datasets([records], [counts])[0]
+    val_groups: list[tuple[str, int]] = []
     if cfg.eval_dataset:  # held-out files: every row of `dataset` trains
         per_eval, eval_report = load_records(cfg.model_copy(update={"dataset": cfg.eval_dataset}), kind)
         for counts in eval_report.datasets:
             counts.name = f"{counts.name} (eval)"
-        train, val = rows, [row for rows_ in encode_datasets(per_eval, eval_report.datasets)
-                            for row in rows_]
+        per_eval_rows = encode_datasets(per_eval, eval_report.datasets)
+        train, val = rows, [row for rows_ in per_eval_rows for row in rows_]
         report.datasets += eval_report.datasets
+        if cfg.eval_on_each_dataset:
+            val_groups = [(Path(name).stem, len(rows_))
+                          for name, rows_ in zip(split_list(cfg.eval_dataset), per_eval_rows)]
     else:
         train, val = split_validation(rows, cfg.val_size, cfg.seed)
     report.train, report.val = _split_stats(train), _split_stats(val)
@@ -172,8 +179,9 @@ def prepare_data(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, stop_ids: l
         from lmtune.train.fingerprint import data_fingerprint
 
         tokenized.save(cfg.tokenized_path, train, val, kind, fingerprint, settings,
-                       cfg.dataset_names + split_list(cfg.eval_dataset), data_fingerprint(cfg))
-    return PreparedData(train, val, report, kind)
+                       cfg.dataset_names + split_list(cfg.eval_dataset), data_fingerprint(cfg),
+                       val_groups)
+    return PreparedData(train, val, report, kind, val_groups)
 
 
 def _from_tokenized(cfg: RunConfig, kind: Kind, train: list[Row], val: list[Row],
@@ -188,17 +196,27 @@ def _from_tokenized(cfg: RunConfig, kind: Kind, train: list[Row], val: list[Row]
     report = DataReport(datasets=[counts], train=_split_stats(train), val=_split_stats(val),
                         cutoff_len=cfg.cutoff_len, max_samples=cfg.max_samples, kind=kind,
                         mix_strategy=cfg.mix_strategy, notes=notes + [note])
-    return PreparedData(train, val, report, kind)
+    groups = [(name, n) for name, n in saved.get("val_groups", [])] if cfg.eval_on_each_dataset else []
+    return PreparedData(train, val, report, kind, groups)
 
 
 def training_rows(data: PreparedData, cfg: RunConfig, model_config) -> tuple[list[Row], list[Row]]:
     """The rows the loop iterates: packed into cutoff_len rows when packing is on (after checking
-    that this architecture keeps packed samples apart), else as encoded."""
+    that this architecture keeps packed samples apart), else as encoded. Each eval dataset of
+    eval_on_each_dataset is packed on its own, so no packed row mixes two of them."""
     if not cfg.packing_enabled:
         return data.train, data.val
     check_packing_isolation(model_config)
     pack = pack_documents if data.kind == "text" else pack_rows
-    train, val = pack(data.train, cfg.cutoff_len), pack(data.val, cfg.cutoff_len)
+    train, val = pack(data.train, cfg.cutoff_len), []
+    groups, start = [], 0
+    for name, n in data.val_groups or [("", len(data.val))]:
+        packed = pack(data.val[start: start + n], cfg.cutoff_len)
+        val += packed
+        groups.append((name, len(packed)))
+        start += n
+    if data.val_groups:
+        data.val_groups = groups
     data.report.packing = PackingStats(samples=len(data.train), rows=len(train),
                                        tokens=sum(r.n_tokens for r in train), capacity=cfg.cutoff_len)
     return train, val

@@ -88,7 +88,8 @@ def load(path: str, kind: str, tokenizer_fp: str, settings: dict[str, Any]) -> t
 
 
 def save(path: str, train: list[Row], val: list[Row], kind: str, tokenizer_fp: str,
-         settings: dict[str, Any], datasets: list[str], data_fp: str) -> None:
+         settings: dict[str, Any], datasets: list[str], data_fp: str,
+         val_groups: list[tuple[str, int]]) -> None:
     """Write the rows to a staging folder and move it into place, so a crash leaves nothing half
     written; another process that saved first wins."""
     folder = Path(path).expanduser()
@@ -101,7 +102,8 @@ def save(path: str, train: list[Row], val: list[Row], kind: str, tokenizer_fp: s
         (staging / MANIFEST).write_text(json.dumps(
             {"format": FORMAT, "version": cache.CACHE_VERSION, "kind": kind,
              "tokenizer": tokenizer_fp, "settings": settings, "datasets": datasets,
-             "data_fingerprint": data_fp, "rows": {"train": len(train), "val": len(val)}},
+             "data_fingerprint": data_fp, "rows": {"train": len(train), "val": len(val)},
+             "val_groups": val_groups},
             indent=2), encoding="utf-8")
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()

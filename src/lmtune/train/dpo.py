@@ -75,4 +75,5 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             train = score_pairs(inputs.train_rows, reference, cfg, pad_id, "train")
             val = score_pairs(inputs.val_rows, reference, cfg, pad_id, "val")
     return fit(cfg, model, inputs.tokenizer, train, val, dpo_objective(cfg), inputs.output_dir,
-               inputs.resume_dir, extra_results=inputs.row_counts())
+               inputs.resume_dir, extra_results=inputs.row_counts(),
+               eval_groups=inputs.val_groups)

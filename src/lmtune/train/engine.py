@@ -583,9 +583,11 @@ def start_metrics(log: TrainerLog) -> dict[str, Any]:
 
 def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: list[Any],
         eval_rows: list[Any], objective: Objective, output_dir: Path, resume_dir: Path | None,
-        extra_results: dict[str, Any]) -> dict[str, Any]:
+        extra_results: dict[str, Any], eval_groups: list[tuple[str, int]] = ()) -> dict[str, Any]:
     """Train `model` on `train_rows`; write logs, checkpoints and the result into `output_dir`
-    (already prepared by `checkpoint.prepare_run`), continuing from `resume_dir` if given."""
+    (already prepared by `checkpoint.prepare_run`), continuing from `resume_dir` if given.
+    `eval_groups` (name, rows) cut `eval_rows` into datasets scored also on their own, as
+    eval_<name>_loss and so on (eval_on_each_dataset)."""
     if not cfg.do_train:
         print("do_train is false: data, model and method checked; nothing trained.")
         return {}
@@ -605,6 +607,11 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
 
     def run_eval() -> dict[str, float]:
         metrics = evaluate(trainer, eval_rows, objective, pad_id)
+        start = 0
+        for name, n in eval_groups:
+            part = evaluate(trainer, eval_rows[start: start + n], objective, pad_id)
+            metrics |= {f"eval_{name}_{k.removeprefix('eval_')}": v for k, v in part.items()}
+            start += n
         if not generated:
             return metrics
         with trainer.autocast():  # the precision the model trains in (and its storage expects)

@@ -24,7 +24,7 @@ RESUME_MAY_CHANGE = frozenset({
     "save_total_limit", "plot_loss", "report_to", "eval_strategy", "eval_steps",
     "per_device_eval_batch_size", "overwrite_cache", "preprocessing_num_workers",
     # where encoded rows are kept: the data fingerprint still guards what they are
-    "tokenized_path",
+    "tokenized_path", "eval_on_each_dataset",
     "gradient_checkpointing", "do_train", "export_dir", "export_size", "export_device",
     "export_legacy_format", "export_full_precision", "not_applied",
     "infer_dtype", "export_format", "export_gguf_type",

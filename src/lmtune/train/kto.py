@@ -103,4 +103,5 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         train = score_answers(inputs.train_rows, reference, cfg, pad_id, "train")
         val = score_answers(inputs.val_rows, reference, cfg, pad_id, "val") if inputs.val_rows else []
     return fit(cfg, model, inputs.tokenizer, train, val, kto_objective(cfg), inputs.output_dir,
-               inputs.resume_dir, extra_results=inputs.row_counts())
+               inputs.resume_dir, extra_results=inputs.row_counts(),
+               eval_groups=inputs.val_groups)

@@ -24,4 +24,5 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     inputs = start_run(cfg)
     model = apply_method(inputs.model, cfg)
     return fit(cfg, model, inputs.tokenizer, inputs.train_rows, inputs.val_rows, PT_OBJECTIVE,
-               inputs.output_dir, inputs.resume_dir, extra_results=inputs.row_counts())
+               inputs.output_dir, inputs.resume_dir, extra_results=inputs.row_counts(),
+               eval_groups=inputs.val_groups)

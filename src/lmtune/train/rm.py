@@ -67,7 +67,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     train = [ScoredPair(p) for p in inputs.train_rows]
     val = [ScoredPair(p) for p in inputs.val_rows]
     return fit(cfg, model, inputs.tokenizer, train, val, RM_OBJECTIVE, inputs.output_dir,
-               inputs.resume_dir, extra_results=inputs.row_counts())
+               inputs.resume_dir, extra_results=inputs.row_counts(),
+               eval_groups=inputs.val_groups)
 
 
 # --- using a trained reward model -----------------------------------------------------------------

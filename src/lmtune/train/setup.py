@@ -27,6 +27,7 @@ class RunInputs:
     model: PreTrainedModel  # as loaded (frozen_dtype: maybe half precision); the stage applies the method
     train_rows: list[Any]
     val_rows: list[Any]
+    val_groups: list[tuple[str, int]]  # eval_on_each_dataset: (name, rows) in val_rows' order
 
     def row_counts(self) -> dict[str, int]:
         return {"train_rows": len(self.train_rows), "val_rows": len(self.val_rows)}
@@ -55,4 +56,4 @@ def start_run(cfg: RunConfig) -> RunInputs:
         train_rows, val_rows = training_rows(data, cfg, model.config)
     data.report.show()
     dist.on_main(data.report.save, output_dir / "data_report.json")
-    return RunInputs(output_dir, resume_dir, tokenizer, model, train_rows, val_rows)
+    return RunInputs(output_dir, resume_dir, tokenizer, model, train_rows, val_rows, data.val_groups)

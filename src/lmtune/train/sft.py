@@ -82,7 +82,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     model = apply_method(inputs.model, cfg)
     results = fit(cfg, model, inputs.tokenizer, inputs.train_rows, inputs.val_rows,
                   sft_objective(cfg, model), inputs.output_dir, inputs.resume_dir,
-                  extra_results=inputs.row_counts())
+                  extra_results=inputs.row_counts(),
+                  eval_groups=inputs.val_groups)
     if cfg.do_predict and results:
         from lmtune.evaluate.predict import predict_after_training
 
