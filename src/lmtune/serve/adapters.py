@@ -103,6 +103,13 @@ class AdapterSet:
         if not (Path(path) / "tokenizer_config.json").is_file():
             return base_tokenizer
         tokenizer = load_tokenizer(path, self.cfg.trust_remote_code)
+        if len(tokenizer) > len(base_tokenizer):
+            # Its new tokens need the base's embeddings grown, which the adapters beside it on the
+            # same base would then share.
+            raise ModelError(f"adapter {path} adds {len(tokenizer) - len(base_tokenizer)} tokens "
+                             "(add_tokens/add_special_tokens) to the base model's tokenizer.",
+                             "merge it with `lmtune export` and serve the merged folder (its "
+                             "tokenizer goes with it).")
         if len(tokenizer) != len(base_tokenizer):
             raise ModelError(f"adapter {path} carries a tokenizer of {len(tokenizer)} tokens, but the "
                              f"base model's has {len(base_tokenizer)}.",
