@@ -43,10 +43,12 @@ def test_added_tokens_encode_whole_train_their_rows_and_chat_reloads_them(tmp_pa
     adapter_config = json.loads((out / "adapter_config.json").read_text())
     assert "model.embed_tokens" in adapter_config["modules_to_save"]
     weights = load_file(out / "adapter_model.safetensors")
-    embed_key = next(k for k in weights if "embed_tokens" in k)
+    embed_key = "base_model.model.model.embed_tokens.modules_to_save.weight"
     assert weights[embed_key].shape[0] == 49152 + 64  # rounded up to a multiple of 64
     first = load_file(out / "checkpoint-1" / "adapter_model.safetensors")[embed_key]
     assert not torch.allclose(first[new_id], weights[embed_key][new_id])  # the new row learned
+    head_key = embed_key.replace("model.embed_tokens", "lm_head")
+    assert torch.equal(weights[head_key], weights[embed_key])  # the tied head trained as one
 
     session = ChatSession.from_config(build_config(config))
     assert session.tokenizer.convert_tokens_to_ids(NEW) == new_id
