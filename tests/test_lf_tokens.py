@@ -43,7 +43,10 @@ def test_added_tokens_encode_whole_train_their_rows_and_chat_reloads_them(tmp_pa
     adapter_config = json.loads((out / "adapter_config.json").read_text())
     assert "model.embed_tokens" in adapter_config["modules_to_save"]
     weights = load_file(out / "adapter_model.safetensors")
-    embed_key = "base_model.model.model.embed_tokens.modules_to_save.weight"
+    # The trained embedding and head, without the base's own copies of them.
+    assert sorted(k for k in weights if "lora_" not in k) == [
+        "base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.weight"]
+    embed_key = "base_model.model.model.embed_tokens.weight"
     assert weights[embed_key].shape[0] == 49152 + 64  # rounded up to a multiple of 64
     first = load_file(out / "checkpoint-1" / "adapter_model.safetensors")[embed_key]
     assert not torch.allclose(first[new_id], weights[embed_key][new_id])  # the new row learned

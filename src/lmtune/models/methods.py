@@ -448,7 +448,10 @@ class TrainingHooks:
         """Write the model or adapter, an adapter with the record of its base; `final` for the
         run's output, not a checkpoint; `state_dict`: the whole weights when the model's own are
         sharded over ranks."""
-        model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
+        # A grown vocabulary trains the embeddings and head as modules_to_save, which hold them
+        # whole; peft's default would also store the base's own (resized) copies beside them.
+        extra = {"save_embedding_layers": False} if isinstance(model, PeftModel) else {}
+        model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict, **extra)
         record_base(model, folder)
 
 
