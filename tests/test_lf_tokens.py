@@ -109,3 +109,13 @@ def test_eval_on_each_dataset_scores_each_eval_set_beside_the_combined_one(tmp_p
 
     with pytest.raises(ConfigError, match="no eval_dataset is set"):
         build_config(train_config | {"eval_on_each_dataset": True, "val_size": 2})
+
+
+def test_a_full_fine_tune_saves_the_grown_model_with_its_tokenizer(tmp_path, train_config):
+    config = {k: v for k, v in train_config.items() if k != "lora_rank"}
+    config |= {"finetuning_type": "full", "add_special_tokens": NEW, "max_steps": 1}
+    train(tmp_path, config)
+    session = ChatSession.from_config(build_config(config))
+    new_id = session.tokenizer.convert_tokens_to_ids(NEW)
+    assert new_id == 49152 and session.model.get_input_embeddings().weight.shape[0] == 49152 + 64
+    assert session.tokenizer.decode([new_id], skip_special_tokens=True) == ""  # a special token
