@@ -376,7 +376,9 @@ def test_fifty_concurrent_clients_lose_nothing_and_leak_nothing(live):
     answers = asyncio.run(round_of(3))
     assert sum(len(a) for a in answers) == 150 and all(x for a in answers for x in a)
     assert all("[DONE]" in x for i, a in enumerate(answers) if i % 2 == 0 for x in a)
-    assert not live.scheduler.running and not live.scheduler.waiting
+    # A streamed answer's last chunk reaches its client before the worker retires the request, so
+    # on a busy machine the queues may need a moment to empty; a leaked request never would.
+    wait_for(lambda: not live.scheduler.running and not live.scheduler.waiting, seconds=10)
     assert rss() - start < 64 * 2**20
 
 
