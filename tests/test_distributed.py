@@ -142,11 +142,21 @@ def test_deepspeed_examples_parse(name, stage, offload):
         "stage": stage, "offload_optimizer": offload, "offload_param": offload}
 
 
-def test_deepspeed_without_cuda_is_refused_naming_what_is_missing():
+def test_deepspeed_over_several_ranks_without_cuda_is_refused_naming_what_is_missing(monkeypatch):
     cfg = build_config({"deepspeed": str(EXAMPLES / "deepspeed" / "ds_z3_config.json")})
+    monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError) as info:
         distributed.init(cfg)
     assert "ZeRO stage 3" in info.value.message and "CUDA GPU" in info.value.message
+
+
+@pytest.mark.parametrize("name", ["ds_z3_config.json", "ds_z3_offload_config.json"])
+def test_deepspeed_in_one_cpu_process_runs_as_one_process_and_says_so(name, capsys):
+    # LLaMA-Factory's ZeRO examples on one CPU process: nothing to partition or offload.
+    cfg = build_config({"deepspeed": str(EXAMPLES / "deepspeed" / name)})
+    assert distributed.engine(cfg) == "single"
+    distributed.init(cfg)
+    assert "is not applied in one process" in capsys.readouterr().out
 
 
 def test_deepspeed_file_disagreeing_with_the_run_is_refused(tmp_path):

@@ -3,6 +3,7 @@ says, trains a real model, and resumes from a checkpoint exactly; other names ar
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -41,6 +42,15 @@ EXPECTED = {
 }
 
 
+def _built(tiny_model_dir, keys: dict):
+    """The config, the tiny model with its method applied (full fine-tuning unless keys say
+    otherwise) and the run's optimizer over it."""
+    cfg = build_config({"model_name_or_path": tiny_model_dir, "finetuning_type": "full",
+                        "learning_rate": 1e-2} | keys)
+    model = apply_method(AutoModelForCausalLM.from_pretrained(tiny_model_dir), cfg)
+    return cfg, model, build_optimizer(model, cfg)
+
+
 def _steps(model, optimizer, n: int = 3) -> list[float]:
     losses = []
     model.train()
@@ -62,10 +72,7 @@ def test_optimizer_is_the_named_one_and_trains(tiny_model_dir, optim):
     cls, state_key, dtype = EXPECTED[optim]
     # Full fine-tuning: 8-bit states apply to large matrices (bitsandbytes keeps small ones in
     # 32 bits), and the embedding is one.
-    cfg = build_config({"model_name_or_path": tiny_model_dir, "finetuning_type": "full",
-                        "optim": optim, "learning_rate": 1e-2, "weight_decay": 0.01})
-    model = apply_method(AutoModelForCausalLM.from_pretrained(tiny_model_dir), cfg)
-    optimizer = build_optimizer(model, cfg)
+    _, model, optimizer = _built(tiny_model_dir, {"optim": optim, "weight_decay": 0.01})
     assert isinstance(optimizer, cls)
     if optim == "adamw_torch_fused":
         assert optimizer.defaults["fused"]
@@ -90,9 +97,20 @@ def test_optimizer_is_the_named_one_and_trains(tiny_model_dir, optim):
     ({"use_adam_mini": True}, ["use_adam_mini", "finetuning_type: lora", "full or freeze"]),
     ({"use_adam_mini": True, "use_muon": True, "finetuning_type": "full"},
      ["use_muon and use_adam_mini"]),
-    ({"use_galore": True}, ["use_galore", "projector", "resume"]),
-    ({"use_apollo": True}, ["use_apollo", "projector"]),
-    ({"use_badam": True}, ["use_badam", "callbacks"]),
+    ({"use_galore": True}, ["use_galore", "finetuning_type: lora", "full or freeze"]),
+    ({"use_galore": True, "finetuning_type": "full", "optim": "sgd"},
+     ["use_galore", "optim: sgd", "adamw_torch"]),
+    ({"use_apollo": True, "finetuning_type": "full", "optim": "adafactor"},
+     ["use_apollo", "optim: adafactor"]),
+    ({"use_apollo": True, "use_galore": True, "finetuning_type": "full"},
+     ["use_galore and use_apollo"]),
+    ({"use_galore": True, "finetuning_type": "full", "fsdp": "full_shard"}, ["use_galore", "fsdp"]),
+    ({"use_galore": True, "galore_layerwise": True, "finetuning_type": "full"},
+     ["galore_layerwise", "backward"]),
+    ({"use_badam": True}, ["use_badam", "finetuning_type: lora", "full"]),
+    ({"use_badam": True, "finetuning_type": "full", "badam_mode": "ratio"},
+     ["badam_mode", "ratio", "layer"]),
+    ({"use_badam": True, "finetuning_type": "full", "use_muon": True}, ["use_badam and use_muon"]),
     ({"pure_bf16": True, "fp16": True}, ["pure_bf16", "fp16"]),
     ({"pure_bf16": True, "quantization_bit": 4}, ["pure_bf16", "quantization_bit: 4"]),
 ])
@@ -110,13 +128,78 @@ def test_a_changed_optimizer_is_another_run_on_resume():
         assert changed_keys(saved, build_config(keys).to_yaml_dict()) == sorted(keys)
 
 
+# --- GaLore and APOLLO ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("keys, cls_name", [
+    ({"use_galore": True}, "galore_torch.adamw.AdamW"),
+    ({"use_galore": True, "optim": "adafactor"}, "galore_torch.adafactor.Adafactor"),
+    ({"use_apollo": True}, "apollo_torch.apollo.AdamW"),
+    ({"use_apollo": True, "apollo_proj": "svd", "apollo_scale_type": "tensor"},
+     "apollo_torch.apollo.AdamW"),
+], ids=["galore", "galore_adafactor", "apollo", "apollo_mini_svd"])
+def test_projected_optimizers_keep_low_rank_state_for_linear_weights(tiny_model_dir, keys,
+                                                                    cls_name):
+    cfg, model, optimizer = _built(tiny_model_dir, {"galore_rank": 4, "apollo_rank": 4,
+                                                    "galore_target": "q_proj,v_proj"} | keys)
+    assert f"{type(optimizer).__module__}.{type(optimizer).__name__}" == cls_name
+    projected = [g for g in optimizer.param_groups if "rank" in g]
+    assert len(projected) == 1 and projected[0]["rank"] == 4
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    in_projection = {name_of[id(p)] for p in projected[0]["params"]}
+    layer = model.model.layers[0]
+    if cfg.use_galore:
+        assert in_projection == {n for n in name_of.values() if n.endswith(("q_proj.weight",
+                                                                            "v_proj.weight"))}
+    else:  # apollo_target all: every linear layer but the output head
+        assert "model.layers.0.mlp.down_proj.weight" in in_projection
+        assert not any("lm_head" in n or "embed" in n for n in in_projection)
+    losses = _steps(model, optimizer)
+    assert losses[-1] < losses[0]
+    q = layer.self_attn.q_proj.weight
+    if "exp_avg" in optimizer.state[q]:  # the moments live in the projected space
+        assert 4 in optimizer.state[q]["exp_avg"].shape and optimizer.state[q]["exp_avg"].numel() < q.numel()
+    # The checkpointed state holds no Python object: it reads back with weights_only.
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    assert any(isinstance(s.get("projector"), dict) for s in saved["state"].values())
+    assert not isinstance(optimizer.state[q]["projector"], dict)  # the live state is untouched
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_galore_8bit_is_refused_without_cuda(tiny_model_dir):
+    with pytest.raises(ConfigError) as info:
+        _built(tiny_model_dir, {"use_galore": True, "optim": "adamw_8bit"})
+    assert "GPU" in info.value.message and "adamw_torch" in info.value.fix
+
+
+def test_badam_trains_one_layer_at_a_time(tiny_model_dir):
+    _, model, optimizer = _built(tiny_model_dir, {"use_badam": True, "badam_switch_interval": 2})
+    layers = model.model.layers
+
+    def snapshot():
+        return [layer.mlp.down_proj.weight.detach().clone() for layer in layers] + [
+            model.model.embed_tokens.weight.detach().clone()]
+
+    # BAdam counts its first switch from step 0: layer 0 trains one step, then each layer two.
+    start = snapshot()
+    losses = _steps(model, optimizer, 1)
+    after_one = snapshot()
+    assert not torch.equal(after_one[0], start[0]) and torch.equal(after_one[1], start[1])
+    losses += _steps(model, optimizer, 2)  # switched (ascending): the second layer
+    after_three = snapshot()
+    assert torch.equal(after_three[0], after_one[0]) and not torch.equal(after_three[1], after_one[1])
+    assert torch.equal(after_three[2], start[2])  # embeddings and head are not BAdam's blocks
+    assert losses[-1] < losses[0]
+    # ... and after its two steps, back to the first layer.
+    assert optimizer.state_dict()["active_block"] == 0 and optimizer.state_dict()["global_step"] == 3
+
+
 # --- Muon ---------------------------------------------------------------------------------------
 
 def test_muon_takes_hidden_matrices_and_adamw_the_rest(tiny_model_dir):
-    cfg = build_config({"model_name_or_path": tiny_model_dir, "finetuning_type": "full",
-                        "use_muon": True, "learning_rate": 1e-2})
-    model = apply_method(AutoModelForCausalLM.from_pretrained(tiny_model_dir), cfg)
-    optimizer = build_optimizer(model, cfg)
+    _, model, optimizer = _built(tiny_model_dir, {"use_muon": True})
     assert isinstance(optimizer, MuonWithAdamW)
     muon, adamw = optimizer.parts
     assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
@@ -154,8 +237,21 @@ def log_of(folder: Path) -> list[dict]:
                                   {"optim": "adafactor"},
                                   {"use_muon": True, "finetuning_type": "full"},
                                   {"pure_bf16": True, "finetuning_type": "full"},
-                                  {"use_adam_mini": True, "finetuning_type": "full"}],
-                         ids=["adamw_8bit", "adafactor", "muon", "pure_bf16", "adam_mini"])
+                                  {"use_adam_mini": True, "finetuning_type": "full"},
+                                  # A projection recomputed at step 3: the resumed run must go on
+                                  # with the saved one at step 2 and recompute the same at 3.
+                                  {"use_galore": True, "finetuning_type": "full", "galore_rank": 4,
+                                   "galore_update_interval": 3},
+                                  {"use_apollo": True, "finetuning_type": "full", "apollo_rank": 4,
+                                   "apollo_update_interval": 3},
+                                  # The next layer at step 3: the resumed run must know the step
+                                  # count and the layer in training.
+                                  {"use_badam": True, "finetuning_type": "full",
+                                   "badam_switch_interval": 3},
+                                  {"use_badam": True, "finetuning_type": "full",
+                                   "badam_switch_mode": "random", "badam_switch_interval": 1}],
+                         ids=["adamw_8bit", "adafactor", "muon", "pure_bf16", "adam_mini",
+                              "galore", "apollo", "badam", "badam_random"])
 def test_resume_restores_the_optimizer_state(tmp_path, train_config, keys):
     config = {k: v for k, v in train_config.items() if k != "lora_rank" or "finetuning_type" not in keys} \
         | keys | {"max_steps": 4, "save_steps": 2, "learning_rate": 1e-2}
@@ -259,10 +355,7 @@ def test_muon_state_is_one_momentum_for_matrices_and_two_moments_for_the_rest(ti
 def test_adam_mini_keeps_one_second_moment_per_block_and_trains(tiny_model_dir):
     from adam_mini import Adam_mini
 
-    cfg = build_config({"model_name_or_path": tiny_model_dir, "finetuning_type": "full",
-                        "use_adam_mini": True, "learning_rate": 1e-2})
-    model = apply_method(AutoModelForCausalLM.from_pretrained(tiny_model_dir), cfg)
-    optimizer = build_optimizer(model, cfg)
+    _, model, optimizer = _built(tiny_model_dir, {"use_adam_mini": True})
     assert isinstance(optimizer, Adam_mini)
     losses = _steps(model, optimizer)
     assert losses[-1] < losses[0]

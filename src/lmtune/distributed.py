@@ -75,12 +75,22 @@ def init(cfg: RunConfig) -> None:
     progress and results are rank 0's to show (errors still reach stderr)."""
     engine(cfg)  # a sharded engine this machine cannot run is refused before anything loads
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or _active():
+        if cfg.deepspeed:
+            print(f"deepspeed: {cfg.deepspeed} is not applied in one process: ZeRO partitions "
+                  "weights, gradients and optimizer states over ranks, and one rank holds them "
+                  "all (with no GPU, nothing is offloaded either). Under torchrun, lmtune refuses "
+                  "it (use fsdp there).")
         return
     if cfg.stage == "ppo":
         raise ConfigError(
             "stage ppo runs in one process: its rollouts (generation, rewards, advantages "
             "normalised over the whole batch) are not split over ranks in this version.",
             "run ppo with plain `lmtune train` (no torchrun / --nproc); the other stages scale out.")
+    if cfg.use_badam:
+        raise ConfigError(
+            "use_badam runs in one process: BAdam switches which block trains by turning "
+            "requires_grad on and off, which DDP's and FSDP2's fixed gradient hooks do not follow.",
+            "run it with plain `lmtune train`, or scale out with finetuning_type: full (fsdp).")
     from accelerate import PartialState
 
     PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=cfg.ddp_timeout))
@@ -363,6 +373,11 @@ def engine(cfg: RunConfig) -> str:
     ds, fsdp = deepspeed_settings(cfg), fsdp_settings(cfg)
     if ds and fsdp:
         raise ConfigError("both deepspeed and fsdp are set.", "keep one of them.")
+    if ds and world_size() == 1 and not (torch.cuda.is_available() and (
+            ds["offload_optimizer"] or ds["offload_param"])):
+        # ZeRO partitions states over ranks: over one rank there is nothing to partition, and
+        # with no GPU there is nothing to offload to the CPU either. The run is what it would be.
+        return "single"
     if ds:
         import importlib.util
 

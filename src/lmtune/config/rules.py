@@ -230,6 +230,46 @@ _OPTIMIZERS_ELSEWHERE = {
 }
 
 
+# optim -> the GaLore optimizer that takes its place (LLaMA-Factory's pairing).
+GALORE_OPTIMIZERS = {"adamw_torch": "GaLoreAdamW", "adamw_8bit": "GaLoreAdamW8bit",
+                     "adamw_bnb_8bit": "GaLoreAdamW8bit", "paged_adamw_8bit": "GaLoreAdamW8bit",
+                     "adafactor": "GaLoreAdafactor"}
+
+
+def _check_projected_optimizer(cfg: RunConfig, explicitly_set: set[str]) -> None:
+    """GaLore, APOLLO and BAdam: optimizers that change which part of each weight's gradient (or
+    which weights) the state covers."""
+    chosen = [key for key in ("use_galore", "use_apollo", "use_badam", "use_muon", "use_adam_mini")
+              if getattr(cfg, key)]
+    ours = [key for key in chosen if key in ("use_galore", "use_apollo", "use_badam")]
+    if not ours:
+        return
+    key = ours[0]
+    if len(chosen) > 1:
+        raise ConfigError(f"{' and '.join(chosen)} are all set; a run has one optimizer.",
+                          "keep one of them.")
+    if cfg.use_badam:
+        if cfg.finetuning_type != "full":
+            raise ConfigError(f"use_badam with finetuning_type: {cfg.finetuning_type}: BAdam trains "
+                              "the model's own layers, one at a time.",
+                              "use finetuning_type: full, or remove use_badam.")
+    elif cfg.finetuning_type not in ("full", "freeze"):
+        raise ConfigError(f"{key} with finetuning_type: {cfg.finetuning_type}: it projects the "
+                          "gradients of the model's own linear weights, which an adapter method "
+                          "freezes (and LoRA is low-rank already).",
+                          f"use finetuning_type: full or freeze, or remove {key}.")
+    if cfg.use_galore and cfg.optim not in GALORE_OPTIMIZERS:
+        raise ConfigError(f"use_galore with optim: {cfg.optim}: GaLore comes as AdamW, 8-bit AdamW "
+                          "and Adafactor only.", f"use optim: {', '.join(GALORE_OPTIMIZERS)}.")
+    if cfg.use_apollo and "optim" in explicitly_set and cfg.optim != "adamw_torch":
+        raise ConfigError(f"use_apollo with optim: {cfg.optim}: APOLLO is an AdamW of its own.",
+                          "remove optim (or set adamw_torch).")
+    if cfg.fsdp:
+        why = ("BAdam runs in one process" if cfg.use_badam else "the projection is computed "
+               "from each weight's whole gradient (an SVD), which FSDP2 shards across ranks")
+        raise ConfigError(f"{key} with fsdp: {why}.", f"remove fsdp, or remove {key}.")
+
+
 def _check_optimizer(cfg: RunConfig, explicitly_set: set[str]) -> None:
     if cfg.optim not in OPTIMIZERS:
         reason = _OPTIMIZERS_ELSEWHERE.get(cfg.optim, "lmtune does not include it")
@@ -246,6 +286,7 @@ def _check_optimizer(cfg: RunConfig, explicitly_set: set[str]) -> None:
                           "shares learning rates over blocks of the model's own weights (heads, "
                           "neurons, tokens), which adapter matrices do not have.",
                           "use finetuning_type: full or freeze, or remove use_adam_mini.")
+    _check_projected_optimizer(cfg, explicitly_set)
     if cfg.use_muon and "optim" in explicitly_set:
         raise ConfigError(f"use_muon and optim: {cfg.optim} are both set; Muon brings its own AdamW "
                           "for the parameters that are not hidden matrices.", "keep one of them.")

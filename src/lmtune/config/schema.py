@@ -96,42 +96,19 @@ NOT_SUPPORTED: dict[str, tuple[Any, str]] = {
     "ref_model_adapters": (None, "merge the adapters into a model with `lmtune export` and name "
                            "that folder as ref_model."),
     "ref_model_quantization_bit": (None, "the reference loads in full precision; remove it."),
-    "use_galore": (False, "GaLore's optimizer (galore-torch) keeps a Python projector object in "
-                   "its state, which lmtune's checkpoints (tensors only, read with "
-                   "weights_only) cannot hold, so such a run could not resume; use optim: "
-                   "adamw_8bit or use_adam_mini for less optimizer memory."),
-    "use_apollo": (False, "APOLLO's optimizer (apollo-torch) keeps a Python projector object in "
-                   "its state, which lmtune's checkpoints (tensors only, read with "
-                   "weights_only) cannot hold, so such a run could not resume; use optim: "
-                   "adamw_8bit or use_adam_mini for less optimizer memory."),
-    "use_badam": (False, "BAdam switches the trained block from HF Trainer callbacks and replaces "
-                  "its gradient clipping; lmtune's loop has neither. Use finetuning_type: freeze "
-                  "(a fixed set of layers) or use_adam_mini."),
-    # Settings of the optimizers refused above: they load at LLaMA-Factory's default only.
     "optim_args": (None, "optim takes no extra arguments here; remove it."),
-    "optim_target_modules": (None, "optim takes no extra arguments here; remove it."),
-    "galore_target": ("all", "a setting of use_galore, which is refused; remove it."),
-    "galore_rank": (16, "a setting of use_galore, which is refused; remove it."),
-    "galore_update_interval": (200, "a setting of use_galore, which is refused; remove it."),
-    "galore_scale": (2.0, "a setting of use_galore, which is refused; remove it."),
-    "galore_proj_type": ("std", "a setting of use_galore, which is refused; remove it."),
-    "galore_layerwise": (False, "a setting of use_galore, which is refused; remove it."),
-    "apollo_target": ("all", "a setting of use_apollo, which is refused; remove it."),
-    "apollo_rank": (16, "a setting of use_apollo, which is refused; remove it."),
-    "apollo_update_interval": (200, "a setting of use_apollo, which is refused; remove it."),
-    "apollo_scale": (32.0, "a setting of use_apollo, which is refused; remove it."),
-    "apollo_proj": ("random", "a setting of use_apollo, which is refused; remove it."),
-    "apollo_proj_type": ("std", "a setting of use_apollo, which is refused; remove it."),
-    "apollo_scale_type": ("channel", "a setting of use_apollo, which is refused; remove it."),
-    "apollo_layerwise": (False, "a setting of use_apollo, which is refused; remove it."),
-    "apollo_scale_front": (False, "a setting of use_apollo, which is refused; remove it."),
-    "badam_mode": ("layer", "a setting of use_badam, which is refused; remove it."),
-    "badam_start_block": (None, "a setting of use_badam, which is refused; remove it."),
-    "badam_switch_mode": ("ascending", "a setting of use_badam, which is refused; remove it."),
-    "badam_switch_interval": (50, "a setting of use_badam, which is refused; remove it."),
-    "badam_update_ratio": (0.05, "a setting of use_badam, which is refused; remove it."),
-    "badam_mask_mode": ("adjacent", "a setting of use_badam, which is refused; remove it."),
-    "badam_verbose": (0, "a setting of use_badam, which is refused; remove it."),
+    "optim_target_modules": (None, "galore_target / apollo_target name the layers; remove it."),
+    "galore_layerwise": (False, "layer-wise GaLore steps each weight inside the backward pass, "
+                         "which leaves no gradient to accumulate or clip; remove it (GaLore itself "
+                         "keeps its memory saving)."),
+    "apollo_layerwise": (False, "layer-wise APOLLO steps each weight inside the backward pass, "
+                         "which leaves no gradient to accumulate or clip; remove it (APOLLO itself "
+                         "keeps its memory saving)."),
+    "badam_mode": ("layer", "BAdam's ratio mode updates a random share of every weight through "
+                   "sparse masks its optimizer keeps as Python state, which checkpoints cannot "
+                   "resume; use badam_mode: layer."),
+    "badam_update_ratio": (0.05, "a setting of badam_mode: ratio, which is refused; remove it."),
+    "badam_mask_mode": ("adjacent", "a setting of badam_mode: ratio, which is refused; remove it."),
     # LLaMA-Factory's model arguments
     "adapter_folder": (None, "give the adapter's own folder in adapter_name_or_path."),
     "split_special_tokens": (False, "special tokens written in the text stay single tokens."),
@@ -609,6 +586,56 @@ class RunConfig(BaseModel):
         False, description="Muon (torch.optim.Muon, its step scaled to AdamW's size so "
         "learning_rate carries over) for the 2-D hidden matrices, AdamW for embeddings, head, norms "
         "and biases.")
+    use_galore: bool = Field(
+        False, description="full, freeze: GaLore (the galore-torch package, extra `optimizers`): "
+        "the gradients of the galore_target linear weights are projected to rank galore_rank, so "
+        "their optimizer state is rank x width instead of the weight's size; optim adamw_torch, "
+        "adamw_8bit or adafactor picks GaLore's AdamW, 8-bit AdamW or Adafactor.")
+    galore_target: str = Field(
+        "all", description="use_galore: comma list of linear module names, or all (every linear "
+        "layer but the output head).")
+    galore_rank: int = Field(16, ge=1, description="use_galore: rank of the gradient projection.")
+    galore_update_interval: int = Field(
+        200, ge=1, description="use_galore: steps between recomputing each projection (an SVD of "
+        "the gradient).")
+    galore_scale: float = Field(2.0, gt=0.0, description="use_galore: scale of the projected-back "
+                                "update.")
+    galore_proj_type: Literal["std", "reverse_std", "right", "left", "full"] = Field(
+        "std", description="use_galore: which side of each gradient is projected.")
+    use_apollo: bool = Field(
+        False, description="full, freeze: APOLLO (the apollo-torch package, extra `optimizers`): "
+        "AdamW's moments on a rank-apollo_rank projection of the apollo_target gradients, used "
+        "only to scale the raw gradient per channel (or per tensor): SGD-like memory.")
+    apollo_target: str = Field(
+        "all", description="use_apollo: comma list of linear module names, or all (every linear "
+        "layer but the output head).")
+    apollo_rank: int = Field(16, ge=1, description="use_apollo: rank of the projection.")
+    apollo_update_interval: int = Field(
+        200, ge=1, description="use_apollo: steps between drawing (or computing) a new projection.")
+    apollo_scale: float = Field(32.0, gt=0.0, description="use_apollo: scale of the update.")
+    apollo_proj: Literal["random", "svd"] = Field(
+        "random", description="use_apollo: a seeded random projection, or GaLore's SVD one.")
+    apollo_proj_type: Literal["std", "right", "left"] = Field(
+        "std", description="use_apollo: which side of each gradient is projected.")
+    apollo_scale_type: Literal["channel", "tensor"] = Field(
+        "channel", description="use_apollo: one scaling factor per channel (APOLLO) or per tensor "
+        "(APOLLO-Mini).")
+    apollo_scale_front: bool = Field(
+        False, description="use_apollo: scale the gradient before the norm-growth limiter rather "
+        "than after.")
+    use_badam: bool = Field(
+        False, description="full: BAdam (the badam package, extra `optimizers`): block coordinate "
+        "descent, Adam on one decoder layer at a time (switching every badam_switch_interval "
+        "steps), so the optimizer state is one layer's; one process only.")
+    badam_start_block: int | None = Field(
+        None, ge=0, description="use_badam: the layer to train first (default: by "
+        "badam_switch_mode).")
+    badam_switch_mode: Literal["ascending", "descending", "random", "fixed"] = Field(
+        "ascending", description="use_badam: the order of the layers (fixed: only the first).")
+    badam_switch_interval: int = Field(
+        50, ge=1, description="use_badam: optimizer steps on a layer before the next.")
+    badam_verbose: int = Field(0, ge=0, le=2, description="use_badam: 1 prints each switch, 2 "
+                               "also the trained parameters.")
     use_adam_mini: bool = Field(
         False, description="full, freeze: Adam-mini (the adam-mini package, extra `optimizers`): "
         "one second-moment value per block (attention head, neuron, token) instead of per weight; "

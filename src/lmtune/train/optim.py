@@ -1,4 +1,5 @@
-"""The optimizer of a run: `optim` by HF Trainer's name, or Muon with AdamW beside it.
+"""The optimizer of a run: `optim` by HF Trainer's name, Muon with AdamW beside it, Adam-mini,
+GaLore, APOLLO or BAdam (each from its own package).
 
 Parameters are grouped by (learning rate, decayed or not): the rate is the method's choice (LoRA+
 gives B matrices their own) and biases and norm weights are not decayed. Groups at learning_rate
@@ -8,13 +9,15 @@ state through state_dict, which the checkpoints hold.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from lmtune.config import RunConfig
 from lmtune.errors import ConfigError
-from lmtune.models.methods import learning_rate_of
+from lmtune.models.methods import learning_rate_of, resolve_targets
 
 Group = dict[str, Any]
 
@@ -139,6 +142,157 @@ def _adam_mini(named: list[tuple[str, torch.nn.Parameter]], model: torch.nn.Modu
                      n_kv_heads=getattr(config, "num_key_value_heads", None), verbose=False)
 
 
+def projected_weights(model: torch.nn.Module, target: str, key: str) -> set[str]:
+    """Names of the trainable weights of the linear layers named by a GaLore / APOLLO target
+    ('all': every linear layer but the output head)."""
+    lm = getattr(model, "lm", model)  # a reward model's backbone
+    leaves = set(resolve_targets(lm, target, key))
+    head = lm.get_output_embeddings()
+    return {f"{module_name}.weight" if module_name else "weight"
+            for module_name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and module is not head
+            and module_name.rsplit(".", 1)[-1] in leaves and module.weight.requires_grad}
+
+
+def projection_settings(cfg: RunConfig) -> tuple[str, dict[str, Any]]:
+    """GaLore's or APOLLO's target layers, and the settings of the parameter group it projects
+    (the optimizers read them from the group)."""
+    if cfg.use_galore:
+        return cfg.galore_target, {"rank": cfg.galore_rank, "update_proj_gap": cfg.galore_update_interval,
+                                   "scale": cfg.galore_scale, "proj_type": cfg.galore_proj_type}
+    return cfg.apollo_target, {"rank": cfg.apollo_rank, "update_proj_gap": cfg.apollo_update_interval,
+                               "scale": cfg.apollo_scale, "proj_type": cfg.apollo_proj_type,
+                               "proj": cfg.apollo_proj, "scale_type": cfg.apollo_scale_type}
+
+
+def _keep_projectors_in_checkpoints(optimizer: torch.optim.Optimizer,
+                                    make_projector: Callable[[Group, dict], Any]) -> None:
+    """GaLore and APOLLO keep each weight's projection in a Python object in the optimizer state.
+    Checkpoints hold tensors and plain numbers only (read back with weights_only), so the object
+    is saved as its tensors and numbers (its strings are the group's settings) and rebuilt by the
+    optimizer's own constructor on load: a resumed run goes on with the same projections."""
+
+    def to_plain(_optimizer, state_dict):
+        # state_dict() shares the live per-parameter dicts: build new ones, never mutate those.
+        state_dict["state"] = {
+            index: {**state, "projector": {k: v for k, v in vars(state["projector"]).items()
+                                           if not isinstance(v, str)}}
+            if "projector" in state else state
+            for index, state in state_dict["state"].items()}
+        return state_dict
+
+    def rebuild(loaded):
+        for group in loaded.param_groups:
+            for param in group["params"]:
+                state = loaded.state.get(param, {})
+                if isinstance(state.get("projector"), dict):
+                    saved = state["projector"]
+                    state["projector"] = make_projector(group, state)
+                    vars(state["projector"]).update(saved)
+
+    optimizer.register_state_dict_post_hook(to_plain)
+    optimizer.register_load_state_dict_post_hook(rebuild)
+
+
+def _projected(named: list[tuple[str, torch.nn.Parameter]], model: torch.nn.Module,
+               cfg: RunConfig) -> torch.optim.Optimizer:
+    """GaLore or APOLLO: the target linear weights in a group of their own that carries the
+    projection settings (the optimizers project only groups with a rank); the rest as usual."""
+    try:
+        if cfg.use_galore:
+            from galore_torch import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+            from galore_torch.galore_projector import GaLoreProjector
+        else:
+            from apollo_torch import APOLLOAdamW
+    except ImportError:
+        package = "galore-torch==1.0" if cfg.use_galore else "apollo-torch==1.0.3"
+        raise ConfigError(f"use_{'galore' if cfg.use_galore else 'apollo'} needs the "
+                          f"{package.split('==')[0]} package, which is not installed.",
+                          f"pip install 'lmtune[optimizers]' (or {package}).") from None
+    name = "galore" if cfg.use_galore else "apollo"
+    target, settings = projection_settings(cfg)
+    projected = projected_weights(model, target, f"{name}_target")
+    if not projected:
+        raise ConfigError(f"use_{name}: no trainable linear weight matches {name}_target: "
+                          f"{target}.", f"name trained linear layers in {name}_target, or use all.")
+    groups = _groups([(n, p) for n, p in named if n not in projected], cfg)
+    groups.append({"params": [p for n, p in named if n in projected], "lr": cfg.learning_rate,
+                   "weight_decay": cfg.weight_decay, **settings})
+    betas = (cfg.adam_beta1, cfg.adam_beta2)
+    if cfg.use_apollo:
+        optimizer = APOLLOAdamW(groups, lr=cfg.learning_rate, betas=betas, eps=cfg.adam_epsilon,
+                                scale_front=cfg.apollo_scale_front)
+        _keep_projectors_in_checkpoints(optimizer, optimizer._initialize_projector)
+        return optimizer
+    if cfg.optim == "adafactor":
+        optimizer = GaLoreAdafactor(groups, lr=cfg.learning_rate, scale_parameter=False,
+                                    relative_step=False)
+    elif cfg.optim in ("adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"use_galore with optim: {cfg.optim}: GaLore's 8-bit AdamW "
+                              "synchronises CUDA at every step and runs on a GPU only.",
+                              "use optim: adamw_torch or adafactor with GaLore on this machine.")
+        optimizer = GaLoreAdamW8bit(groups, lr=cfg.learning_rate, betas=betas, eps=cfg.adam_epsilon,
+                                    is_paged=cfg.optim.startswith("paged"))
+    else:
+        optimizer = GaLoreAdamW(groups, lr=cfg.learning_rate, betas=betas, eps=cfg.adam_epsilon,
+                                no_deprecation_warning=True)
+    _keep_projectors_in_checkpoints(optimizer, lambda group, state: GaLoreProjector(
+        group["rank"], update_proj_gap=group["update_proj_gap"], scale=group["scale"],
+        proj_type=group["proj_type"]))
+    return optimizer
+
+
+def _badam(named: list[tuple[str, torch.nn.Parameter]], cfg: RunConfig) -> torch.optim.Optimizer:
+    """BAdam's BlockOptimizer over `optim` (AdamW by default): it trains one decoder layer at a
+    time, turning requires_grad off elsewhere, keeping an fp32 copy of that layer only, and
+    restarting the inner optimizer's state at each switch."""
+    try:
+        from badam import BlockOptimizer
+    except ImportError:
+        raise ConfigError("use_badam needs the badam package, which is not installed.",
+                          "pip install 'lmtune[optimizers]' (or badam==1.4).") from None
+    block = BlockOptimizer(
+        base_optimizer=OPTIMIZERS[cfg.optim](_groups(named, cfg), cfg), named_parameters_list=named,
+        switch_block_every=cfg.badam_switch_interval, start_block=cfg.badam_start_block,
+        switch_mode=cfg.badam_switch_mode, verbose=cfg.badam_verbose)
+    _resume_badam_where_it_was(block)
+    return block
+
+
+def _resume_badam_where_it_was(block: torch.optim.Optimizer) -> None:
+    """BlockOptimizer's own state_dict is the inner optimizer's alone: a resumed run would start
+    again at the first layer with a fresh switch count and the first learning rate. Its state here
+    also holds the step count, the layer in training, in random order the layers still to come,
+    and the rates the schedule had set."""
+    inner = block.base_optimizer
+
+    def state_dict() -> dict[str, Any]:
+        # No always-active modules are given, so the active prefixes are exactly one block's.
+        active = block.block_prefix_list.index(block.active_param_prefixs)
+        return {"global_step": block.global_step, "active_block": active,
+                # the next layer (already drawn in random order) and those after it
+                "next_block": block.current_block_idx,
+                "block_order": list(getattr(block, "block_order", [])),
+                # The schedule writes the rate into the outer groups, copied inward at each step.
+                "learning_rates": [group["lr"] for group in block.param_groups],
+                "inner": inner.state_dict()}
+
+    def load_state_dict(state: dict[str, Any]) -> None:
+        block.global_step = state["global_step"]
+        if block.switch_mode == "random":
+            # Switching draws the next layer from the end of the order: the saved one.
+            block.block_order = [*state["block_order"], state["next_block"]]
+        for group, rate in zip(block.param_groups, state["learning_rates"]):
+            group["lr"] = rate
+        block.current_block_idx = state["active_block"]
+        block.switch_trainable_params(verbose=0)  # a fresh fp32 copy of the restored weights
+        inner.load_state_dict(state["inner"])
+
+    block.state_dict = state_dict
+    block.load_state_dict = load_state_dict
+
+
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     """The run's optimizer over the model's trainable parameters."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -146,6 +300,10 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optim
         return _muon(named, cfg)
     if cfg.use_adam_mini:
         return _adam_mini(named, model, cfg)
+    if cfg.use_galore or cfg.use_apollo:
+        return _projected(named, model, cfg)
+    if cfg.use_badam:
+        return _badam(named, cfg)
     return OPTIMIZERS[cfg.optim](_groups(named, cfg), cfg)
 
 
@@ -153,11 +311,29 @@ def state_bytes(model: torch.nn.Module, cfg: RunConfig) -> int:
     """The optimizer state the run's optimizer keeps for the model's trainable parameters, in bytes
     (for `lmtune plan`; a meta model's shapes suffice)."""
     total = 0
+    projected = set()
+    if cfg.use_galore or cfg.use_apollo:
+        target, settings = projection_settings(cfg)
+        projected = projected_weights(model, target, "galore_target" if cfg.use_galore else "apollo_target")
+        rank = settings["rank"]
+    if cfg.use_badam:
+        # One decoder layer trains at a time (embeddings and head stay frozen): its two moments
+        # and its fp32 copy, for the largest layer.
+        layers: dict[str, int] = {}
+        for name, param in model.named_parameters():
+            if (found := re.search(r"\.layers\.(\d+)\.", name)) and param.requires_grad:
+                layers[found.group(1)] = layers.get(found.group(1), 0) + param.numel()
+        return 12 * max(layers.values(), default=0)
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         n, width = param.numel(), 2 if cfg.pure_bf16 else param.element_size()
-        if cfg.use_muon:
+        if name in projected:
+            # Two moments of the (long side x rank) projected gradient, and the projection
+            # itself (rank x short side).
+            r = min(rank, *param.shape)
+            total += (2 * max(param.shape) + min(param.shape)) * r * width
+        elif cfg.use_muon:
             total += n * width * (1 if is_muon_matrix(name, param) else 2)  # momentum; AdamW's two
         elif cfg.use_adam_mini:  # the first moment; one second moment per block is negligible
             total += n * width
