@@ -44,7 +44,7 @@ test-fast: install
 
 # A measurement, not a test: about an hour on 2 cores, one script after another, on an idle machine.
 # Each script writes benchmarks/results/<name>.json and rewrites its tables in BENCHMARKS.md/README.md.
-BENCHES := sft_throughput memory_levers packing_throughput data_throughput ppo_reference serve_memory eval_sample serve_throughput predict_speed quickstart stage_examples compare_methods
+BENCHES := peers sft_throughput memory_levers plan_accuracy packing_throughput data_throughput ppo_reference serve_memory eval_sample serve_throughput predict_speed quickstart stage_examples compare_methods
 bench: install
 	set -e; for b in $(BENCHES); do echo "== benchmarks/$$b.py =="; $(BIN)/python benchmarks/$$b.py; done
 

@@ -90,10 +90,9 @@ def main() -> None:
     if sys.argv[1:2] == ["--runtime-child"]:
         runtime_child(sys.argv[2])
         return
-    bench = Bench("memory_levers", __doc__,
-                  lambda p: p.add_argument("--steps", type=int, help="optimizer steps per row (20)"))
+    bench = Bench("memory_levers", __doc__, settings={"steps": ("optimizer steps per row", 20, 2)})
     if not bench.args.render_only:
-        steps = bench.args.steps or (2 if bench.smoke else 20)
+        steps = bench.settings["steps"]
         bench.write_json(measure(bench, steps))
     bench.rewrite("BENCHMARKS.md", "memory_levers", render(bench.read_json()))
 

@@ -1,9 +1,10 @@
-"""Predict speed: 200 answers of up to 64 new tokens, generated batched (prompts sorted by length,
+"""Predict speed: 48 answers of up to 64 new tokens, generated batched (prompts sorted by length,
 left padding, as `lmtune predict` generates them) against one by one, with the same loaded model in
 one child process.
 
-The prompts are lmtune's 100 built-in replay prompts and the first 100 questions of
-data/concise_prompts.json + concise_prompts_heldout.json, each rendered by the chat template.
+The prompts are the first of lmtune's 100 built-in replay prompts (then the questions of
+data/concise_prompts.json + concise_prompts_heldout.json for a larger --predictions), each rendered
+by the chat template.
 Greedy decoding, so both ways should give the same answers; how many do is reported.
 
     python benchmarks/predict_speed.py   # writes benchmarks/results/predict_speed.json and its table
@@ -16,7 +17,7 @@ import json
 
 from _harness import ROOT, Bench, measure_in_child, run_benchmark, source_line, table
 
-SETTINGS = {"predictions": ("prompts answered each way", 200, 8),
+SETTINGS = {"predictions": ("prompts answered each way", 48, 8),
             "max_new_tokens": ("new tokens per answer at most", 64, 4),
             "batch_size": ("prompts per batch when batched", 16, 4)}
 

@@ -74,10 +74,9 @@ def render(rows: list[dict]) -> str:
 def main() -> None:
     if sys.argv[1:2] == ["--child"]:
         child(sys.argv[2], sys.argv[3:])
-    bench = Bench("sft_throughput", __doc__,
-                  lambda p: p.add_argument("--steps", type=int, help="optimizer steps per variant (20)"))
+    bench = Bench("sft_throughput", __doc__, settings={"steps": ("optimizer steps per variant", 20, 2)})
     if not bench.args.render_only:
-        steps = bench.args.steps or (2 if bench.smoke else 20)
+        steps = bench.settings["steps"]
         bench.write_json(measure(bench, steps))
     bench.rewrite("BENCHMARKS.md", "sft_throughput", render(bench.read_json()))
 

@@ -186,10 +186,10 @@ def test_a_hand_typed_number_in_any_section_fails_measured_or_not(docs, name):
     assert len(table_problems(typed_table, "BENCHMARKS.md")) == len(table_problems(benchmarks_md, "BENCHMARKS.md")) + 1
 
 
-def retyped(printed: str) -> str:
-    """The same number with its last digit moved by 7 (as a hand edit or a stale value would)."""
+def retyped(printed: str, shift: int) -> str:
+    """The same number with its last digit moved by `shift` (as a hand edit or a stale value would)."""
     decimals = len(printed.split(".")[1]) if "." in printed else 0
-    value = float(printed.replace(",", "")) + 7 * 10 ** -decimals
+    value = float(printed.replace(",", "")) + shift * 10 ** -decimals
     return f"{value:,.{decimals}f}" if "," in printed else f"{value:.{decimals}f}"
 
 
@@ -203,10 +203,16 @@ def test_a_retyped_number_in_any_table_cell_fails(docs):
             cells = lines[index].split("|")
             for c in range(2, len(cells) - 1):  # all but the first cell
                 for match in NUMBER.finditer(cells[c]):
-                    edited = cells[:]
-                    edited[c] = cells[c][:match.start(1)] + retyped(match.group(1)) + cells[c][match.end(1):]
-                    changed = lines[:index] + ["|".join(edited)] + lines[index + 1:]
-                    assert table_problems("\n".join(changed), "BENCHMARKS.md"), (lines[index], edited[c])
+                    # A row's numbers are checked as a set against one record, so a retyped value
+                    # may by chance be another number of that record: one of a few edits must show.
+                    seen = []
+                    for shift in (7, 13, 29):
+                        edited = cells[:]
+                        edited[c] = (cells[c][:match.start(1)] + retyped(match.group(1), shift)
+                                     + cells[c][match.end(1):])
+                        changed = lines[:index] + ["|".join(edited)] + lines[index + 1:]
+                        seen.append(bool(table_problems("\n".join(changed), "BENCHMARKS.md")))
+                    assert any(seen), (lines[index], cells[c])
                     checked += 1
     assert checked >= 100
 
