@@ -46,6 +46,7 @@ test-fast: install
 # Each script writes benchmarks/results/<name>.json and rewrites its tables in BENCHMARKS.md/README.md.
 BENCHES := peers sft_throughput memory_levers plan_accuracy packing_throughput data_throughput ppo_reference serve_memory eval_sample serve_throughput predict_speed quickstart stage_examples compare_methods
 bench: install
+	$(BIN)/pip install -q -e '.[bench]'
 	set -e; for b in $(BENCHES); do echo "== benchmarks/$$b.py =="; $(BIN)/python benchmarks/$$b.py; done
 
 clean:

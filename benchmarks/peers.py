@@ -155,7 +155,8 @@ def trl_child(spec: dict) -> dict:
     # LLaMA-Factory's LoRA defaults for the same keys: alpha = 2 x rank, no dropout.
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
                       task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(spec["rows"]),
+    rows = json.loads(Path(spec["rows_file"]).read_text())
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                          peft_config=lora)
     metrics = trainer.train().metrics
     trainer.save_model()
@@ -174,7 +175,9 @@ def run_one(name: str, bench: Bench, job: dict, rows: list[dict], tag: str) -> d
     out = Path(job["output_dir"])
     log = bench.scratch / "logs" / f"{name}-{tag}.log"
     if name == "trl":
-        run, result = measure_in_child(__file__, {"job": job, "rows": rows}, log)
+        rows_file = out.with_suffix(".rows.json")
+        rows_file.write_text(json.dumps(rows))
+        run, result = measure_in_child(__file__, {"job": job, "rows_file": str(rows_file)}, log)
         return {"run": run, **result}
     config = out.with_suffix(".yaml")
     config.write_text(yaml.safe_dump(job))
