@@ -19,7 +19,7 @@ from lmtune.data import streaming
 from lmtune.data.pipeline import prepare_data, training_rows
 from lmtune.data.sources import mix
 from lmtune.errors import ConfigError, DataError, LmtuneError
-from tests.conftest import write_json, write_yaml
+from tests.conftest import PAIRS, write_json, write_yaml
 
 EOS = 2
 
@@ -174,6 +174,7 @@ def test_a_json_list_reads_across_blocks(tmp_path, monkeypatch):
     ({"max_steps": -1}, ["needs max_steps", "set max_steps"]),
     ({"val_size": 0.1}, ["val_size: 0.1", "row count"]),
     ({"stage": "dpo"}, ["stage dpo", "reference model"]),
+    ({"stage": "kto"}, ["stage kto", "reference model"]),
     ({"stage": "ppo", "reward_model": "tests.ppo_rewards:letter_share"}, ["stage ppo"]),
     ({"tokenized_path": "tok"}, ["tokenized_path", "remove tokenized_path"]),
     ({"save_strategy": "epoch"}, ["save_strategy: epoch", "set save_strategy: steps"]),
@@ -240,3 +241,20 @@ def test_a_resumed_stream_continues_after_the_trained_rows(tmp_path, train_confi
     assert [r["loss"] for r in again] == [r["loss"] for r in full]
     assert json.loads((interrupted / "all_results.json").read_text())["train_tokens"] == \
         results["train_tokens"]
+
+
+def test_rm_streams_its_pairs(tmp_path, tiny_model_dir):
+    data = write_json(tmp_path / "data" / "pairs.json", PAIRS)
+    write_json(tmp_path / "data" / "dataset_info.json", {"pairs": {"file_name": "pairs.json",
+                                                                   "ranking": True}})
+    config = {"model_name_or_path": tiny_model_dir, "stage": "rm", "dataset": "pairs",
+              "dataset_dir": str(data.parent), "output_dir": str(tmp_path / "out"),
+              "finetuning_type": "lora", "lora_rank": 4, "per_device_train_batch_size": 4,
+              "learning_rate": 1e-3, "max_steps": 4, "logging_steps": 1, "streaming": True,
+              "buffer_size": 8, "val_size": 2, "eval_strategy": "steps", "eval_steps": 4}
+    assert main(["train", str(write_yaml(tmp_path / "rm.yaml", config))]) == 0
+    log = log_of(tmp_path / "out")
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
+    # 10 training pairs, 4 a step: the third step starts the second pass.
+    assert [r["epoch"] for r in log if "loss" in r] == [0.0, 0.0, 1.0, 1.0]
+    assert json.loads((tmp_path / "out" / "all_results.json").read_text())["val_rows"] == 2

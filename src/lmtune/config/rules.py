@@ -371,13 +371,12 @@ def _check_streaming(cfg: RunConfig) -> None:
         raise ConfigError(f"streaming with val_size: {cfg.val_size}: a fraction of a total that is "
                           "not known up front.", "give val_size as a row count (e.g. val_size: 100: "
                           "the first 100 rows), or use eval_dataset.")
-    if cfg.stage not in ("sft", "pt"):
-        why = {"rm": "its pairs are not wired to the streaming reader yet",
-               "dpo": "it scores every pair with the reference model before training",
+    if cfg.stage in ("dpo", "kto", "ppo"):
+        why = {"dpo": "it scores every pair with the reference model before training",
                "kto": "it scores every answer with the reference model before training",
-               "ppo": "its rollout loop collects prompts in its own loop"}[cfg.stage]
-        raise ConfigError(f"streaming applies to stages sft and pt; stage {cfg.stage} is refused: "
-                          f"{why}.", "set streaming: false.")
+               "ppo": "its rollouts take their prompts in its own loop, not the shared one"}[cfg.stage]
+        raise ConfigError(f"streaming applies to stages sft, pt and rm; stage {cfg.stage} is "
+                          f"refused: {why}.", "set streaming: false.")
     if cfg.tokenized_path:
         raise ConfigError("streaming with tokenized_path: tokenized_path saves every encoded row, "
                           "which streaming never holds.", "remove tokenized_path, or set streaming: "

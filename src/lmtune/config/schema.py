@@ -548,7 +548,7 @@ class RunConfig(BaseModel):
         "the tokenizer or encoding settings differ).")
     streaming: bool = Field(
         False, description="Read, encode and shuffle the training data while training runs instead "
-        "of loading, encoding and caching it first (stages sft and pt; needs max_steps; val_size "
+        "of loading, encoding and caching it first (stages sft, pt and rm; needs max_steps; val_size "
         "as a row count takes the first rows).")
     buffer_size: int = Field(
         16384, ge=1, description="streaming: rows in the shuffle buffer (the stream is shuffled "

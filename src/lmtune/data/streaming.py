@@ -17,10 +17,15 @@ ends before max_steps, the next pass reads the files again (a new shuffle). The 
 the seed and the data, so a resumed run replays the passes up to its checkpoint and goes on with the
 rows after those already trained. Row counts are not known before the data has been read: the
 report says so instead of giving totals.
+
+Stages sft, pt and rm stream through the shared loop (engine.fit takes a RowStream for its rows);
+dpo and kto score every row with the reference model before training, and ppo runs its own loop,
+so config/rules.py refuses streaming there.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import random
@@ -403,7 +408,14 @@ class RowStream:
     def __init__(self, cfg: RunConfig, kind: Kind, datasets: list[DatasetStream], skip: int):
         self.cfg, self.kind, self.datasets, self.skip = cfg, kind, datasets, skip
         self.packing = False
+        self.convert: Callable[[Row], Any] | None = None
         self.epoch = 0  # passes completed by what `windows` handed out
+
+    def map(self, convert: Callable[[Row], Any]) -> RowStream:
+        """This stream with each row converted as `windows` hands it out (rm: pairs to ScoredPair)."""
+        mapped = copy.copy(self)
+        mapped.convert = convert
+        return mapped
 
     def mixed(self) -> Iterator[Row]:
         """One pass of every dataset, mixed, before the val split is taken off."""
@@ -449,7 +461,7 @@ class RowStream:
         while True:
             rows = list(islice(stream, batch * per_step))
             self.epoch = rows[-1][0]
-            rows_only = [row for _, row in rows]
+            rows_only = [self.convert(row) if self.convert else row for _, row in rows]
             yield [rows_only[i: i + batch] for i in range(0, len(rows_only), batch)]
 
 
