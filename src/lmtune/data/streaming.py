@@ -60,7 +60,6 @@ def _not_utf8(path: Path, exc: UnicodeDecodeError) -> DataError:
 
 def _json_lines(path: Path, handle) -> Iterator[Any]:
     # newline="\n": lines end at \n only, as JSON Lines (and the non-streaming reader) split them.
-    number = 0
     for number, line in enumerate(handle, start=1):
         if not line.strip():
             continue
@@ -97,11 +96,17 @@ def _json_list(path: Path, handle) -> Iterator[Any]:
         return DataError(f"not valid JSON: {what} after record {index}", "fix the JSON syntax.",
                          file=str(path))
 
+    def finish() -> None:
+        nonlocal at
+        at += 1
+        if skip_space():
+            raise broken("text after the list")
+
     if skip_space() != "[":
         raise broken("no list")
     at += 1
     if skip_space() == "]":
-        return
+        return finish()
     while True:
         skip_space()
         while True:
@@ -113,17 +118,20 @@ def _json_list(path: Path, handle) -> Iterator[Any]:
                 raise broken(exc.msg.lower()) from None
             except _JSON_LIMITS as exc:
                 raise DataError(*_json_limit(exc), file=str(path)) from None
-            # A value that ends where the text read so far ends may go on (a number): read on.
-            if end == len(text) and not done and more():
+            # A number cut by the block's end decodes as its prefix ("-0" of "-0.5e3", leaving
+            # at most "." or "e+" unread): read on and decode again (reading moves the text).
+            tail = text[end:]
+            if not done and len(tail) <= 2 and not any(c in " \t\r\n,]" for c in tail):
+                more()
                 continue
             break
         at = end
         yield value
         index += 1
         following = skip_space()
-        at += 1
         if following == "]":
-            return
+            return finish()
+        at += 1
         if following != ",":
             raise broken("a missing ',' or ']'" if following else "the end of the file")
 
