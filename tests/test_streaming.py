@@ -99,6 +99,18 @@ def test_val_size_takes_the_first_rows_and_training_skips_them(tmp_path, tokeniz
     assert any("not known up front" in line for line in data.report.lines())
 
 
+def test_eval_datasets_are_loaded_whole_as_without_streaming(tmp_path, tokenizer):
+    for name, n in (("d", 10), ("a", 3), ("b", 4)):
+        write_json(tmp_path / f"{name}.json", records(n, tag=name))
+    values = {"dataset": str(tmp_path / "d.json"), "cutoff_len": 48, "eval_on_each_dataset": True,
+              "eval_dataset": f"{tmp_path / 'a.json'},{tmp_path / 'b.json'}"}
+    cached = prepare_data(build_config(values), tokenizer, [EOS])
+    streamed = prepare_data(build_config(values | {"streaming": True, "max_steps": 2}), tokenizer, [EOS])
+    assert streamed.val == cached.val and len(cached.val) == 7
+    assert streamed.val_groups == cached.val_groups == [("a", 3), ("b", 4)]
+    assert list(streamed.train.encoded()) == cached.train
+
+
 def test_pt_packs_documents_as_they_stream(tmp_path, tokenizer, tiny_model_dir):
     from transformers import AutoConfig
 
