@@ -48,7 +48,7 @@ from lmtune.data.sources import (BAD_SHOWN, FILE_TYPES, TableFile, UnreadableRec
 from lmtune.errors import ConfigError, DataError
 
 CHUNK = 256  # records per tokenizer call, as the non-streaming path encodes them
-READ_BLOCK = 1 << 20  # characters read at a time from a JSON list
+READ_BLOCK = 1 << 18  # characters read at a time from a JSON list
 
 
 # --- files -> raw records, one at a time ---------------------------------------------------------
@@ -145,6 +145,14 @@ def _text_records(path: Path) -> Iterator[Any]:
                     yield {"text": part}
 
 
+def _starts_a_list(handle) -> bool:
+    """Whether the file's first non-blank character opens a JSON list (else: JSON Lines)."""
+    while block := handle.read(4096):
+        if block.strip():
+            return block.lstrip().startswith("[")
+    return False
+
+
 def _file_records(path: Path) -> Iterator[Any]:
     """The raw records of one file, in order, never holding the whole file."""
     kind = FILE_TYPES.get(path.suffix)
@@ -154,8 +162,7 @@ def _file_records(path: Path) -> Iterator[Any]:
     try:
         if kind == "json":
             with open(path, encoding="utf-8", newline="\n") as handle:
-                first = handle.read(READ_BLOCK)
-                is_list = path.suffix == ".json" and first.lstrip().startswith("[")
+                is_list = path.suffix == ".json" and _starts_a_list(handle)
                 handle.seek(0)
                 yield from (_json_list if is_list else _json_lines)(path, handle)
         elif kind == "csv":
