@@ -72,6 +72,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> None:
     import json
+    from itertools import islice
 
     from lmtune.plan import build_plan, dump_encoded, plan_lines, show_row
 
@@ -85,7 +86,9 @@ def cmd_plan(args: argparse.Namespace) -> None:
         print(json.dumps(plan, indent=2))
         return
     print("\n".join(plan_lines(plan, data.report)))
-    for i, row in enumerate(data.train[: args.examples]):
+    examples = (list(islice(data.train.encoded(), args.examples)) if cfg.streaming
+                else data.train[: args.examples])
+    for i, row in enumerate(examples):
         print(f"== example {i} (trained tokens «like this») ==\n{show_row(tokenizer, row)}")
     if args.dump_encoded:
         print(f"wrote {plan['dumped']['rows']:,} encoded rows to {args.dump_encoded}")

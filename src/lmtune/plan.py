@@ -26,6 +26,7 @@ from lmtune.config import RunConfig
 from lmtune.data.encode import IGNORE_INDEX, EncodedRow, KTORow, PreferenceRow, Row
 from lmtune.data.pipeline import PreparedData, prepare_data, training_rows
 from lmtune.data.report import DataReport
+from lmtune.data.streaming import RowStream
 from lmtune.durable import write_with
 from lmtune.errors import ConfigError, ModelError
 from lmtune.models.load import add_new_tokens, from_pretrained_or_error, load_tokenizer, resolve_for, stop_token_ids
@@ -59,11 +60,17 @@ def meta_model(model_path: str, cfg: RunConfig) -> torch.nn.Module:
     return model
 
 
-def schedule_summary(cfg: RunConfig, n_rows: int, report_packing: Any,
+def schedule_summary(cfg: RunConfig, n_rows: int | None, report_packing: Any,
                      world_size: int = 1) -> dict[str, Any]:
     """Steps as the training loop counts them: the loop's own `schedule` (fit's optimizer steps,
-    or ppo's iterations) for `world_size` processes."""
+    or ppo's iterations) for `world_size` processes. n_rows None: streaming, rows not known."""
     plan = schedule(cfg, n_rows, world_size)
+    if n_rows is None:
+        return {"streaming": True, "train_rows": None, "effective_batch": plan.rows_per_step,
+                "per_device_batch": cfg.per_device_train_batch_size,
+                "accumulation": cfg.gradient_accumulation_steps, "world_size": world_size,
+                "steps_per_epoch": None, "optimizer_steps": plan.optimizer_steps, "epochs": None,
+                "warmup_steps": cfg.warmup_for(plan.optimizer_steps)}
     out = {"train_rows": n_rows, "effective_batch": plan.rows_per_step,
            "per_device_batch": cfg.per_device_train_batch_size,
            "accumulation": cfg.gradient_accumulation_steps, "world_size": world_size,
@@ -144,7 +151,7 @@ def memory_per_rank(model: torch.nn.Module, memory: dict[str, float],
     return {k: round(v, 3) for k, v in out.items()}
 
 
-def model_side(model: torch.nn.Module, cfg: RunConfig, train_rows: list[Row],
+def model_side(model: torch.nn.Module, cfg: RunConfig, train_rows: list[Row] | RowStream,
                world_size: int = 1) -> dict[str, Any]:
     """Total and trainable parameters for cfg's method, and the memory estimate."""
     out: dict[str, Any] = {"architecture": type(model).__name__}
@@ -155,8 +162,11 @@ def model_side(model: torch.nn.Module, cfg: RunConfig, train_rows: list[Row],
     # The largest micro-batch: packed rows fill cutoff_len; else the longest rows pad together.
     # A preference pair is two rows (chosen, rejected), a KTO answer two (with its mismatched pair);
     # a ppo row is a prompt and up to max_new_tokens of reply.
-    longest = sorted((r.length for r in train_rows), reverse=True)[: cfg.per_device_train_batch_size]
-    targets = sorted((r.n_targets for r in train_rows), reverse=True)[: cfg.per_device_train_batch_size]
+    # Streaming: the rows are not known, so every row counts at cutoff_len (the most it can be).
+    lengths = ([(cfg.cutoff_len, cfg.cutoff_len)] * cfg.per_device_train_batch_size if cfg.streaming
+               else [(r.length, r.n_targets) for r in train_rows])
+    longest = sorted((n for n, _ in lengths), reverse=True)[: cfg.per_device_train_batch_size]
+    targets = sorted((t for _, t in lengths), reverse=True)[: cfg.per_device_train_batch_size]
     if cfg.stage == "ppo":
         longest = [n + cfg.max_new_tokens for n in longest]
         targets = [cfg.max_new_tokens] * len(longest)
@@ -230,15 +240,21 @@ def show_row(tokenizer: PreTrainedTokenizerBase, row: Row) -> str:
 
 def dump_encoded(data: PreparedData, path: Path) -> int:
     """Every encoded row (before packing) as one JSON line with its split; returns the count."""
+    count = 0
+
     def write(tmp: Path) -> None:
+        nonlocal count
+        # Streaming: one pass of the train rows in file order, written as they are encoded.
+        train = data.train.encoded() if isinstance(data.train, RowStream) else data.train
         with open(tmp, "w", encoding="utf-8") as out:
-            for split, rows in (("train", data.train), ("val", data.val)):
+            for split, rows in (("train", train), ("val", data.val)):
                 for row in rows:
                     fields = {k: v for k, v in dataclasses.asdict(row).items() if v is not None}
                     out.write(json.dumps({"split": split} | fields) + "\n")
+                    count += 1
 
     write_with(Path(path), write, "the encoded rows (--dump-encoded)")
-    return len(data.train) + len(data.val)
+    return count
 
 
 def build_plan(cfg: RunConfig, measure_steps: int = 0, world_size: int | None = None
@@ -258,22 +274,25 @@ def build_plan(cfg: RunConfig, measure_steps: int = 0, world_size: int | None = 
     model = meta_model(model_path, cfg)
     data = prepare_data(cfg, tokenizer, stop_token_ids(tokenizer, model))
     train_rows, _ = training_rows(data, cfg, model.config)
+    n_rows = None if isinstance(train_rows, RowStream) else len(train_rows)
     plan: dict[str, Any] = {"stage": cfg.stage, "data": data.report.to_dict(),
-                            "schedule": schedule_summary(cfg, len(train_rows), data.report.packing,
-                                                         world),
+                            "schedule": schedule_summary(cfg, n_rows, data.report.packing, world),
                             "model": model_side(model, cfg, train_rows, world)}
     warnings = data.report.warnings()
     steps = plan["schedule"]
     if steps["steps_per_epoch"] == 1 and cfg.max_steps <= 0:
         warnings.append(f"one optimizer step per epoch: the effective batch ({steps['effective_batch']}) "
                         f"covers all {len(train_rows):,} training rows")
-    if cfg.max_steps > 0 and steps["optimizer_steps"] < steps["steps_per_epoch"]:
+    if cfg.max_steps > 0 and n_rows is not None and steps["optimizer_steps"] < steps["steps_per_epoch"]:
         warnings.append(f"max_steps={cfg.max_steps} ends the run before one epoch "
                         f"({steps['steps_per_epoch']} steps) is done")
     if measure_steps:
         measured = measure(cfg, measure_steps)
         if cfg.stage == "ppo":
             seconds = measured["seconds_per_iteration"] * steps["iterations"]
+        elif n_rows is None:  # streaming: tokens per step unknown; bounded by full cutoff_len rows
+            seconds = (steps["optimizer_steps"] * steps["effective_batch"] * cfg.cutoff_len
+                       / measured["tokens_per_second"])
         else:
             train_tokens = sum(r.n_tokens for r in train_rows) * steps["optimizer_steps"] / max(
                 1, steps["steps_per_epoch"])
@@ -288,7 +307,14 @@ def plan_lines(plan: dict[str, Any], report: DataReport) -> list[str]:
     lines = [f"== data (stage {plan['stage']}) =="] + report.lines()
     s = plan["schedule"]
     lines.append("== schedule ==")
-    if "iterations" in s:
+    if s.get("streaming"):
+        lines.append(f"effective batch {s['effective_batch']} = {s['per_device_batch']} per device x "
+                     f"{s['accumulation']} accumulation x {s['world_size']} processes")
+        rows = s["optimizer_steps"] * s["effective_batch"]
+        lines.append(f"streaming: training rows are not known up front; max_steps "
+                     f"{s['optimizer_steps']:,} optimizer steps read {rows:,} rows (the data is read "
+                     f"again from its start when it runs out), {s['warmup_steps']:,} warmup")
+    elif "iterations" in s:
         lines.append(f"{s['train_rows']:,} prompts, {s['effective_batch']} per iteration -> "
                      f"{s['steps_per_epoch']:,} iterations per epoch; {s['iterations']:,} iterations "
                      f"({s['epochs']} epochs), {s['optimizer_steps']:,} optimizer steps "
@@ -320,7 +346,8 @@ def plan_lines(plan: dict[str, Any], report: DataReport) -> list[str]:
         lines.append(f"== measured ({r['steps']} steps) ==")
         speed = (f"{r['seconds_per_iteration']} s per iteration" if "seconds_per_iteration" in r
                  else f"{r['tokens_per_second']:,} tokens/s")
-        lines.append(f"{speed} -> about {_duration(r['estimated_train_seconds'])} of training; "
+        bound = "at most" if s.get("streaming") else "about"  # streaming: rows of cutoff_len
+        lines.append(f"{speed} -> {bound} {_duration(r['estimated_train_seconds'])} of training; "
                      f"peak {r['peak_memory_kind']} {r['peak_memory_gib']:.2f} GiB")
     lines += [f"warning: {w}" for w in plan["warnings"]]
     return lines

@@ -396,6 +396,41 @@ def _check_export_keys(cfg: RunConfig, explicitly_set: set[str]) -> None:
                           "keep export_gguf_type (infer_dtype picks it only when it is auto).")
 
 
+def _check_streaming(cfg: RunConfig) -> None:
+    """What streaming (data/streaming.py) cannot serve, each refused with the reason."""
+    if not cfg.streaming:
+        if cfg.buffer_size != RunConfig.model_fields["buffer_size"].default:
+            raise ConfigError(f"buffer_size: {cfg.buffer_size} is the shuffle buffer of streaming, "
+                              "and streaming is off, so it would be ignored.",
+                              "set streaming: true, or remove buffer_size.")
+        return
+    if cfg.max_steps <= 0:
+        raise ConfigError("streaming: true needs max_steps: the number of rows, and so of steps per "
+                          "epoch, is not known before the data has been read.",
+                          "set max_steps (e.g. max_steps: 1000), or streaming: false.")
+    if 0 < cfg.val_size < 1:
+        raise ConfigError(f"streaming with val_size: {cfg.val_size}: a fraction of a total that is "
+                          "not known up front.", "give val_size as a row count (e.g. val_size: 100: "
+                          "the first 100 rows), or use eval_dataset.")
+    if cfg.stage in ("dpo", "kto", "ppo"):
+        why = {"dpo": "it scores every pair with the reference model before training",
+               "kto": "it scores every answer with the reference model before training",
+               "ppo": "its rollouts take their prompts in its own loop, not the shared one"}[cfg.stage]
+        raise ConfigError(f"streaming applies to stages sft, pt and rm; stage {cfg.stage} is "
+                          f"refused: {why}.", "set streaming: false.")
+    if cfg.tokenized_path:
+        raise ConfigError("streaming with tokenized_path: tokenized_path saves every encoded row, "
+                          "which streaming never holds.", "remove tokenized_path, or set streaming: "
+                          "false.")
+    if cfg.replay is not None:
+        raise ConfigError("streaming with replay: replay's answers are generated and encoded before "
+                          "training.", "remove replay, or set streaming: false.")
+    for key in ("save_strategy", "eval_strategy"):
+        if getattr(cfg, key) == "epoch":
+            raise ConfigError(f"streaming with {key}: epoch: the length of an epoch is not known "
+                              "up front.", f"set {key}: steps.")
+
+
 def check_combinations(cfg: RunConfig, explicitly_set: set[str]) -> None:
     """Refuse combinations that cannot work, with the fix. Runs after field-level validation."""
     _check_scheduler(cfg)
@@ -420,6 +455,7 @@ def check_combinations(cfg: RunConfig, explicitly_set: set[str]) -> None:
         raise ConfigError(f"warmup_steps: {cfg.warmup_steps} is neither a whole number of steps "
                           "nor a fraction below 1.", "use e.g. warmup_steps: 20 or warmup_ratio: 0.1.")
     _check_data_combinations(cfg)
+    _check_streaming(cfg)
     if cfg.infer_backend in ("sglang", "ktransformers"):
         raise ConfigError(f"infer_backend: {cfg.infer_backend} is a LLaMA-Factory backend lmtune does "
                           "not include (it would need its own server process and install).",

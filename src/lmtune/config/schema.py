@@ -36,7 +36,6 @@ ACCEPTED_NOT_APPLIED: dict[str, str] = {
     "offload_folder": "weights are never offloaded to disk",
     "preprocessing_batch_size": "rows are encoded one record at a time; the batch size of the "
                                 "encoding pass does not change them",
-    "buffer_size": "only used by streaming, which lmtune does not do",
     "data_shared_file_system": "only changes which process encodes first on several machines",
     "pissa_convert": "a pissa_init adapter is always saved converted to plain LoRA",
     "upcast_layernorm": "layer norms are float32 already: weights load in float32, and a quantized "
@@ -119,8 +118,6 @@ NOT_SUPPORTED: dict[str, tuple[Any, str]] = {
     "moe_aux_loss_coef": (None, "the router's auxiliary loss is not added to the loss; remove it."),
     "quantization_device_map": (None, "the quantized base is placed on the training device; remove it."),
     # LLaMA-Factory's data, finetuning and generation arguments
-    "streaming": (False, "streaming is not implemented: the data is encoded and cached before "
-                  "training; use max_samples to cap a large dataset."),
     "ignore_pad_token_for_loss": (True, "padding is never trained on (labels are padded with -100)."),
     "tool_format": (None, "tool calls are rendered by the tokenizer's chat template; remove it."),
     "preserve_thinking": (False, "earlier turns are rendered by the tokenizer's chat template, "
@@ -526,6 +523,13 @@ class RunConfig(BaseModel):
         None, description="Folder for the encoded train/val rows: the first run saves them there, "
         "later runs train from them without reading the data files or data keys (refused when "
         "the tokenizer or encoding settings differ).")
+    streaming: bool = Field(
+        False, description="Read, encode and shuffle the training data while training runs instead "
+        "of loading, encoding and caching it first (stages sft, pt and rm; needs max_steps; val_size "
+        "as a row count takes the first rows).")
+    buffer_size: int = Field(
+        16384, ge=1, description="streaming: rows in the shuffle buffer (the stream is shuffled "
+        "within it, seeded by seed).")
     overwrite_cache: bool = Field(
         False, description="Encode the data afresh instead of reading encoded rows from the cache.")
     preprocessing_num_workers: int | None = Field(

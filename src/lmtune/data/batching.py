@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 from bisect import bisect_left, insort
+from collections.abc import Iterable, Iterator
 from functools import lru_cache
 
 import torch
@@ -91,7 +92,11 @@ def pack_rows(rows: list[EncodedRow], capacity: int) -> list[EncodedRow]:
 def pack_documents(rows: list[EncodedRow], capacity: int) -> list[EncodedRow]:
     """pt: documents one after another, cut into rows of `capacity` tokens; a document longer than
     the space left continues (from position 0) in the next row. Nothing is dropped."""
-    packed: list[EncodedRow] = []
+    return list(iter_pack_documents(rows, capacity))
+
+
+def iter_pack_documents(rows: Iterable[EncodedRow], capacity: int) -> Iterator[EncodedRow]:
+    """pack_documents, a row at a time (streaming packs as documents arrive)."""
     current: list[EncodedRow] = []
     used = 0
     for row in rows:
@@ -103,11 +108,10 @@ def pack_documents(rows: list[EncodedRow], capacity: int) -> list[EncodedRow]:
             used += take
             start += take
             if used == capacity:
-                packed.append(_join(current))
+                yield _join(current)
                 current, used = [], 0
     if current:
-        packed.append(_join(current))
-    return packed
+        yield _join(current)
 
 
 @lru_cache(maxsize=None)

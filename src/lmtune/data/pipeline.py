@@ -35,7 +35,7 @@ CHUNK = 256  # records per tokenizer call and per task of a worker process
 
 @dataclass
 class PreparedData:
-    train: list[Row]
+    train: list[Row]  # streaming: a data.streaming.RowStream, read while training runs
     val: list[Row]
     report: DataReport
     kind: Kind
@@ -121,6 +121,10 @@ def prepare_data(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, stop_ids: l
     `model`, the base as loaded, answers the `replay` prompts when they are not cached yet."""
     kind = STAGE_KINDS[cfg.stage]
     encoder, notes = make_encoder(cfg, tokenizer, stop_ids, kind)
+    if cfg.streaming:  # the train split is read while training runs (data/streaming.py)
+        from lmtune.data.streaming import prepare_streaming
+
+        return prepare_streaming(cfg, tokenizer, stop_ids, encoder, notes)
     settings = {"kind": kind, "cutoff_len": cfg.cutoff_len, "cutoff_policy": cfg.cutoff_policy,
                 "train_on_prompt": cfg.train_on_prompt, "mask_history": cfg.mask_history,
                 "packing": cfg.packing_enabled if kind == "text" else None,
@@ -204,6 +208,10 @@ def training_rows(data: PreparedData, cfg: RunConfig, model_config) -> tuple[lis
     """The rows the loop iterates: packed into cutoff_len rows when packing is on (after checking
     that this architecture keeps packed samples apart), else as encoded. Each eval dataset of
     eval_on_each_dataset is packed on its own, so no packed row mixes two of them."""
+    if cfg.streaming:
+        from lmtune.data.streaming import streaming_training_rows
+
+        return streaming_training_rows(data, cfg, model_config)
     if not cfg.packing_enabled:
         return data.train, data.val
     check_packing_isolation(model_config)

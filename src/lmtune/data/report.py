@@ -58,6 +58,7 @@ class DatasetCounts:
     dropped_unfinished: int = 0        # replay answers left out: past the token limit, or empty
     unfilled_placeholders: list[str] = field(default_factory=list)
     cache: str = ""                    # encoded rows: "hit" (read from the cache) or "built"
+    streamed: bool = False             # streaming: read while training runs, so nothing counted
     tokens: LengthStats = field(default_factory=LengthStats)
 
     @property
@@ -98,6 +99,7 @@ class DataReport:
     mix_strategy: str = "concat"
     packing: PackingStats | None = None
     notes: list[str] = field(default_factory=list)  # template choices and other set-up findings
+    streaming: bool = False  # the train split streams: its rows are not known up front
 
     def warnings(self) -> list[str]:
         """Plain-words warnings about data the user may not have meant to lose."""
@@ -156,6 +158,10 @@ class DataReport:
         """The human summary: per dataset, per split, packing."""
         lines = []
         for d in self.datasets:
+            if d.streamed:
+                lines.append(f"dataset {d.name}" + (f" ({d.file})" if d.file != d.name else "")
+                             + ": streamed; its records and tokens are not known up front")
+                continue
             where = [d.file] if d.file != d.name else []
             where += ["encoded rows from cache"] if d.cache == "hit" else []
             lines.append(f"dataset {d.name}" + (f" ({', '.join(where)})" if where else ""))
@@ -172,6 +178,9 @@ class DataReport:
             lines.append(f"  tokens per row: mean {t.mean:,.0f}, p50 {t.p50:,}, p95 {t.p95:,}, max "
                          f"{t.max:,}; {t.tokens:,} tokens, {t.target_tokens:,} trained; "
                          f"{d.truncated:,} truncated")
+        if self.streaming:
+            lines.append("train: streamed while training runs; rows and tokens are counted as they "
+                         "train (trainer_log.jsonl), not up front")
         for split, s in (("train", self.train), ("val", self.val)):
             if s.rows:
                 lines.append(f"{split}: {s.rows:,} rows, {s.tokens:,} tokens, {s.target_tokens:,} "
@@ -192,6 +201,10 @@ class DataReport:
 
     def to_dict(self) -> dict:
         payload = asdict(self)
+        if self.streaming:  # no totals were counted, so none are written
+            payload["train"] = None
+            payload["datasets"] = [{"name": d.name, "file": d.file, "streamed": True} if d.streamed
+                                   else row for d, row in zip(self.datasets, payload["datasets"])]
         if self.packing:
             payload["packing"] |= {"samples_per_row": round(self.packing.samples_per_row, 3),
                                    "fill": round(self.packing.fill, 4)}

@@ -46,6 +46,7 @@ from transformers import PreTrainedTokenizerBase, get_scheduler
 from lmtune import distributed as dist
 from lmtune.config import RunConfig
 from lmtune.data.batching import collate, micro_batches, steps_per_epoch
+from lmtune.data.streaming import RowStream
 from lmtune.errors import ConfigError, RunInterrupted, TrainingError
 from lmtune.models.methods import (TrainingHooks, check_untouched_4bit, count_parameters,
                                    evaluation, training_hooks)
@@ -107,6 +108,16 @@ def _windows(n_rows: int, cfg: RunConfig) -> Iterator[list[list[int]]]:
         epoch += 1
 
 
+def _row_windows(train_rows: list[Any] | RowStream, cfg: RunConfig) -> Iterator[list[list[Any]]]:
+    """The rows of every optimizer step's micro-batches, all ranks together; a streaming run's
+    come from its stream, in the order its seed decides."""
+    if isinstance(train_rows, RowStream):
+        yield from train_rows.windows(cfg.gradient_accumulation_steps * dist.world_size())
+        return
+    for window in _windows(len(train_rows), cfg):
+        yield [[train_rows[i] for i in rows] for rows in window]
+
+
 def evaluate(trainer: Trainer, rows: list[Any], objective: Objective, pad_id: int) -> dict[str, float]:
     """eval_loss (mean per unit over `rows`), the stage's metrics as eval_<name>, and
     eval_perplexity for token objectives. Every rank evaluates all of `rows` (sharded engines
@@ -156,7 +167,7 @@ class Schedule:
     reads the same numbers, so what it predicts is what trains."""
 
     rows_per_step: int  # rows one loop step consumes
-    per_epoch: int  # loop steps per epoch (a shorter last window still steps)
+    per_epoch: int  # loop steps per epoch (a shorter last window still steps); 0: not known (streaming)
     total: int  # loop steps of the run: max_steps, else epochs x per_epoch
     optimizer_steps: int  # what the learning-rate schedule counts
 
@@ -165,9 +176,10 @@ class Schedule:
         return round(self.total / self.per_epoch, 3) if self.per_epoch else 0.0
 
 
-def schedule(cfg: RunConfig, n_rows: int, world_size: int | None = None) -> Schedule:
+def schedule(cfg: RunConfig, n_rows: int | None, world_size: int | None = None) -> Schedule:
     """The run's length for `world_size` processes (default: this job's): each optimizer step
-    takes per_device_train_batch_size x gradient_accumulation_steps rows on every rank."""
+    takes per_device_train_batch_size x gradient_accumulation_steps rows on every rank. n_rows None:
+    a streaming run, whose rows are not known up front, runs max_steps (which it requires)."""
     world = world_size or dist.world_size()
     batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
     if cfg.stage == "ppo":
@@ -176,6 +188,8 @@ def schedule(cfg: RunConfig, n_rows: int, world_size: int | None = None) -> Sche
         rows = batch * cfg.ppo_buffer_size
         per_epoch = max(1, n_rows // rows)
         updates_per_step = cfg.ppo_epochs * cfg.ppo_buffer_size
+    elif n_rows is None:
+        return Schedule(batch, 0, cfg.max_steps, cfg.max_steps)
     else:
         rows = batch
         per_epoch = steps_per_epoch(n_rows, cfg.per_device_train_batch_size,
@@ -581,7 +595,7 @@ def start_metrics(log: TrainerLog) -> dict[str, Any]:
     return {f"{k}_start": v for k, v in start.items() if k.startswith("eval_")}
 
 
-def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: list[Any],
+def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: list[Any] | RowStream,
         eval_rows: list[Any], objective: Objective, output_dir: Path, resume_dir: Path | None,
         extra_results: dict[str, Any], eval_groups: list[tuple[str, int]] = ()) -> dict[str, Any]:
     """Train `model` on `train_rows`; write logs, checkpoints and the result into `output_dir`
@@ -591,7 +605,7 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
     if not cfg.do_train:
         print("do_train is false: data, model and method checked; nothing trained.")
         return {}
-    plan = schedule(cfg, len(train_rows))
+    plan = schedule(cfg, None if isinstance(train_rows, RowStream) else len(train_rows))
     trainer = prepare_trainer(cfg, model, tokenizer, output_dir, plan.optimizer_steps)
     pad_id = tokenizer.pad_token_id
     state = trainer.resume(resume_dir, {"global_step": 0, "tokens_seen": 0, "units_seen": 0,
@@ -599,9 +613,13 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
     log = TrainerLog(output_dir, state["global_step"],
                      open_trackers(cfg, output_dir) if dist.is_main() else [], files=dist.is_main())
     best = BestEvaluation(cfg, trainer.trainable, output_dir, state)
-    windows = _windows(len(train_rows), cfg)
+    windows = _row_windows(train_rows, cfg)
     for _ in range(state["global_step"]):  # replay the data order up to the resumed step
         next(windows)
+
+    def epoch_at(step: int) -> float:
+        # A stream's epoch is the passes over its data completed so far (its length is unknown).
+        return round(step / plan.per_epoch, 4) if plan.per_epoch else float(train_rows.epoch)
 
     generated = generation_metrics(cfg, tokenizer, eval_rows)
 
@@ -637,8 +655,7 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
         for step in range(state["global_step"] + 1, plan.total + 1):
             # This rank's share of the step's window; weight 0 only joins the all-reduce.
             share, weight = dist.rank_share(next(windows))
-            batches = [trainer.to_device(objective.collate([train_rows[i] for i in rows], pad_id))
-                       for rows in share]
+            batches = [trainer.to_device(objective.collate(rows, pad_id)) for rows in share]
             window_units = dist.all_sum(weight * sum(objective.units(b) for b in batches))
             # Gradients are averaged over ranks by the engine: scaling by the world size makes
             # the update the sum over the window divided by its units, as in one process.
@@ -681,7 +698,7 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
                 record |= {k: v for k, v in last_eval.items() if k != "step"}
                 stop_early = best.active and best.update(step, last_eval)
             if record:
-                log.write({"step": step, "epoch": round(step / plan.per_epoch, 4)} | record)
+                log.write({"step": step, "epoch": epoch_at(step)} | record)
             try:
                 checkpoint_or_stop(trainer, step, plan, stop_requested,
                                    state | {"log_interval": interval,
@@ -709,7 +726,7 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
         "train_tokens": state["tokens_seen"],
         "train_tokens_per_second": round((state["tokens_seen"] - tokens_before) / max(runtime, 1e-9),
                                          2),
-        "global_step": state["global_step"], "epoch": round(state["global_step"] / plan.per_epoch, 4),
+        "global_step": state["global_step"], "epoch": epoch_at(state["global_step"]),
     }
     if eval_rows:
         # The last step's evaluation is the final one when it ran there: the model is the same.

@@ -22,6 +22,7 @@ from lmtune.errors import ModelError
 from lmtune.data.batching import collate
 from lmtune.data.encode import ChatEncoder, EncodedRow
 from lmtune.data.formats import Message
+from lmtune.data.streaming import RowStream
 from lmtune.models.load import load_model, load_tokenizer, resolve_model, stop_token_ids
 from lmtune.models.methods import apply_method, load_adapters
 from lmtune.models.scalar_head import LF_HEAD_FILE, LF_HEAD_NAMES, ScalarHeadModel, is_lf_reward_head
@@ -64,7 +65,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     lm = apply_method(inputs.model, cfg)
     freeze_output_head(lm)
     model = ScalarHeadModel(lm)
-    train = [ScoredPair(p) for p in inputs.train_rows]
+    train = (inputs.train_rows.map(ScoredPair) if isinstance(inputs.train_rows, RowStream)
+             else [ScoredPair(p) for p in inputs.train_rows])
     val = [ScoredPair(p) for p in inputs.val_rows]
     return fit(cfg, model, inputs.tokenizer, train, val, RM_OBJECTIVE, inputs.output_dir,
                inputs.resume_dir, extra_results=inputs.row_counts(),

@@ -12,6 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 from lmtune import distributed as dist
 from lmtune.config import RunConfig
 from lmtune.data.pipeline import prepare_data, training_rows
+from lmtune.data.streaming import RowStream
 from lmtune.models.load import (add_new_tokens, fit_vocab, load_model, load_tokenizer, model_options,
                                 resolve_for, stop_token_ids, trains_vocab)
 from lmtune.models.precision import half_frozen_base
@@ -25,11 +26,13 @@ class RunInputs:
     resume_dir: Path | None  # the checkpoint to continue from, if resuming
     tokenizer: PreTrainedTokenizerBase
     model: PreTrainedModel  # as loaded (frozen_dtype: maybe half precision); the stage applies the method
-    train_rows: list[Any]
+    train_rows: list[Any] | RowStream
     val_rows: list[Any]
     val_groups: list[tuple[str, int]]  # eval_on_each_dataset: (name, rows) in val_rows' order
 
     def row_counts(self) -> dict[str, int]:
+        if isinstance(self.train_rows, RowStream):  # not known up front; train_tokens still counts
+            return {"val_rows": len(self.val_rows)}
         return {"train_rows": len(self.train_rows), "val_rows": len(self.val_rows)}
 
 
