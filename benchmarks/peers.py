@@ -126,8 +126,9 @@ def token_counts(model: str, conversations: list[dict]) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model)
     total = target = 0
     for row in conversations:
-        prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True)
-        whole = tokenizer.apply_chat_template(row["prompt"] + row["completion"])
+        prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True,
+                                               return_dict=False)
+        whole = tokenizer.apply_chat_template(row["prompt"] + row["completion"], return_dict=False)
         total += min(len(whole), 512)
         target += min(len(whole), 512) - len(prompt)
     return {"tokens_per_row": total / len(conversations),
@@ -219,6 +220,12 @@ def measure(bench: Bench, model: str) -> dict:
             print(f"{name} #{repeat}: {run.wall_s:.1f} s, {run.peak_rss_gib:.2f} GiB, "
                   f"train {result['train_runtime']:.1f} s, losses {result['losses'][:2]}...",
                   flush=True)
+    return {"steps": steps, "rows_per_step": ROWS_PER_STEP, **counts,
+            "contenders": summarise(runs, counts, steps), "runs": runs}
+
+
+def summarise(runs: dict[str, list[dict]], counts: dict, steps: int) -> list[dict]:
+    """Each contender's medians over its runs, and its ratios to LLaMA-Factory's."""
     rows_trained = steps * ROWS_PER_STEP
     summary = []
     for name, done in runs.items():
@@ -232,14 +239,14 @@ def measure(bench: Bench, model: str) -> dict:
             "wall_s": round(statistics.median(r["wall_s"] for r in done), 2),
             "peak_rss_gib": round(statistics.median(r["peak_rss_gib"] for r in done), 3),
             "loss_step_1": round(losses[0], 4), "loss_step_10": round(losses[min(9, len(losses) - 1)], 4),
-            "loss_last": round(losses[-1], 4), "gradient_checkpointing": done[0]["gradient_checkpointing"],
+            "loss_last": round(losses[-1], 4), "loss_mean": round(statistics.mean(losses), 4),
+            "gradient_checkpointing": done[0]["gradient_checkpointing"],
         })
     base = summary[0]
     for item in summary:
         item["x_llamafactory_speed"] = round(item["tokens_per_second"] / base["tokens_per_second"], 2)
         item["x_llamafactory_peak_rss"] = round(item["peak_rss_gib"] / base["peak_rss_gib"], 2)
-    return {"steps": steps, "rows_per_step": ROWS_PER_STEP, **counts,
-            "contenders": summary, "runs": runs}
+    return summary
 
 
 def render(data: dict) -> str:
@@ -247,13 +254,15 @@ def render(data: dict) -> str:
              f"{item['wall_s']:.1f}", f"{item['peak_rss_gib']:.2f}",
              f"{item['x_llamafactory_peak_rss']:.2f}",
              "on" if item["gradient_checkpointing"] else "off",
-             f"{item['loss_step_1']:.3f} / {item['loss_step_10']:.3f} / {item['loss_last']:.3f}"]
+             f"{item['loss_step_1']:.3f} / {item['loss_step_10']:.3f} / {item['loss_last']:.3f}",
+             f"{item['loss_mean']:.3f}"]
             for item in data["contenders"]]
     header = ["contender", "tokens/s", "x LLaMA-Factory", "whole process s", "peak RSS GiB",
-              "x LLaMA-Factory RSS", "gradient checkpointing", "loss at step 1 / 10 / last"]
+              "x LLaMA-Factory RSS", "gradient checkpointing", "loss at step 1 / 10 / last",
+              "mean loss over the steps"]
     return (f"{data['steps']} optimizer steps of {data['rows_per_step']} rows, median of "
             f"{data['contenders'][0]['repeats']} alternated runs each:\n\n"
-            + table(header, "lrrrrrll", rows) + "\n\n" + source_line("peers") + "\n")
+            + table(header, "lrrrrrllr", rows) + "\n\n" + source_line("peers") + "\n")
 
 
 def scale_job(model: str, data: Path, out: Path, steps: int, cutoff: int) -> dict:
