@@ -4,7 +4,8 @@ Every YAML under a LLaMA-Factory checkout's examples/ (not examples/v1, the next
 nor the accelerate/deepspeed folders, which hold engine settings, not runs), run from that
 checkout's root so its data/ folder and relative paths resolve, with the model swapped for a local
 one (and an adapter path for a LoRA adapter of that model): `lmtune plan` for training configs,
-`lmtune chat` for examples/inference, `lmtune export` for examples/merge_lora. Each ends in one of:
+`lmtune chat` for examples/inference, `lmtune export` for examples/merge_lora, `lmtune predict` for
+a config that predicts without training. Each ends in one of:
 runs; refused (an lmtune error naming the key or feature and why); unknown key; traceback. The goal
 is no unknown key and no traceback, and every text-only config this machine can run, running.
 
@@ -38,11 +39,13 @@ def configs(root: Path) -> list[Path]:
     return [p for p in found if not str(p.relative_to(root)).startswith(SKIPPED_FOLDERS)]
 
 
-def command_for(relative: str) -> str:
+def command_for(relative: str, config: dict) -> str:
     if relative.startswith("examples/inference/"):
         return "chat"
     if relative.startswith("examples/merge_lora/"):
         return "export"
+    if config.get("do_predict") and not config.get("do_train"):
+        return "predict"
     return "plan"
 
 
@@ -69,7 +72,8 @@ def outcome(argv: list[str]) -> tuple[str, str]:
     except Exception as exc:  # noqa: BLE001 - a traceback is what this check looks for
         return "traceback", "".join(traceback.format_exception_only(exc)).strip()
     text = err.getvalue()
-    said = next((line[len("error: "):] for line in text.splitlines() if line.startswith("error: ")), "")
+    # The error and what follows it (a list of keys, the fix), as one line.
+    said = " ".join(text[text.index("error: ") + len("error: "):].split()) if "error: " in text else ""
     if code == 0:
         return "runs", ""
     if "unknown key" in said:
@@ -100,9 +104,11 @@ def measure(bench: Bench, root: Path) -> dict:
             config = localised(raw, model, adapter, scratch)
             local = scratch / "config.yaml"
             local.write_text(yaml.safe_dump(config))
-            command = command_for(relative)
+            command = command_for(relative, config)
             argv = [command, str(local)] + (["--prompt", "Say hi."] if command == "chat" else [])
             kind, said = outcome(argv)
+            # The table names the file already; elsewhere, the user's file, not this run's copy.
+            said = said.removeprefix(f"{local}: ").replace(str(local), relative)
             rows.append({"config": relative, "command": command, "outcome": kind, "said": said})
             print(f"{kind:12} {relative}: {said[:150]}", flush=True)
     finally:
@@ -116,7 +122,7 @@ def measure(bench: Bench, root: Path) -> dict:
 def render(data: dict) -> str:
     # What lmtune said goes in the first cell, which the provenance test does not read as numbers.
     rows = [[f"`{r['config']}` ({r['command']})" + (
-        f": {r['said'][:90]}".replace("|", "\\|") if r["said"] else ""), r["outcome"]]
+        f": {r['said'][:160]}".replace("|", "\\|") if r["said"] else ""), r["outcome"]]
             for r in data["rows"]]
     return (f"{data['configs']} configs (the LLaMA-Factory commit is in the JSON): {data['runs']} "
             f"run, {data['refused']} refused by name, {data['unknown_key']} stopped at an unknown "
