@@ -220,6 +220,7 @@ def measure(bench: Bench) -> dict:
             "max_allocated_gib": round(measured["max_allocated"] / 2**30, 2),
             "mfu": round(speed * per_token / (peak * 1e12), 3) if peak else None})
     base, lmtune = result["contenders"]
+    base["x_baseline_speed"] = 1.0
     lmtune["x_baseline_speed"] = round(lmtune["tokens_per_second"] / base["tokens_per_second"], 2)
     if base["max_allocated_gib"]:
         lmtune["x_baseline_memory"] = round(lmtune["max_allocated_gib"] / base["max_allocated_gib"], 2)
@@ -235,11 +236,12 @@ def _llama_parameters(shape: dict) -> int:
 
 
 def render(data: dict) -> str:
-    rows = [[c["name"], f"{c['tokens_per_second']:,.1f}", f"{c['max_allocated_gib']:.2f}",
+    rows = [[c["name"], f"{c['tokens_per_second']:,.1f}", f"{c['x_baseline_speed']:.2f}",
+             f"{c['max_allocated_gib']:.2f}",
              f"{c['mfu']:.1%}" if c["mfu"] is not None else "n/a"] for c in data["contenders"]]
     return (f"{data['device']}, sequence {data['sequence']:,} packed, {data['steps']} steps "
             f"({data['warmup_steps']} untimed):\n\n"
-            + table(["contender", "tokens/s", "max allocated GiB", "MFU"], "lrrr", rows)
+            + table(["contender", "tokens/s", "x Trainer", "max allocated GiB", "MFU"], "lrrrr", rows)
             + "\n\n" + source_line("gpu_sft") + "\n")
 
 
