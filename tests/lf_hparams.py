@@ -229,7 +229,7 @@ LF_KEYS = {
     "pure_bf16": (APPLIED, False),
     "stage": (APPLIED, "sft"),
     "finetuning_type": (APPLIED, "lora"),
-    "use_llama_pro": (DEFAULT_ONLY, False),
+    "use_llama_pro": (APPLIED, False),
     "use_adam_mini": (APPLIED, False),
     "use_mca": (REFUSED, False),
     "use_megatron_bridge": (REFUSED, False),

@@ -95,6 +95,24 @@ def test_freeze_first_layers_and_bad_values(tiny_model_dir):
                          _cfg(tiny_model_dir, finetuning_type="freeze", **keys))
 
 
+def test_llama_pro_trains_the_last_layer_of_each_group(tiny_model_dir, tmp_path):
+    # A 4-layer model expanded from 2 (LLaMA-Pro puts each added block after its group): the added
+    # blocks are layers 1 and 3.
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.num_hidden_layers = 4
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "expanded")
+    model = apply_method(AutoModelForCausalLM.from_pretrained(tmp_path / "expanded"),
+                         _cfg(tiny_model_dir, finetuning_type="freeze", use_llama_pro=True,
+                              freeze_trainable_layers=2))
+    trained = {n.split(".")[2] for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {"1", "3"}
+    with pytest.raises(ConfigError) as info:  # 3 groups do not divide 4 layers
+        apply_method(AutoModelForCausalLM.from_pretrained(tmp_path / "expanded"),
+                     _cfg(tiny_model_dir, finetuning_type="freeze", use_llama_pro=True,
+                          freeze_trainable_layers=3))
+    assert "use_llama_pro" in info.value.message and "divides 4" in info.value.fix
+
+
 def test_adapters_load_in_order_and_refuse_another_base(tiny_model_dir, tmp_path):
     def make_adapter(seed: int) -> str:
         torch.manual_seed(seed)

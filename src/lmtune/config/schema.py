@@ -122,8 +122,6 @@ NOT_SUPPORTED: dict[str, tuple[Any, str]] = {
     "tool_format": (None, "tool calls are rendered by the tokenizer's chat template; remove it."),
     "preserve_thinking": (False, "earlier turns are rendered by the tokenizer's chat template, "
                           "which decides whether their reasoning is kept; remove it."),
-    "use_llama_pro": (False, "LLaMA-Pro block expansion is not implemented; use finetuning_type: "
-                      "freeze to train the last layers."),
     "use_swanlab": (False, "use report_to: swanlab."),
     "swanlab_project": ("llamafactory", "use report_to: swanlab with SWANLAB_PROJ_NAME in the "
                         "environment."),
@@ -369,6 +367,10 @@ class RunConfig(BaseModel):
         "training step (multiplicative dropout).")
     freeze_trainable_layers: int = Field(
         2, description="freeze: train the last n decoder layers (n > 0) or the first -n (n < 0).")
+    use_llama_pro: bool = Field(
+        False, description="freeze: LLaMA-Pro, train the blocks that block expansion added (the model "
+        "must be one so expanded, e.g. by LLaMA-Factory's scripts/llama_pro.py): the last layer of "
+        "each of freeze_trainable_layers equal groups, as LLaMA-Factory picks them.")
     freeze_trainable_modules: str = Field(
         "all", description="freeze: within the trainable layers, 'all' or a comma list of module "
         "names (e.g. mlp,self_attn).")

@@ -101,7 +101,17 @@ def apply_freeze(model: PreTrainedModel, cfg: RunConfig) -> None:
         raise ConfigError(f"freeze_trainable_layers: {n}, but the model has {len(layers)} layers.",
                           f"use a value from 1 to {len(layers)} (last layers) or -1 to -{len(layers)} "
                           "(first layers).")
-    chosen = range(len(layers) - n, len(layers)) if n > 0 else range(0, -n)
+    if cfg.use_llama_pro:
+        if n < 0 or len(layers) % n:
+            raise ConfigError(f"use_llama_pro with freeze_trainable_layers: {n}: LLaMA-Pro trains "
+                              f"the blocks expansion added, one in each of n equal groups of the "
+                              f"model's {len(layers)} layers.",
+                              "set freeze_trainable_layers to the number of added blocks (it "
+                              f"divides {len(layers)}).")
+        stride = len(layers) // n
+        chosen = range(stride - 1, len(layers), stride)  # each group's last layer: the added one
+    else:
+        chosen = range(len(layers) - n, len(layers)) if n > 0 else range(0, -n)
     modules = split_list(cfg.freeze_trainable_modules)
     extra = _modules_named(model, split_list(cfg.freeze_extra_modules), "freeze_extra_modules",
                            outside_layers=True)
