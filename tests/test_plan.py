@@ -83,6 +83,22 @@ def test_memory_estimate_parts(tiny_model_dir):
     assert adapter["optimizer"] < m["optimizer"] / 10
 
 
+def test_activations_are_kept_from_the_lowest_trained_layer_up(tiny_model_dir):
+    # The tiny model has 2 layers: freezing all but the last keeps half of full's layer
+    # activations; training the embeddings (or virtual tokens) keeps all of them.
+    def activations(keys):
+        cfg = build_config(keys)
+        return memory_estimate(apply_method(meta_model(tiny_model_dir, cfg), cfg), cfg, 200_000, 0)["activations"]
+
+    full = activations({"finetuning_type": "full"})
+    last = activations({"finetuning_type": "freeze", "freeze_trainable_layers": 1})
+    first = activations({"finetuning_type": "freeze", "freeze_trainable_layers": -1})
+    assert last == pytest.approx(full / 2, rel=0.02) and first == pytest.approx(full, rel=0.02)
+    assert activations({"finetuning_type": "freeze", "freeze_trainable_layers": 1,
+                        "freeze_extra_modules": "embed_tokens"}) == pytest.approx(full, rel=0.02)
+    assert activations({"finetuning_type": "prompt", "num_virtual_tokens": 4}) == pytest.approx(full, rel=0.02)
+
+
 def test_memory_estimate_counts_runtime_storage_and_autocast_copies(tiny_model_dir):
     from lmtune.plan import RUNTIME_GIB
 

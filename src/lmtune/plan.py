@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import re
 import resource
 import statistics
 import tempfile
@@ -83,6 +84,25 @@ def schedule_summary(cfg: RunConfig, n_rows: int | None, report_packing: Any,
     return out
 
 
+_LAYER_INDEX = re.compile(r"\.(?:layers|h)\.(\d+)\.")
+
+
+def layers_in_backward(model: torch.nn.Module, n_layers: int) -> int:
+    """Decoder layers whose activations autograd keeps: from the lowest one holding a trainable
+    weight up, since nothing below it needs a gradient (freeze's last layers keep only theirs);
+    all of them when the input side trains (embeddings, virtual tokens)."""
+    lowest = n_layers
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        found = _LAYER_INDEX.search(name)
+        if found:
+            lowest = min(lowest, int(found.group(1)))
+        elif "embed" in name or "prompt_encoder" in name:
+            return n_layers
+    return n_layers - lowest
+
+
 def memory_estimate(model: torch.nn.Module, cfg: RunConfig, micro_batch_tokens: int,
                     micro_batch_targets: int) -> dict[str, float]:
     """Peak training memory in GiB: the runtime (Python, torch, tokenizer), weights, gradients and
@@ -116,10 +136,11 @@ def memory_estimate(model: torch.nn.Module, cfg: RunConfig, micro_batch_tokens: 
     heads = c.num_attention_heads
     kv = getattr(c, "num_key_value_heads", heads) * getattr(c, "head_dim", h // heads)
     per_token_layer = 8 * h + width * (10 * h + 4 * kv + 4 * i)
+    kept = layers_in_backward(model, c.num_hidden_layers)
     if cfg.gradient_checkpointing:  # keep layer inputs; recompute one layer at a time
-        layers = c.num_hidden_layers * 4 * h * micro_batch_tokens + per_token_layer * micro_batch_tokens
+        layers = kept * 4 * h * micro_batch_tokens + per_token_layer * micro_batch_tokens * (kept > 0)
     else:
-        layers = c.num_hidden_layers * per_token_layer * micro_batch_tokens
+        layers = kept * per_token_layer * micro_batch_tokens
     head = micro_batch_targets * c.vocab_size * (width + 8)  # logits, fp32 copy, its gradient
     activations = layers + head
     parts = {"runtime": RUNTIME_GIB * GIB, "weights": weights, "gradients": gradients,
