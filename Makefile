@@ -42,9 +42,9 @@ test: install browser
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# A measurement, not a test: about three hours on 2 cores, one script after another, on an idle machine.
+# A measurement, not a test: about four and a half hours on 2 cores, one script after another, on an idle machine.
 # Each script writes benchmarks/results/<name>.json and rewrites its tables in BENCHMARKS.md/README.md.
-BENCHES := peers sft_throughput memory_levers plan_accuracy packing_throughput data_throughput ppo_reference serve_memory eval_sample serve_throughput predict_speed quickstart stage_examples compare_methods streaming_memory
+BENCHES := peers sft_throughput memory_levers plan_accuracy packing_throughput data_throughput ppo_reference serve_memory eval_sample serve_throughput predict_speed quickstart stage_examples compare_methods compare_optimizers streaming_memory
 bench: install
 	$(BIN)/pip install -q -e '.[bench]'
 	set -e; for b in $(BENCHES); do echo "== benchmarks/$$b.py =="; $(BIN)/python benchmarks/$$b.py; done

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import yaml
+
 from lmtune import measure
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -229,6 +231,24 @@ def rewrite_section(path: Path, section: str, text: str) -> None:
     if not pattern.search(content):
         sys.exit(f"{path} has no <!-- bench:{section} --> ... <!-- /bench:{section} --> markers")
     path.write_text(pattern.sub(lambda m: m.group(1) + text.rstrip("\n") + "\n" + m.group(2), content))
+
+
+def run_compare(bench: Bench, spec_path: str, smoke_values: dict[str, Any]) -> float:
+    """`lmtune compare` on an example spec as a user runs it (under --smoke on the tiny model, one
+    step, with smoke_values, into the scratch folder); its compare.{md,json,png} copied into the
+    results as <bench name>.*; the whole run's wall time."""
+    spec = ROOT / spec_path
+    if bench.smoke:  # the example's own output_dir stays untouched
+        shutil.rmtree(bench.scratch / "compare", ignore_errors=True)  # an earlier smoke run's
+        values = yaml.safe_load(spec.read_text()) | {"output_dir": str(bench.scratch / "compare")} | smoke_values
+        spec = bench.scratch / Path(spec_path).name
+        spec.write_text(yaml.safe_dump(values))
+    out = ROOT / yaml.safe_load(spec.read_text())["output_dir"]
+    extra = [*bench.model_overrides(), "max_steps=1"] if bench.smoke else []
+    whole = run_child(lmtune("compare", str(spec), *extra), bench.scratch / "compare.log")
+    for suffix in ("md", "json", "png"):
+        shutil.copy(out / f"compare.{suffix}", bench.results / f"{bench.name}.{suffix}")
+    return whole.wall_s
 
 
 def source_line(*stems: str) -> str:

@@ -12,11 +12,7 @@ val questions, the benchmark and the parent's bookkeeping).
 
 from __future__ import annotations
 
-import shutil
-
-import yaml
-
-from _harness import ROOT, Bench, lmtune, run_child, source_line, table
+from _harness import Bench, run_compare, source_line, table
 
 SPEC = "examples/compare_methods.yaml"
 LABELS = {  # a swept variant's label gets its best rate from the results
@@ -24,23 +20,6 @@ LABELS = {  # a swept variant's label gets its best rate from the results
     "dora": "dora", "qlora": "qlora (nf4 base)", "prefix": "prefix (16 tokens)",
     "prompt": "prompt (16 tokens, text init, lr 3e-2)", "ia3": "ia3",
 }
-
-
-def run(bench: Bench) -> float:
-    """Run the comparison; copy its report into the results; its whole wall time."""
-    spec = ROOT / SPEC
-    if bench.smoke:  # the example's own output_dir stays untouched
-        shutil.rmtree(bench.scratch / "compare", ignore_errors=True)  # an earlier smoke run's
-        values = yaml.safe_load(spec.read_text()) | {"output_dir": str(bench.scratch / "compare"),
-                                                      "score_max_new_tokens": 8, "n_shot": 1}
-        spec = bench.scratch / "compare_methods.yaml"
-        spec.write_text(yaml.safe_dump(values))
-    out = ROOT / yaml.safe_load(spec.read_text())["output_dir"]
-    extra = [*bench.model_overrides(), "max_steps=1"] if bench.smoke else []
-    whole = run_child(lmtune("compare", str(spec), *extra), bench.scratch / "compare.log")
-    for suffix in ("md", "json", "png"):
-        shutil.copy(out / f"compare.{suffix}", bench.results / f"compare_methods.{suffix}")
-    return whole.wall_s
 
 
 def _sweep(v: dict) -> dict | None:
@@ -143,7 +122,8 @@ def main() -> None:
     bench = Bench("compare_methods", __doc__, lambda p: p.add_argument(
         "--summarise", action="store_true", help="run nothing: summarise the compare_methods.json there is"))
     if not bench.args.render_only:
-        whole = None if bench.args.summarise else run(bench)
+        whole = None if bench.args.summarise else run_compare(
+            bench, SPEC, {"score_max_new_tokens": 8, "n_shot": 1})
         bench.write_json(summarise(bench.read_json(), whole), "compare_methods_summary")
     bench.rewrite("BENCHMARKS.md", "compare_methods", render(bench.read_json("compare_methods_summary")))
 
