@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import time
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,15 +12,27 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from lmtune.config import build_config
 from lmtune.errors import ConfigError, ModelError
+from lmtune.models import load
 from lmtune.models.load import default_gguf, load_model, resolve_model
 from lmtune.models.methods import apply_method, count_parameters, load_adapters
 
 
-def test_default_model_converts_once_and_reloads_fast(default_model_dir):
-    start = time.perf_counter()
+def test_default_model_converts_once_and_reloads_without_converting(default_model_dir, monkeypatch,
+                                                                      tmp_path):
+    def converting(gguf, target):
+        raise AssertionError(f"{gguf} converted again")
+
+    monkeypatch.setattr(load, "_convert", converting)
     assert resolve_model("default") == default_model_dir
     assert resolve_model(str(default_gguf())) == default_model_dir  # same file, same cache folder
-    assert time.perf_counter() - start < 1.0  # cache hit: no dequantisation
+    # The same bytes elsewhere (another virtual environment, a reinstall) share the conversion.
+    elsewhere = tmp_path / default_gguf().name
+    shutil.copyfile(default_gguf(), elsewhere)
+    assert resolve_model(str(elsewhere)) == default_model_dir
+    with open(elsewhere, "ab") as f:  # other bytes: another folder, so a conversion
+        f.write(b"\0")
+    with pytest.raises(AssertionError, match="converted again"):
+        resolve_model(str(elsewhere))
     folder = Path(default_model_dir)
     assert (folder / "model.safetensors").is_file() and (folder / "chat_template.jinja").is_file()
     config = json.loads((folder / "config.json").read_text())

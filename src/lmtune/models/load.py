@@ -26,6 +26,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsA
                           PreTrainedModel, PreTrainedTokenizerBase)
 
 from lmtune.config import RunConfig
+from lmtune.durable import write_file
 from lmtune.errors import ConfigError, ModelError
 from lmtune.hub import model_snapshot
 from lmtune.models.lineage import EXPORT_RECORD
@@ -58,13 +59,40 @@ def default_gguf() -> Path:
     return path
 
 
+def _content_key(gguf: Path) -> str:
+    """A hash of the GGUF's bytes, and of the export record beside it when there is one (it goes
+    into the converted folder)."""
+    digest = hashlib.sha256()
+    with open(gguf, "rb") as f:
+        while chunk := f.read(1 << 23):
+            digest.update(chunk)
+    record = gguf.parent / EXPORT_RECORD
+    if record.is_file():
+        digest.update(record.read_bytes())
+    return digest.hexdigest()
+
+
 def convert_gguf(gguf: Path) -> Path:
-    """Dequantise a GGUF file into a cached HF folder once; later calls return the folder."""
+    """Dequantise a GGUF file into a cached HF folder once; later calls return the folder.
+
+    The folder is named by the file's content, so the same file at another path (a new virtual
+    environment, a reinstall) reuses its half-GB conversion instead of adding another. An alias
+    by path, size and modification time spares hashing the file on every start."""
+    models = cache_root() / "models"
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
-    target = cache_root() / "models" / f"{gguf.stem}-{key[:12]}"
-    if (target / _COMPLETE).is_file():
-        return target
+    alias = models / ".by-path" / hashlib.sha256(
+        f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    if alias.is_file() and (models / alias.read_text() / _COMPLETE).is_file():
+        return models / alias.read_text()
+    target = models / f"{gguf.stem}-{_content_key(gguf)[:12]}"
+    if not (target / _COMPLETE).is_file():
+        _convert(gguf, target)
+    alias.parent.mkdir(parents=True, exist_ok=True)
+    write_file(alias, target.name, "the model cache's alias")
+    return target
+
+
+def _convert(gguf: Path, target: Path) -> None:
     from transformers import GgufConfig
 
     log.info("converting %s to an HF folder (once; ~20 s)", gguf.name)
@@ -93,7 +121,6 @@ def convert_gguf(gguf: Path) -> Path:
             raise
         raise ModelError(f"could not convert GGUF file {gguf}: {exc}",
                          "check that it is a complete GGUF file of a model transformers supports.") from exc
-    return target
 
 
 def resolve_model(name: str, revision: str | None = None) -> str:
