@@ -194,7 +194,7 @@ LF_KEYS = {
     "galore_update_interval": (APPLIED, 200),
     "galore_scale": (APPLIED, 2.0),
     "galore_proj_type": (APPLIED, "std"),
-    "galore_layerwise": (DEFAULT_ONLY, False),
+    "galore_layerwise": (APPLIED, False),
     # finetuning_args.py ApolloArguments
     "use_apollo": (APPLIED, False),
     "apollo_target": (APPLIED, "all"),
@@ -204,7 +204,7 @@ LF_KEYS = {
     "apollo_proj": (APPLIED, "random"),
     "apollo_proj_type": (APPLIED, "std"),
     "apollo_scale_type": (APPLIED, "channel"),
-    "apollo_layerwise": (DEFAULT_ONLY, False),
+    "apollo_layerwise": (APPLIED, False),
     "apollo_scale_front": (APPLIED, False),
     # finetuning_args.py BAdamArgument
     "use_badam": (APPLIED, False),

@@ -150,6 +150,19 @@ def test_deepspeed_over_several_ranks_without_cuda_is_refused_naming_what_is_mis
     assert "ZeRO stage 3" in info.value.message and "CUDA GPU" in info.value.message
 
 
+@pytest.mark.parametrize("keys, words", [
+    ({"use_badam": True, "finetuning_type": "full"}, ["use_badam runs in one process"]),
+    ({"use_galore": True, "galore_layerwise": True, "finetuning_type": "full"},
+     ["galore_layerwise runs in one process", "before DDP has averaged"]),
+])
+def test_optimizers_that_step_outside_ddps_averaging_are_refused_over_several_ranks(monkeypatch, keys,
+                                                                                     words):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError) as info:
+        distributed.init(build_config(keys))
+    assert all(word in info.value.message for word in words), info.value.message
+
+
 @pytest.mark.parametrize("name", ["ds_z3_config.json", "ds_z3_offload_config.json"])
 def test_deepspeed_in_one_cpu_process_runs_as_one_process_and_says_so(name, capsys):
     # LLaMA-Factory's ZeRO examples on one CPU process: nothing to partition or offload.

@@ -105,8 +105,11 @@ def test_optimizer_is_the_named_one_and_trains(tiny_model_dir, optim):
     ({"use_apollo": True, "use_galore": True, "finetuning_type": "full"},
      ["use_galore and use_apollo"]),
     ({"use_galore": True, "finetuning_type": "full", "fsdp": "full_shard"}, ["use_galore", "fsdp"]),
-    ({"use_galore": True, "galore_layerwise": True, "finetuning_type": "full"},
-     ["galore_layerwise", "backward"]),
+    ({"galore_layerwise": True, "finetuning_type": "full"}, ["galore_layerwise", "use_galore: true"]),
+    ({"use_galore": True, "galore_layerwise": True, "finetuning_type": "full",
+      "gradient_accumulation_steps": 2}, ["galore_layerwise", "gradient_accumulation_steps: 1"]),
+    ({"use_apollo": True, "apollo_layerwise": True, "finetuning_type": "full", "stage": "ppo",
+      "reward_model": "m:f"}, ["apollo_layerwise", "stage ppo"]),
     ({"use_badam": True}, ["use_badam", "finetuning_type: lora", "full"]),
     ({"use_badam": True, "finetuning_type": "full", "badam_mode": "ratio"},
      ["badam_mode", "ratio", "layer"]),
@@ -165,6 +168,33 @@ def test_projected_optimizers_keep_low_rank_state_for_linear_weights(tiny_model_
     saved = torch.load(buffer, weights_only=True)
     assert any(isinstance(s.get("projector"), dict) for s in saved["state"].values())
     assert not isinstance(optimizer.state[q]["projector"], dict)  # the live state is untouched
+
+
+@pytest.mark.parametrize("name", ["galore", "apollo"])
+def test_layerwise_steps_each_weight_in_backward_as_the_whole_optimizer_would(tiny_model_dir, name):
+    """Per-weight optimizers stepped inside the backward pass make the very updates of the one
+    optimizer stepped after it (no clipping in either), while each gradient is freed at once."""
+    keys = {f"use_{name}": True, f"{name}_rank": 4, f"{name}_update_interval": 2, "max_grad_norm": 0}
+    torch.manual_seed(0)
+    _, whole, optimizer = _built(tiny_model_dir, keys)
+    torch.manual_seed(0)
+    _, layerwise, per_weight = _built(tiny_model_dir, keys | {f"{name}_layerwise": True})
+    assert len(per_weight.parts) == sum(p.requires_grad for p in layerwise.parameters())
+    layerwise.train()
+    for _ in range(3):  # across a recomputed projection (every 2 steps)
+        expected = _steps(whole, optimizer, n=1)
+        loss = layerwise(input_ids=IDS, labels=IDS).loss
+        loss.backward()
+        assert all(p.grad is None for p in layerwise.parameters())  # used and freed in backward
+        assert per_weight.grad_norm() > 0
+        per_weight.step()
+        assert loss.item() == pytest.approx(expected[0], abs=1e-5)
+    for (n, a), b in zip(whole.named_parameters(), layerwise.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=n)
+    # A second backward before the step would add to weights already moved: stopped, not summed.
+    layerwise(input_ids=IDS, labels=IDS).loss.backward()
+    with pytest.raises(RuntimeError, match="second backward"):
+        layerwise(input_ids=IDS, labels=IDS).loss.backward()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
@@ -244,6 +274,9 @@ def log_of(folder: Path) -> list[dict]:
                                    "galore_update_interval": 3},
                                   {"use_apollo": True, "finetuning_type": "full", "apollo_rank": 4,
                                    "apollo_update_interval": 3},
+                                  {"use_galore": True, "galore_layerwise": True,
+                                   "finetuning_type": "full", "galore_rank": 4,
+                                   "galore_update_interval": 3},
                                   # The next layer at step 3: the resumed run must know the step
                                   # count and the layer in training.
                                   {"use_badam": True, "finetuning_type": "full",
@@ -251,7 +284,7 @@ def log_of(folder: Path) -> list[dict]:
                                   {"use_badam": True, "finetuning_type": "full",
                                    "badam_switch_mode": "random", "badam_switch_interval": 1}],
                          ids=["adamw_8bit", "adafactor", "muon", "pure_bf16", "adam_mini",
-                              "galore", "apollo", "badam", "badam_random"])
+                              "galore", "apollo", "galore_layerwise", "badam", "badam_random"])
 def test_resume_restores_the_optimizer_state(tmp_path, train_config, keys):
     config = {k: v for k, v in train_config.items() if k != "lora_rank" or "finetuning_type" not in keys} \
         | keys | {"max_steps": 4, "save_steps": 2, "learning_rate": 1e-2}

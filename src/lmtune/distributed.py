@@ -91,6 +91,12 @@ def init(cfg: RunConfig) -> None:
             "use_badam runs in one process: BAdam switches which block trains by turning "
             "requires_grad on and off, which DDP's and FSDP2's fixed gradient hooks do not follow.",
             "run it with plain `lmtune train`, or scale out with finetuning_type: full (fsdp).")
+    if cfg.galore_layerwise or cfg.apollo_layerwise:
+        key = "galore_layerwise" if cfg.galore_layerwise else "apollo_layerwise"
+        raise ConfigError(
+            f"{key} runs in one process: it updates each weight inside the backward pass, before "
+            "DDP has averaged that weight's gradient over the ranks.",
+            f"run it with plain `lmtune train`, or remove {key} to scale out.")
     from accelerate import PartialState
 
     PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=cfg.ddp_timeout))

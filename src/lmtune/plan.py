@@ -126,6 +126,8 @@ def memory_estimate(model: torch.nn.Module, cfg: RunConfig, micro_batch_tokens: 
 
     weights = sum(p.numel() * stored(p) for p in model.parameters())
     gradients = sum(p.numel() * (2 if cfg.pure_bf16 else 4) for p in trainable)
+    if cfg.galore_layerwise or cfg.apollo_layerwise:  # each weight's gradient is freed at its update
+        gradients = max((p.numel() * (2 if cfg.pure_bf16 else 4) for p in trainable), default=0)
     optimizer = state_bytes(model, cfg)
     width = 2 if cfg.bf16 or cfg.fp16 or cfg.pure_bf16 else 4
     matmul_weights = {id(m.weight): m.weight for m in model.modules()

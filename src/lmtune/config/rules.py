@@ -242,6 +242,9 @@ def _check_projected_optimizer(cfg: RunConfig, explicitly_set: set[str]) -> None
     chosen = [key for key in ("use_galore", "use_apollo", "use_badam", "use_muon", "use_adam_mini")
               if getattr(cfg, key)]
     ours = [key for key in chosen if key in ("use_galore", "use_apollo", "use_badam")]
+    for name in ("galore", "apollo"):
+        if getattr(cfg, f"{name}_layerwise"):
+            _check_layerwise(cfg, name)
     if not ours:
         return
     key = ours[0]
@@ -268,6 +271,28 @@ def _check_projected_optimizer(cfg: RunConfig, explicitly_set: set[str]) -> None
         why = ("BAdam runs in one process" if cfg.use_badam else "the projection is computed "
                "from each weight's whole gradient (an SVD), which FSDP2 shards across ranks")
         raise ConfigError(f"{key} with fsdp: {why}.", f"remove fsdp, or remove {key}.")
+
+
+def _check_layerwise(cfg: RunConfig, name: str) -> None:
+    """Layer-wise GaLore / APOLLO step each weight inside the backward pass: one backward per
+    update, in one process, with nothing left for a loss scaler to unscale."""
+    key = f"{name}_layerwise"
+    if not getattr(cfg, f"use_{name}"):
+        raise ConfigError(f"{key} is a mode of {name.capitalize() if name == 'galore' else 'APOLLO'}, "
+                          f"and use_{name} is not set.", f"set use_{name}: true, or remove {key}.")
+    if cfg.gradient_accumulation_steps != 1:
+        raise ConfigError(f"{key} with gradient_accumulation_steps: "
+                          f"{cfg.gradient_accumulation_steps}: each weight is updated the moment "
+                          "its gradient is complete, so there is no gradient left to accumulate.",
+                          "set gradient_accumulation_steps: 1 (a larger per_device_train_batch_size "
+                          f"keeps the batch), or remove {key}.")
+    if cfg.stage == "ppo":
+        raise ConfigError(f"{key} with stage ppo: a ppo update accumulates the gradients of several "
+                          "minibatches.", f"remove {key}.")
+    if cfg.fp16:
+        raise ConfigError(f"{key} with fp16: the loss scaler unscales gradients at the optimizer "
+                          "step, after layer-wise updates have used them.",
+                          f"use bf16 or pure_bf16, or remove {key}.")
 
 
 def _check_optimizer(cfg: RunConfig, explicitly_set: set[str]) -> None:

@@ -97,12 +97,6 @@ NOT_SUPPORTED: dict[str, tuple[Any, str]] = {
     "ref_model_quantization_bit": (None, "the reference loads in full precision; remove it."),
     "optim_args": (None, "optim takes no extra arguments here; remove it."),
     "optim_target_modules": (None, "galore_target / apollo_target name the layers; remove it."),
-    "galore_layerwise": (False, "layer-wise GaLore steps each weight inside the backward pass, "
-                         "which leaves no gradient to accumulate or clip; remove it (GaLore itself "
-                         "keeps its memory saving)."),
-    "apollo_layerwise": (False, "layer-wise APOLLO steps each weight inside the backward pass, "
-                         "which leaves no gradient to accumulate or clip; remove it (APOLLO itself "
-                         "keeps its memory saving)."),
     "badam_mode": ("layer", "BAdam's ratio mode updates a random share of every weight through "
                    "sparse masks its optimizer keeps as Python state, which checkpoints cannot "
                    "resume; use badam_mode: layer."),
@@ -608,6 +602,10 @@ class RunConfig(BaseModel):
                                 "update.")
     galore_proj_type: Literal["std", "reverse_std", "right", "left", "full"] = Field(
         "std", description="use_galore: which side of each gradient is projected.")
+    galore_layerwise: bool = Field(
+        False, description="use_galore: one optimizer per weight, stepped as soon as that weight's "
+        "gradient is complete in the backward pass, so the model's gradients are never held all at "
+        "once; needs gradient_accumulation_steps: 1 and one process, and max_grad_norm cannot clip.")
     use_apollo: bool = Field(
         False, description="full, freeze: APOLLO (the apollo-torch package, extra `optimizers`): "
         "AdamW's moments on a rank-apollo_rank projection of the apollo_target gradients, used "
@@ -629,6 +627,9 @@ class RunConfig(BaseModel):
     apollo_scale_front: bool = Field(
         False, description="use_apollo: scale the gradient before the norm-growth limiter rather "
         "than after.")
+    apollo_layerwise: bool = Field(
+        False, description="use_apollo: one optimizer per weight, stepped as soon as that weight's "
+        "gradient is complete in the backward pass (see galore_layerwise).")
     use_badam: bool = Field(
         False, description="full: BAdam (the badam package, extra `optimizers`): block coordinate "
         "descent, Adam on one decoder layer at a time (switching every badam_switch_interval "

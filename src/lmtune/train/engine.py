@@ -53,7 +53,7 @@ from lmtune.models.methods import (TrainingHooks, check_untouched_4bit, count_pa
 from lmtune.train import checkpoint as ckpt
 from lmtune.train.best import BestEvaluation
 from lmtune.train.logs import GENERATION_METRICS, PLOT_FILE, TrainerLog, plot_loss
-from lmtune.train.optim import build_optimizer
+from lmtune.train.optim import LayerwiseOptimizer, build_optimizer
 from lmtune.train.trackers import open_trackers
 from lmtune.train.results import write_results
 
@@ -328,11 +328,14 @@ class Trainer:
         optimizer and the schedule, with the method's hooks around it. -> (learning rate used,
         gradient norm before clipping)."""
         self.hooks.before_step()
-        grad_norm = self.accelerator.clip_grad_norm_(self.trainable,
-                                                     self.cfg.max_grad_norm or float("inf"))
-        if isinstance(grad_norm, DTensor):  # FSDP2: each rank holds a partial norm
-            grad_norm = grad_norm.full_tensor()
-        grad_norm = float(grad_norm)
+        if isinstance(self.torch_optimizer, LayerwiseOptimizer):  # the weights moved in backward
+            grad_norm = self.torch_optimizer.grad_norm()
+        else:
+            grad_norm = self.accelerator.clip_grad_norm_(self.trainable,
+                                                         self.cfg.max_grad_norm or float("inf"))
+            if isinstance(grad_norm, DTensor):  # FSDP2: each rank holds a partial norm
+                grad_norm = grad_norm.full_tensor()
+            grad_norm = float(grad_norm)
         if not math.isfinite(grad_norm):
             raise TrainingError(f"{where}: the gradient norm is {grad_norm}; training stopped.",
                                 "lower learning_rate, use bf16 rather than fp16, or check the data.")

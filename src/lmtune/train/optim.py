@@ -220,27 +220,99 @@ def _projected(named: list[tuple[str, torch.nn.Parameter]], model: torch.nn.Modu
                    "weight_decay": cfg.weight_decay, **settings})
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     if cfg.use_apollo:
-        optimizer = APOLLOAdamW(groups, lr=cfg.learning_rate, betas=betas, eps=cfg.adam_epsilon,
-                                scale_front=cfg.apollo_scale_front)
-        _keep_projectors_in_checkpoints(optimizer, optimizer._initialize_projector)
-        return optimizer
-    if cfg.optim == "adafactor":
-        optimizer = GaLoreAdafactor(groups, lr=cfg.learning_rate, scale_parameter=False,
-                                    relative_step=False)
-    elif cfg.optim in ("adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit"):
-        if not torch.cuda.is_available():
+        def make(groups: list[Group]) -> torch.optim.Optimizer:
+            optimizer = APOLLOAdamW(groups, lr=cfg.learning_rate, betas=betas, eps=cfg.adam_epsilon,
+                                    scale_front=cfg.apollo_scale_front)
+            _keep_projectors_in_checkpoints(optimizer, optimizer._initialize_projector)
+            return optimizer
+    else:
+        if cfg.optim in ("adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit") and not torch.cuda.is_available():
             raise ConfigError(f"use_galore with optim: {cfg.optim}: GaLore's 8-bit AdamW "
                               "synchronises CUDA at every step and runs on a GPU only.",
                               "use optim: adamw_torch or adafactor with GaLore on this machine.")
-        optimizer = GaLoreAdamW8bit(groups, lr=cfg.learning_rate, betas=betas, eps=cfg.adam_epsilon,
-                                    is_paged=cfg.optim.startswith("paged"))
-    else:
-        optimizer = GaLoreAdamW(groups, lr=cfg.learning_rate, betas=betas, eps=cfg.adam_epsilon,
-                                no_deprecation_warning=True)
-    _keep_projectors_in_checkpoints(optimizer, lambda group, state: GaLoreProjector(
-        group["rank"], update_proj_gap=group["update_proj_gap"], scale=group["scale"],
-        proj_type=group["proj_type"]))
-    return optimizer
+
+        def make(groups: list[Group]) -> torch.optim.Optimizer:
+            if cfg.optim == "adafactor":
+                optimizer = GaLoreAdafactor(groups, lr=cfg.learning_rate, scale_parameter=False,
+                                            relative_step=False)
+            elif cfg.optim in ("adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit"):
+                optimizer = GaLoreAdamW8bit(groups, lr=cfg.learning_rate, betas=betas,
+                                            eps=cfg.adam_epsilon, is_paged=cfg.optim.startswith("paged"))
+            else:
+                optimizer = GaLoreAdamW(groups, lr=cfg.learning_rate, betas=betas, eps=cfg.adam_epsilon,
+                                        no_deprecation_warning=True)
+            _keep_projectors_in_checkpoints(optimizer, lambda group, state: GaLoreProjector(
+                group["rank"], update_proj_gap=group["update_proj_gap"], scale=group["scale"],
+                proj_type=group["proj_type"]))
+            return optimizer
+    if cfg.galore_layerwise or cfg.apollo_layerwise:
+        if cfg.max_grad_norm:
+            print(f"max_grad_norm: {cfg.max_grad_norm} is not applied: layer-wise {name} updates "
+                  "each weight as soon as its gradient is complete, before the norm of the whole "
+                  "gradient is known (the log's grad_norm is that norm, unclipped).")
+        parts = []
+        for index, (group, param) in enumerate(((g, p) for g in groups for p in g["params"]), 1):
+            part = make([{**group, "params": [param]}])
+            if "seed" in part.state.get(param, {}):
+                # APOLLO seeds each weight's random projection by the weight's place in its
+                # optimizer: the place among all weights, as one optimizer would have it.
+                part.state[param]["seed"] = index
+            parts.append((param, part))
+        return LayerwiseOptimizer(parts)
+    return make(groups)
+
+
+class LayerwiseOptimizer(torch.optim.Optimizer):
+    """Layer-wise GaLore / APOLLO: one optimizer per weight, stepped the moment that weight's
+    gradient is complete in the backward pass, which then frees the gradient, so the model's
+    gradients never exist all at once. The loop's step() finds nothing left to do. The schedule
+    sets the rate in the per-weight optimizers' groups (they are this optimizer's groups); one
+    state_dict holds every part. The gradient norm is summed as the gradients pass, for the loop's
+    finite-gradient check and its log; it cannot clip, the weights have moved already."""
+
+    def __init__(self, parts: list[tuple[torch.nn.Parameter, torch.optim.Optimizer]]):
+        self.parts = [optimizer for _, optimizer in parts]
+        super().__init__([dict(g) for part in self.parts for g in part.param_groups], {})
+        self._share_groups()
+        self._squares: torch.Tensor | float = 0.0
+        self._stepped: set[int] = set()
+        for param, optimizer in parts:
+            param.register_post_accumulate_grad_hook(self._stepper(optimizer))
+
+    def _share_groups(self) -> None:
+        self.param_groups = [g for part in self.parts for g in part.param_groups]
+
+    def _stepper(self, optimizer: torch.optim.Optimizer) -> Callable[[torch.nn.Parameter], None]:
+        def step_now(param: torch.nn.Parameter) -> None:
+            if id(param) in self._stepped:
+                raise RuntimeError("layer-wise optimizer: a second backward pass before the "
+                                   "optimizer step would accumulate into a weight already updated")
+            self._stepped.add(id(param))
+            self._squares = self._squares + param.grad.detach().float().square().sum()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return step_now
+
+    def grad_norm(self) -> float:
+        """The norm of the gradients the last backward pass applied; the next pass starts anew."""
+        norm = float(self._squares) ** 0.5
+        self._squares, self._stepped = 0.0, set()
+        return norm
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        return None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"layerwise": [part.state_dict() for part in self.parts]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for part, state in zip(self.parts, state_dict["layerwise"], strict=True):
+            part.load_state_dict(state)
+        self._share_groups()
 
 
 def _badam(named: list[tuple[str, torch.nn.Parameter]], cfg: RunConfig) -> torch.optim.Optimizer:
