@@ -108,7 +108,9 @@ NOT_SUPPORTED: dict[str, tuple[Any, str]] = {
     "new_special_tokens_config": (None, "new special tokens are not added; remove it."),
     "init_special_tokens": ("noise_init", "new special tokens are not added; remove it."),
     "shift_attn": (False, "shift short attention (S2-Attn) is not implemented; remove it."),
-    "mixture_of_depths": (None, "Mixture-of-Depths is not implemented; remove it."),
+    "mixture_of_depths": (None, "LLaMA-Factory takes Mixture-of-Depths from the mixture-of-depth "
+                          "package (1.2.0, its last), which does not import with transformers 5 (it "
+                          "reads transformers.TRANSFORMERS_CACHE, since removed); remove it."),
     "moe_aux_loss_coef": (None, "the router's auxiliary loss is not added to the loss; remove it."),
     "quantization_device_map": (None, "the quantized base is placed on the training device; remove it."),
     # LLaMA-Factory's data, finetuning and generation arguments
