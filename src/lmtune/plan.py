@@ -125,9 +125,10 @@ def memory_estimate(model: torch.nn.Module, cfg: RunConfig, micro_batch_tokens: 
         return 2 if half and not p.requires_grad and p.ndim >= 2 else 4
 
     weights = sum(p.numel() * stored(p) for p in model.parameters())
-    gradients = sum(p.numel() * (2 if cfg.pure_bf16 else 4) for p in trainable)
-    if cfg.galore_layerwise or cfg.apollo_layerwise:  # each weight's gradient is freed at its update
-        gradients = max((p.numel() * (2 if cfg.pure_bf16 else 4) for p in trainable), default=0)
+    gradient_sizes = [p.numel() * (2 if cfg.pure_bf16 else 4) for p in trainable]
+    # Layer-wise GaLore / APOLLO free each weight's gradient at its update, inside the backward.
+    gradients = (max(gradient_sizes, default=0) if cfg.galore_layerwise or cfg.apollo_layerwise
+                 else sum(gradient_sizes))
     optimizer = state_bytes(model, cfg)
     width = 2 if cfg.bf16 or cfg.fp16 or cfg.pure_bf16 else 4
     matmul_weights = {id(m.weight): m.weight for m in model.modules()

@@ -278,7 +278,7 @@ def _check_layerwise(cfg: RunConfig, name: str) -> None:
     update, in one process, with nothing left for a loss scaler to unscale."""
     key = f"{name}_layerwise"
     if not getattr(cfg, f"use_{name}"):
-        raise ConfigError(f"{key} is a mode of {name.capitalize() if name == 'galore' else 'APOLLO'}, "
+        raise ConfigError(f"{key} is a mode of {dict(galore='GaLore', apollo='APOLLO')[name]}, "
                           f"and use_{name} is not set.", f"set use_{name}: true, or remove {key}.")
     if cfg.gradient_accumulation_steps != 1:
         raise ConfigError(f"{key} with gradient_accumulation_steps: "

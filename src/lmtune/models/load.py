@@ -82,8 +82,8 @@ def convert_gguf(gguf: Path) -> Path:
     stat = gguf.stat()
     alias = models / ".by-path" / hashlib.sha256(
         f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    if alias.is_file() and (models / alias.read_text() / _COMPLETE).is_file():
-        return models / alias.read_text()
+    if alias.is_file() and ((known := models / alias.read_text()) / _COMPLETE).is_file():
+        return known
     target = models / f"{gguf.stem}-{_content_key(gguf)[:12]}"
     if not (target / _COMPLETE).is_file():
         _convert(gguf, target)

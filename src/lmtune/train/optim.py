@@ -69,19 +69,27 @@ OPTIMIZERS = {
 }
 
 
-class MuonWithAdamW(torch.optim.Optimizer):
-    """Muon for the hidden 2-D matrices and AdamW for every other parameter, as one optimizer: the
-    schedule sets the learning rate of both (their groups are this optimizer's groups) and one
-    state_dict holds both states."""
+class OptimizerOfParts(torch.optim.Optimizer):
+    """Several optimizers acting as one: the schedule sets each part's learning rate through this
+    optimizer's groups, which are the parts' own group dicts."""
 
-    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer):
-        self.parts = [muon, adamw]
-        super().__init__([dict(g) for g in muon.param_groups + adamw.param_groups], {})
+    def __init__(self, parts: list[torch.optim.Optimizer]):
+        self.parts = parts
+        super().__init__([dict(g) for part in parts for g in part.param_groups], {})
         self._share_groups()
 
     def _share_groups(self) -> None:
-        # The parts step with the very group dicts the schedule writes each lr into.
+        # The parts step with the very group dicts the schedule writes each lr into (loading a
+        # part's state replaces its dicts, so this runs again after a load).
         self.param_groups = [g for part in self.parts for g in part.param_groups]
+
+
+class MuonWithAdamW(OptimizerOfParts):
+    """Muon for the hidden 2-D matrices and AdamW for every other parameter, as one optimizer: one
+    state_dict holds both states."""
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer):
+        super().__init__([muon, adamw])
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -262,7 +270,7 @@ def _projected(named: list[tuple[str, torch.nn.Parameter]], model: torch.nn.Modu
     return make(groups)
 
 
-class LayerwiseOptimizer(torch.optim.Optimizer):
+class LayerwiseOptimizer(OptimizerOfParts):
     """Layer-wise GaLore / APOLLO: one optimizer per weight, stepped the moment that weight's
     gradient is complete in the backward pass, which then frees the gradient, so the model's
     gradients never exist all at once. The loop's step() finds nothing left to do. The schedule
@@ -271,16 +279,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     finite-gradient check and its log; it cannot clip, the weights have moved already."""
 
     def __init__(self, parts: list[tuple[torch.nn.Parameter, torch.optim.Optimizer]]):
-        self.parts = [optimizer for _, optimizer in parts]
-        super().__init__([dict(g) for part in self.parts for g in part.param_groups], {})
-        self._share_groups()
+        super().__init__([optimizer for _, optimizer in parts])
         self._squares: torch.Tensor | float = 0.0
         self._stepped: set[int] = set()
         for param, optimizer in parts:
             param.register_post_accumulate_grad_hook(self._stepper(optimizer))
-
-    def _share_groups(self) -> None:
-        self.param_groups = [g for part in self.parts for g in part.param_groups]
 
     def _stepper(self, optimizer: torch.optim.Optimizer) -> Callable[[torch.nn.Parameter], None]:
         def step_now(param: torch.nn.Parameter) -> None:
