@@ -21,7 +21,7 @@ from lmtune.cli import main
 from lmtune.config import build_config
 from lmtune.errors import ConfigError
 from lmtune.train.logs import read_log
-from tests.conftest import write_yaml
+from tests.conftest import write_json, write_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,10 +33,12 @@ def test_rank_shares_cover_the_window_without_overlap(monkeypatch):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
         shares.append(distributed.rank_share(window))
-    assert shares == [([[0, 1], [4, 5]], 1.0), ([[2, 3]], 1.0)]
+    # Every rank runs as many micro-batches (sharded engines reduce in each backward): rank 1,
+    # one short, re-runs the window's first at weight 0.
+    assert shares == [[([0, 1], 1.0), ([4, 5], 1.0)], [([2, 3], 1.0), ([0, 1], 0.0)]]
     # A short last window: the rank without a micro-batch joins the all-reduce at weight 0.
     monkeypatch.setenv("RANK", "1")
-    assert distributed.rank_share([[6, 7]]) == ([[6, 7]], 0.0)
+    assert distributed.rank_share([[6, 7]]) == [([6, 7], 0.0)]
 
 
 def _run_two_ranks(config_path: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -142,12 +144,51 @@ def test_deepspeed_examples_parse(name, stage, offload):
         "stage": stage, "offload_optimizer": offload, "offload_param": offload}
 
 
-def test_deepspeed_over_several_ranks_without_cuda_is_refused_naming_what_is_missing(monkeypatch):
-    cfg = build_config({"deepspeed": str(EXAMPLES / "deepspeed" / "ds_z3_config.json")})
+@pytest.mark.parametrize("keys, words", [
+    ({"use_muon": True, "finetuning_type": "full"}, ["with Muon", "flat slices"]),
+    ({"optim": "adafactor"}, ["with Adafactor"]),
+    ({"finetuning_type": "adalora"}, ["adalora", "partitioned"]),
+    ({"pure_bf16": True, "bf16": True}, ["pure_bf16"]),
+])
+def test_what_zero_cannot_run_is_refused_over_several_ranks(monkeypatch, keys, words):
+    cfg = build_config({"deepspeed": str(EXAMPLES / "deepspeed" / "ds_z2_config.json")} | keys)
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError) as info:
-        distributed.init(cfg)
-    assert "ZeRO stage 3" in info.value.message and "CUDA GPU" in info.value.message
+        distributed.engine(cfg)
+    assert "ZeRO stage 2" in info.value.message
+    assert all(word in info.value.message for word in words), info.value.message
+
+
+def test_deepspeed_over_several_ranks_is_its_engine(monkeypatch):
+    cfg = build_config({"deepspeed": str(EXAMPLES / "deepspeed" / "ds_z3_config.json")})
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert distributed.engine(cfg) == "deepspeed"
+
+
+@pytest.mark.parametrize("section", ["optimizer", "scheduler"])
+def test_a_deepspeed_file_with_its_own_optimizer_or_schedule_is_refused(tmp_path, section):
+    path = write_json(tmp_path / "ds.json", {"zero_optimization": {"stage": 2},
+                                             section: {"type": "AdamW", "params": {}}})
+    with pytest.raises(ConfigError) as info:
+        distributed.deepspeed_settings(build_config({"deepspeed": str(path)}))
+    assert f"sets its own {section}" in info.value.message
+    assert f"remove the {section} section" in info.value.fix
+
+
+def test_the_deepspeed_file_is_filled_from_the_yaml(monkeypatch):
+    from lmtune.train import zero
+
+    cfg = build_config({"deepspeed": str(EXAMPLES / "deepspeed" / "ds_z3_offload_config.json"),
+                        "per_device_train_batch_size": 3, "gradient_accumulation_steps": 2,
+                        "max_grad_norm": 0.5})
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    resolved = zero.config(cfg, hidden_size=64)
+    assert (resolved["train_micro_batch_size_per_gpu"], resolved["gradient_accumulation_steps"],
+            resolved["train_batch_size"], resolved["gradient_clipping"]) == (3, 2, 12, 0.5)
+    assert resolved["bf16"]["enabled"] is False and resolved["fp16"]["enabled"] is False
+    assert resolved["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+    # On the CPU there is nothing to offload to: the offload sections are dropped.
+    assert "offload_optimizer" not in resolved["zero_optimization"]
 
 
 @pytest.mark.parametrize("keys, words", [
@@ -208,9 +249,26 @@ def test_accelerate_launch_fsdp_environment_is_read(monkeypatch):
     settings = distributed.fsdp_settings(build_config({}))
     assert settings["layer_classes"] == ["LlamaDecoderLayer"]
     assert settings["reshard_after_forward"] is False
-    with distributed.accelerate_without_fsdp():
+    with distributed.accelerate_without_engines():
         assert "ACCELERATE_USE_FSDP" not in os.environ
     assert os.environ["ACCELERATE_USE_FSDP"] == "true"
+
+
+def test_accelerate_launch_deepspeed_environment_is_read(monkeypatch):
+    # What `accelerate launch` exports for a config with deepspeed_config_file.
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError) as info:  # ZeRO settings without a file
+        distributed.engine(build_config({}))
+    assert "no DeepSpeed config file" in info.value.message
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE",
+                       str(EXAMPLES / "deepspeed" / "ds_z3_config.json"))
+    cfg = build_config({})
+    assert distributed.deepspeed_settings(cfg)["stage"] == 3
+    assert distributed.engine(cfg) == "deepspeed"
+    with distributed.accelerate_without_engines():
+        assert "ACCELERATE_USE_DEEPSPEED" not in os.environ
+    assert os.environ["ACCELERATE_USE_DEEPSPEED"] == "true"
 
 
 def test_fsdp_version_1_is_refused():

@@ -1,10 +1,11 @@
-"""Stages pt, rm, dpo and kto under DDP (torchrun with gloo on this CPU, 2 ranks): the same losses
-and final weights as one process with the same global batch. Their normalisers (pairs, answers),
+"""Stages pt, rm, dpo and kto under DDP and under DeepSpeed ZeRO-2 (torchrun with gloo on this
+CPU, 2 ranks): the same losses and final weights as one process with the same global batch. Their normalisers (pairs, answers),
 reference log-probs computed before the first update and kto's KL reference point from mismatched
 pairs must all come out the same whichever rank a row lands on; and every trainable parameter
 must get a gradient (rm with a full, untied model: the LM's own head never runs).
 
-One torchrun job trains the stages one after the other, so its processes start once.
+One torchrun job trains the stages one after the other under each engine, so its processes start
+once.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from lmtune import distributed
 from lmtune.cli import main
 from lmtune.train.logs import read_log
 from tests.conftest import PAIRS, QUESTIONS, write_json, write_yaml
+from tests.test_distributed import EXAMPLES
 
 KTO = [{"messages": [{"role": "user", "content": q},
                      {"role": "assistant", "content": "Yes." if i % 3 else "No."}],
@@ -47,6 +49,10 @@ STAGES = {
     "rm-full-untied": {"dataset": "pairs", "stage": "rm", "finetuning_type": "full",
                        "learning_rate": 1e-4},
 }
+# The two-rank runs: plain DDP, and DeepSpeed ZeRO-2 with LLaMA-Factory's example file (with a
+# checkpoint after step 1, which holds DeepSpeed's partitions).
+ENGINES = {"ddp": {}, "zero2": {"deepspeed": str(EXAMPLES / "deepspeed" / "ds_z2_config.json"),
+                                "save_steps": 1}}
 
 
 def _untied_model(tiny_model_dir: str, tokenizer, folder: Path) -> str:
@@ -67,7 +73,8 @@ def _trained(folder: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_pt_rm_dpo_kto_on_two_ranks_equal_one_process(tmp_path, tiny_model_dir, tokenizer):
+def test_pt_rm_dpo_kto_on_two_ranks_under_ddp_and_zero2_equal_one_process(tmp_path, tiny_model_dir,
+                                                                         tokenizer):
     data = tmp_path / "data"
     # 12 pairs / answers, 3 held out: 9 in micro-batches of 3 make windows of 2 micro-batches and
     # a last one of 1, so rank 1 also joins a step at weight 0; kto's rows mix both labels within
@@ -93,14 +100,16 @@ def test_pt_rm_dpo_kto_on_two_ranks_equal_one_process(tmp_path, tiny_model_dir, 
                 "model_name_or_path": untied}
         assert main(["train", str(write_yaml(tmp_path / f"{name}-one.yaml", config | {
             "output_dir": str(tmp_path / f"{name}-one"), "gradient_accumulation_steps": 2}))]) == 0
-        two_configs.append(str(write_yaml(tmp_path / f"{name}-two.yaml", config | {
-            "output_dir": str(tmp_path / f"{name}-two")})))
+        two_configs += [str(write_yaml(tmp_path / f"{name}-{engine}.yaml", config | keys | {
+            "output_dir": str(tmp_path / f"{name}-{engine}")})) for engine, keys in ENGINES.items()]
     script = tmp_path / "train_each.py"
     script.write_text(_TRAIN_EACH)
     distributed.launch(2, [str(script), *two_configs])
 
-    for name in STAGES:
-        one, two = tmp_path / f"{name}-one", tmp_path / f"{name}-two"
+    for name, engine in [(name, engine) for name in STAGES for engine in ENGINES]:
+        one, two = tmp_path / f"{name}-one", tmp_path / f"{name}-{engine}"
+        name = f"{name} under {engine}"
+        assert (two / "checkpoint-1" / "deepspeed").is_dir() == (engine == "zero2"), name
         # Loss, gradient norm and the stage's metrics (accuracy, margins, rewards, kl) per step.
         log_one, log_two = (read_log(d / "trainer_log.jsonl") for d in (one, two))
         assert [r["step"] for r in log_two] == [1, 2], name

@@ -12,7 +12,9 @@ calls them unconditionally and reads the same either way:
   target-token count of the WHOLE window on all ranks);
 - writes: `on_main` runs a function on rank 0 only and hands its result, or its LmtuneError, to
   every rank, so a refusal on rank 0 ends all ranks at once with the same message;
-- the launcher: `launch` runs torchrun and reports the first failing rank's own error.
+- the launcher: `launch` runs torchrun and reports the first failing rank's own error;
+- the engines: `engine` picks DDP, FSDP2 (`shard`) or DeepSpeed ZeRO (lmtune.train.zero) from the
+  YAML's fsdp / deepspeed keys and refuses what an engine cannot run, naming why.
 """
 
 from __future__ import annotations
@@ -78,8 +80,8 @@ def init(cfg: RunConfig) -> None:
         if cfg.deepspeed:
             print(f"deepspeed: {cfg.deepspeed} is not applied in one process: ZeRO partitions "
                   "weights, gradients and optimizer states over ranks, and one rank holds them "
-                  "all (with no GPU, nothing is offloaded either). Under torchrun, lmtune refuses "
-                  "it (use fsdp there).")
+                  "all (with no GPU, nothing is offloaded either). Over several processes "
+                  "(torchrun, --nproc) DeepSpeed's engine trains the run.")
         return
     if cfg.stage == "ppo":
         raise ConfigError(
@@ -190,12 +192,15 @@ def main_first() -> Iterator[None]:
     dist.broadcast_object_list([("ok", None)], src=0)
 
 
-def rank_share(window: list[list[int]]) -> tuple[list[list[int]], float]:
-    """This rank's micro-batches of a step's window (strided: ranks never overlap, and together
-    they cover the window) and their weight. A rank left with none (a short last window) re-runs
-    the window's first micro-batch at weight 0: every rank must join the gradient all-reduce."""
+def rank_share(window: list[list[T]]) -> list[tuple[list[T], float]]:
+    """This rank's micro-batches of a step's window, each with its weight (strided: ranks never
+    overlap, and together they cover the window). Every rank runs the same number of micro-batches:
+    sharded engines (FSDP2, ZeRO-2/3) reduce gradients in every backward, and each rank must join
+    each reduction, so a rank short of one (a short last window) re-runs the window's first
+    micro-batch at weight 0."""
+    per_rank = -(-len(window) // world_size())
     mine = window[rank()::world_size()]
-    return (mine, 1.0) if mine else (window[:1], 0.0)
+    return [(rows, 1.0) for rows in mine] + [(window[0], 0.0)] * (per_rank - len(mine))
 
 
 # --- errors and the launcher ------------------------------------------------------------------
@@ -345,36 +350,68 @@ def fsdp_settings(cfg: RunConfig) -> dict[str, Any] | None:
     }
 
 
+def deepspeed_path(cfg: RunConfig) -> str | None:
+    """The DeepSpeed config file of the run: the YAML's `deepspeed:`, else the one `accelerate
+    launch` was given (deepspeed_config_file in its config)."""
+    if cfg.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return cfg.deepspeed
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if not path or path == "none":
+        raise ConfigError("accelerate launched this run with DeepSpeed settings but no DeepSpeed "
+                          "config file; lmtune reads ZeRO's settings from such a file.",
+                          "set deepspeed: path/to/ds_config.json in the YAML (see "
+                          "examples/deepspeed/), or deepspeed_config_file in accelerate's config.")
+    return path
+
+
+def deepspeed_file(cfg: RunConfig) -> dict[str, Any]:
+    """The DeepSpeed config file of the run, as written."""
+    return _read_structured(deepspeed_path(cfg), "deepspeed")
+
+
 def deepspeed_settings(cfg: RunConfig) -> dict[str, Any] | None:
     """`deepspeed: ds_config.json` -> {"stage": ZeRO stage, "offload_optimizer" / "offload_param":
-    "cpu", "nvme" or None}, checked against the run's own batch and clipping keys."""
-    if not cfg.deepspeed:
+    "cpu", "nvme" or None}, checked against the run's own batch, clipping and precision keys."""
+    path = deepspeed_path(cfg)
+    if not path:
         return None
-    config = _read_structured(cfg.deepspeed, "deepspeed")
+    config = deepspeed_file(cfg)
     zero = config.get("zero_optimization", {})
     stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"deepspeed: {cfg.deepspeed} sets zero_optimization.stage {stage!r}.",
+        raise ConfigError(f"deepspeed: {path} sets zero_optimization.stage {stage!r}.",
                           "use stage 2 or 3.")
     offload = {k: (zero.get(k) or {}).get("device") for k in ("offload_optimizer", "offload_param")}
     offload = {k: None if v in (None, "none") else v for k, v in offload.items()}
     if offload["offload_param"] and stage != 3:
-        raise ConfigError(f"deepspeed: {cfg.deepspeed} offloads parameters with ZeRO stage {stage}; "
+        raise ConfigError(f"deepspeed: {path} offloads parameters with ZeRO stage {stage}; "
                           "DeepSpeed offloads parameters only at stage 3.",
                           "set zero_optimization.stage: 3, or remove offload_param.")
+    for section in ("optimizer", "scheduler"):
+        if section in config:
+            raise ConfigError(f"deepspeed: {path} sets its own {section}; lmtune builds "
+                              "the optimizer and the learning-rate schedule from the YAML (optim, "
+                              "learning_rate, lr_scheduler_type), as LLaMA-Factory's examples do.",
+                              f"remove the {section} section from the DeepSpeed file.")
     # The YAML owns these numbers; the DeepSpeed file may only say "auto" or agree.
-    owned = {"train_micro_batch_size_per_gpu": cfg.per_device_train_batch_size,
-             "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-             "gradient_clipping": cfg.max_grad_norm}
-    for key, value in owned.items():
-        if config.get(key, "auto") not in ("auto", value):
-            raise ConfigError(f"deepspeed: {cfg.deepspeed} sets {key}: {config[key]}, but the run "
-                              f"has {value}.", f'set {key}: "auto" in the DeepSpeed file.')
+    owned = {"train_micro_batch_size_per_gpu": (config.get("train_micro_batch_size_per_gpu"),
+                                                cfg.per_device_train_batch_size),
+             "gradient_accumulation_steps": (config.get("gradient_accumulation_steps"),
+                                             cfg.gradient_accumulation_steps),
+             "train_batch_size": (config.get("train_batch_size"), cfg.per_device_train_batch_size
+                                  * cfg.gradient_accumulation_steps * world_size()),
+             "gradient_clipping": (config.get("gradient_clipping"), cfg.max_grad_norm),
+             "bf16.enabled": ((config.get("bf16") or {}).get("enabled"), cfg.bf16),
+             "fp16.enabled": ((config.get("fp16") or {}).get("enabled"), cfg.fp16)}
+    for key, (theirs, ours) in owned.items():
+        if theirs not in (None, "auto", ours):
+            raise ConfigError(f"deepspeed: {path} sets {key}: {theirs}, but the run has "
+                              f"{ours}.", f'set {key}: "auto" in the DeepSpeed file.')
     return {"stage": stage} | offload
 
 
 def engine(cfg: RunConfig) -> str:
-    """The multi-process engine a run uses: "ddp" or "fsdp2" ("single": one process).
+    """The multi-process engine a run uses: "ddp", "fsdp2" or "deepspeed" ("single": one process).
     Refuses, naming what is missing, an engine or combination this machine cannot run."""
     ds, fsdp = deepspeed_settings(cfg), fsdp_settings(cfg)
     if ds and fsdp:
@@ -385,25 +422,8 @@ def engine(cfg: RunConfig) -> str:
         # with no GPU there is nothing to offload to the CPU either. The run is what it would be.
         return "single"
     if ds:
-        import importlib.util
-
-        missing = [what for what, present in (
-            ("the deepspeed package",
-             importlib.util.find_spec("deepspeed") is not None),
-            ("a CUDA GPU (DeepSpeed ZeRO runs on CUDA devices)", torch.cuda.is_available()))
-            if not present]
-        if missing:
-            raise ConfigError(f"deepspeed: ZeRO stage {ds['stage']} from {cfg.deepspeed} needs "
-                              f"{' and '.join(missing)}, which this machine lacks.",
-                              "remove deepspeed (plain DDP), or run on CUDA GPUs with deepspeed "
-                              "installed.")
-        # A DeepSpeed engine steps, clips and accumulates inside its own backward and writes
-        # partitioned checkpoints: lmtune's loop (window-normalised loss, guarded step, atomic
-        # checkpoints) does not drive it yet, and a run that half-works would be worse.
-        raise ConfigError(f"deepspeed: lmtune's training loop does not drive a DeepSpeed engine in "
-                          f"this version (ZeRO stage {ds['stage']} parsed from {cfg.deepspeed}).",
-                          "use fsdp: full_shard (FSDP2 shards weights, gradients and optimizer "
-                          "states like ZeRO-3; shard_grad_op like ZeRO-2), or plain DDP.")
+        _check_deepspeed_run(cfg, ds["stage"])
+        return "deepspeed"
     if world_size() == 1:
         return "single"
     if fsdp:
@@ -418,6 +438,46 @@ def engine(cfg: RunConfig) -> str:
                               "computed), or train with DDP.")
         return "fsdp2"
     return "ddp"
+
+
+# Optimizers whose update of a weight depends on its shape (factored moments, orthogonalised or
+# projected matrices, blocks chosen by layer): ZeRO flattens the weights it partitions.
+_SHAPE_AWARE = {"use_muon": "Muon", "use_adam_mini": "Adam-mini", "use_galore": "GaLore",
+                "use_apollo": "APOLLO", "use_badam": "BAdam"}
+
+
+def _check_deepspeed_run(cfg: RunConfig, stage: int) -> None:
+    """What a DeepSpeed ZeRO run over several processes cannot do, refused before anything loads."""
+    import importlib.util
+
+    where = f"deepspeed: ZeRO stage {stage} from {deepspeed_path(cfg)}"
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(f"{where} needs the deepspeed package, which is not installed.",
+                          "pip install 'lmtune[deepspeed]', or remove deepspeed (plain DDP).")
+    shape_aware = [name for key, name in _SHAPE_AWARE.items() if getattr(cfg, key)]
+    if cfg.optim == "adafactor":
+        shape_aware.append("Adafactor")
+    if shape_aware:
+        raise ConfigError(f"{where} with {shape_aware[0]}: ZeRO hands the optimizer flat slices of "
+                          "the weights, and this optimizer's update depends on each weight's shape.",
+                          "use an element-wise optimizer (adamw_torch, the default), or fsdp.")
+    if cfg.pure_bf16:
+        raise ConfigError(f"{where} with pure_bf16: DeepSpeed keeps its own precision (its "
+                          "bf16 section: bf16 weights with fp32 master copies).",
+                          "remove pure_bf16; bf16: true sets the DeepSpeed file's bf16.")
+    if cfg.finetuning_type == "adalora":
+        raise ConfigError(f"{where} with finetuning_type: adalora: AdaLoRA scores each rank from "
+                          "the adapter's gradients before every step, which ZeRO keeps "
+                          "partitioned in its own buffers.", "use lora, or DDP (remove deepspeed).")
+    if cfg.quantization_bit:
+        raise ConfigError(f"{where} with quantization_bit: ZeRO does not partition "
+                          "bitsandbytes' packed 4/8-bit weights in this version.",
+                          "remove deepspeed (QLoRA trains with DDP), or remove quantization_bit.")
+    if stage == 3 and cfg.eval_generate_samples:
+        raise ConfigError(f"{where} with eval_generate_samples: generating answers needs the "
+                          "whole model on one rank, and ZeRO-3 keeps it partitioned.",
+                          "set eval_generate_samples: 0 (eval_loss is still computed), or use "
+                          "ZeRO stage 2.")
 
 
 def shard(root: torch.nn.Module, model: torch.nn.Module, cfg: RunConfig) -> None:
@@ -443,12 +503,13 @@ def shard(root: torch.nn.Module, model: torch.nn.Module, cfg: RunConfig) -> None
 
 
 @contextmanager
-def accelerate_without_fsdp() -> Iterator[None]:
-    """lmtune shards with `fully_shard` itself; under `accelerate launch --config_file <FSDP>`
-    the Accelerator must not wrap the model a second time, so it is built without that flag."""
-    flag = os.environ.pop("ACCELERATE_USE_FSDP", None)
+def accelerate_without_engines() -> Iterator[None]:
+    """lmtune shards with `fully_shard` and starts DeepSpeed's engine itself; under `accelerate
+    launch --config_file <FSDP or DeepSpeed>` the Accelerator must not wrap the model a second
+    time, so it is built without those flags."""
+    flags = {name: os.environ.pop(name) for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
+             if name in os.environ}
     try:
         yield
     finally:
-        if flag is not None:
-            os.environ["ACCELERATE_USE_FSDP"] = flag
+        os.environ.update(flags)

@@ -720,8 +720,9 @@ class RunConfig(BaseModel):
         "reshard_after_forward, activation_checkpointing, state_dict_type: SHARDED_STATE_DICT or "
         "FULL_STATE_DICT for checkpoints).")
     deepspeed: str | None = Field(
-        None, description="DeepSpeed JSON config (ZeRO stage 2/3, offload); needs the deepspeed "
-        "extra and CUDA GPUs.")
+        None, description="DeepSpeed JSON config (ZeRO stage 2/3, offload): DeepSpeed's engine "
+        "partitions the run over its processes (torchrun, --nproc; CUDA or CPUs); needs the "
+        "deepspeed extra. Its \"auto\" values come from the YAML.")
 
     # --- generation (chat) -------------------------------------------------------------------
     do_sample: bool = Field(True, description="Sample in chat; --prompt answers greedily unless set.")

@@ -16,9 +16,10 @@ for every stage.
 Several processes (torchrun, accelerate launch, --nproc) run the same loop; what differs lives in
 the pieces and in lmtune.distributed: each rank takes its share of every step's window, the loss is
 normalised by the units of the window on ALL ranks (so N ranks make the same update as one process
-with the same global batch), the model is wrapped by accelerate (DDP) or sharded by torch's
-fully_shard (FSDP2), and only rank 0 writes logs, checkpoints and the output (FSDP2: each rank
-writes its own shards of a checkpoint).
+with the same global batch), the model is wrapped by accelerate (DDP), sharded by torch's
+fully_shard (FSDP2) or partitioned by DeepSpeed's ZeRO engine (lmtune.train.zero), and only rank 0
+writes logs, checkpoints and the output (FSDP2 and ZeRO: each rank writes its own shards of a
+checkpoint).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from lmtune.errors import ConfigError, RunInterrupted, TrainingError
 from lmtune.models.methods import (TrainingHooks, check_untouched_4bit, count_parameters,
                                    evaluation, training_hooks)
 from lmtune.train import checkpoint as ckpt
+from lmtune.train import zero
 from lmtune.train.best import BestEvaluation
 from lmtune.train.logs import GENERATION_METRICS, PLOT_FILE, TrainerLog, plot_loss
 from lmtune.train.optim import LayerwiseOptimizer, build_optimizer
@@ -252,7 +254,7 @@ class Trainer:
     output_dir: Path
     trainable: list[torch.nn.Parameter] = field(default_factory=list)
     wrapped: torch.nn.Module | None = None
-    engine: str = "single"  # distributed.engine(): single, ddp or fsdp2
+    engine: str = "single"  # distributed.engine(): single, ddp, fsdp2 or deepspeed
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -268,8 +270,10 @@ class Trainer:
         return getattr(self.optimizer, "optimizer", self.optimizer)
 
     def model_state(self) -> dict[str, torch.Tensor] | None:
-        """FSDP2: the full weights gathered from every rank onto rank 0 (all ranks call it; the
-        others get an empty dict); else None, and the model's own parameters are whole."""
+        """FSDP2 and ZeRO-3: the full weights gathered from every rank onto rank 0 (all ranks call
+        it; the others get an empty dict); else None, and the model's own parameters are whole."""
+        if self.engine == "deepspeed":
+            return zero.whole_state(self.wrapped, self.unwrapped)
         if self.engine != "fsdp2":
             return None
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -297,8 +301,11 @@ class Trainer:
         """Around a micro-batch's forward and backward: all-reduce (DDP) its gradients (the
         window's last micro-batch on this rank) or only accumulate them. FSDP2 reduce-scatters
         every micro-batch: holding whole unsynced gradients would undo its memory saving, and the
-        sum of the shards' gradients is the same."""
-        if sync or self.engine == "fsdp2":
+        sum of the shards' gradients is the same. DeepSpeed learns whether this is the window's
+        last micro-batch, the boundary its engine steps at."""
+        if self.engine == "deepspeed":
+            self.wrapped.set_gradient_accumulation_boundary(sync)
+        if sync or self.engine in ("fsdp2", "deepspeed"):
             return contextlib.nullcontext()
         return self.accelerator.no_sync(self.wrapped)
 
@@ -320,7 +327,10 @@ class Trainer:
                 f"{where}: the loss is {value}; training stopped. The newest checkpoint in "
                 f"{self.output_dir} is the last good state.",
                 "lower learning_rate, use bf16 rather than fp16, or check the data.")
-        self.accelerator.backward(loss * scale)
+        if self.engine == "deepspeed":  # the scale already divides by the window's units
+            self.wrapped.backward(loss * scale, scale_wrt_gas=False)
+        else:
+            self.accelerator.backward(loss * scale)
         return value
 
     def optimizer_step(self, update: int, where: str) -> tuple[float, float]:
@@ -328,6 +338,8 @@ class Trainer:
         optimizer and the schedule, with the method's hooks around it. -> (learning rate used,
         gradient norm before clipping)."""
         self.hooks.before_step()
+        if self.engine == "deepspeed":
+            return self._deepspeed_step(update, where)
         if isinstance(self.torch_optimizer, LayerwiseOptimizer):  # the weights moved in backward
             grad_norm = self.torch_optimizer.grad_norm()
         else:
@@ -346,13 +358,28 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return lr, grad_norm
 
+    def _deepspeed_step(self, update: int, where: str) -> tuple[float, float]:
+        """DeepSpeed reduces, clips and steps inside its engine, and only then knows the norm: a
+        non-finite one stops the run before anything of the changed weights is written."""
+        lr = self.scheduler.get_last_lr()[0]
+        self.wrapped.step()
+        grad_norm = float(self.wrapped.get_global_grad_norm())
+        if not math.isfinite(grad_norm):
+            raise TrainingError(f"{where}: the gradient norm is {grad_norm}; training stopped "
+                                "(nothing after the last checkpoint is saved).",
+                                "lower learning_rate, use bf16 rather than fp16, or check the data.")
+        self.hooks.after_step(update)
+        self.scheduler.step()
+        return lr, grad_norm
+
     def save_weights(self, folder: Path, final: bool = False) -> None:
         """The model or adapter (HF/PEFT format) and tokenizer, written by rank 0; never weights
         holding NaN/inf. Every rank calls it (a sharded engine gathers the weights first)."""
         model = self.unwrapped
-        # Each rank checks what it holds (FSDP2: its shards), and all learn of any bad value.
-        bad = [name for name, param in model.named_parameters() if param.requires_grad
-               and not torch.isfinite(param.to_local() if isinstance(param, DTensor) else param).all()]
+        # Each rank checks what it holds (FSDP2, ZeRO-3: its shards), and all learn of any bad value.
+        bad = [name for name, param in model.named_parameters() if param.requires_grad and not
+               torch.isfinite(param.to_local() if isinstance(param, DTensor)
+                              else zero.local_values(param)).all()]
         bad = [name for names in dist.gather(bad) for name in names]
         if bad:
             raise TrainingError(f"parameter {bad[0]} holds NaN/inf; nothing was saved.",
@@ -371,14 +398,20 @@ class Trainer:
         """checkpoint-`step` with every rank's random state, written once (by rank 0). FSDP2:
         every rank first writes its own shards of the weights and optimizer into the staging
         folder (torch.distributed.checkpoint), and the whole weights are gathered in HF/PEFT
-        format only with state_dict_type FULL_STATE_DICT."""
+        format only with state_dict_type FULL_STATE_DICT. DeepSpeed: every rank writes its
+        partitions there, and the checkpoint also holds the whole trained weights in HF/PEFT
+        format (usable as an adapter or model)."""
         rng_states = dist.gather(ckpt.rng_state())
-        sharded = self.engine == "fsdp2"
-        full = not sharded or dist.fsdp_settings(self.cfg)["state_dict_type"] == "FULL_STATE_DICT"
+        sharded = self.engine in ("fsdp2", "deepspeed")
+        full = self.engine != "fsdp2" or \
+            dist.fsdp_settings(self.cfg)["state_dict_type"] == "FULL_STATE_DICT"
         weights = self.model_state() if full else None
         if sharded:
             staging = dist.on_main(ckpt.open_staging, self.output_dir, step)
-            ckpt.save_sharded(self.sharded_state(), staging)
+            if self.engine == "deepspeed":
+                zero.save(self.wrapped, staging)
+            else:
+                ckpt.save_sharded(self.sharded_state(), staging)
 
         def write() -> None:
             ckpt.save_checkpoint(self.output_dir, step, lambda folder: (
@@ -415,7 +448,10 @@ class Trainer:
                 f"{dist.world_size()} processes).",
                 "choose gradient_accumulation_steps (or the number of processes) so the product "
                 f"is {saved_batch} again.")
-        if ckpt.is_sharded(resume_dir):
+        partitions = zero.is_checkpoint(resume_dir)
+        if partitions or self.engine == "deepspeed":
+            self._load_partitions(resume_dir, partitions)
+        elif ckpt.is_sharded(resume_dir):
             self._load_shards(resume_dir)
         elif self.engine == "fsdp2":
             self._load_whole_into_shards(resume_dir)
@@ -423,9 +459,20 @@ class Trainer:
             ckpt.load_weights(self.unwrapped, resume_dir)
         state = ckpt.load_training_state(resume_dir, self.optimizer, self.scheduler, dist.rank(),
                                          load_optimizer=not ckpt.is_sharded(resume_dir)
-                                         and self.engine != "fsdp2")
+                                         and self.engine in ("single", "ddp"))
         print(f"resuming from {resume_dir} at step {state['global_step']}")
         return state | {"global_batch": self.global_batch}
+
+    def _load_partitions(self, resume_dir: Path, partitions: bool) -> None:
+        """DeepSpeed's partitions, into the same ZeRO stage on as many ranks; a checkpoint of
+        whole weights cannot seed ZeRO's partitioned master copies and optimizer state."""
+        if not partitions:
+            raise ConfigError(
+                f"cannot resume from {resume_dir} under deepspeed: it was written without "
+                "DeepSpeed, and its optimizer state is not in ZeRO's partitions.",
+                "resume it without deepspeed, or start a new run from its weights "
+                f"(adapter_name_or_path: {resume_dir} for an adapter).")
+        zero.load(self.wrapped if self.engine == "deepspeed" else None, resume_dir)
 
     def _load_shards(self, resume_dir: Path) -> None:
         """A checkpoint of FSDP2 shards: torch.distributed.checkpoint reads into whatever layout
@@ -500,7 +547,7 @@ def prepare_trainer(cfg: RunConfig, model: torch.nn.Module, tokenizer: PreTraine
     # split_batches: the schedule counts global optimizer steps (lmtune shards the data itself),
     # so the prepared scheduler steps once per optimizer step, not once per rank.
     engine = dist.engine(cfg)
-    with dist.accelerate_without_fsdp():
+    with dist.accelerate_without_engines():
         accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
                                   cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp],
                                   dataloader_config=DataLoaderConfiguration(split_batches=True))
@@ -528,13 +575,23 @@ def prepare_trainer(cfg: RunConfig, model: torch.nn.Module, tokenizer: PreTraine
                               num_warmup_steps=cfg.warmup_for(optimizer_steps),
                               num_training_steps=optimizer_steps,
                               scheduler_specific_kwargs=cfg.lr_scheduler_kwargs)
-    if engine == "fsdp2":
+    if engine == "deepspeed":
+        # DeepSpeed's engine wraps the loss module and steps the optimizer it is handed; the
+        # schedule stays lmtune's, stepped once per optimizer step.
+        root.to(accelerator.device)
+        wrapped = zero.initialize(root, optimizer, cfg, _hidden_size(model))
+    elif engine == "fsdp2":
         wrapped = root
         optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
     else:
         wrapped, optimizer, scheduler = accelerator.prepare(root, optimizer, scheduler)
     return Trainer(cfg, model, tokenizer, accelerator, optimizer, scheduler, hooks, output_dir,
                    trainable, wrapped, engine)
+
+
+def _hidden_size(model: torch.nn.Module) -> int:
+    config = getattr(model, "lm", model).config  # a reward or value model: its LM's
+    return getattr(config, "hidden_size", None) or config.get_text_config().hidden_size
 
 
 def checkpoint_or_stop(trainer: Trainer, step: int, plan: Schedule, stop_requested: list[int],
@@ -656,19 +713,21 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
     stop_early = False
     with stop_requests() as stop_requested:
         for step in range(state["global_step"] + 1, plan.total + 1):
-            # This rank's share of the step's window; weight 0 only joins the all-reduce.
-            share, weight = dist.rank_share(next(windows))
-            batches = [trainer.to_device(objective.collate(rows, pad_id)) for rows in share]
-            window_units = dist.all_sum(weight * sum(objective.units(b) for b in batches))
+            # This rank's share of the step's window; a micro-batch of weight 0 only joins the
+            # gradient reduction.
+            share = [(trainer.to_device(objective.collate(rows, pad_id)), weight)
+                     for rows, weight in dist.rank_share(next(windows))]
+            window_units = dist.all_sum(sum(weight * objective.units(b) for b, weight in share))
             # Gradients are averaged over ranks by the engine: scaling by the world size makes
             # the update the sum over the window divided by its units, as in one process.
-            scale = weight * dist.world_size() / window_units
+            scale = dist.world_size() / window_units
             step_loss, step_tokens, step_metrics = 0.0, 0, MetricTotals()
-            for i, batch in enumerate(batches):
-                with trainer.gradient_sync(i == len(batches) - 1):
+            for i, (batch, weight) in enumerate(share):
+                with trainer.gradient_sync(i == len(share) - 1):
                     with trainer.autocast():
                         loss, metrics = trainer.forward(objective.loss, batch)
-                    step_loss += weight * trainer.backward(loss, f"step {step}", scale=scale)
+                    step_loss += weight * trainer.backward(loss, f"step {step}",
+                                                           scale=weight * scale)
                 step_metrics.add(metrics if weight else {})
                 step_tokens += int(weight * batch["attention_mask"].sum())
             lr, grad_norm = trainer.optimizer_step(step, f"step {step}")
