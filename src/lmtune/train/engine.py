@@ -472,7 +472,10 @@ class Trainer:
                 "DeepSpeed, and its optimizer state is not in ZeRO's partitions.",
                 "resume it without deepspeed, or start a new run from its weights "
                 f"(adapter_name_or_path: {resume_dir} for an adapter).")
-        zero.load(self.wrapped if self.engine == "deepspeed" else None, resume_dir)
+        if self.engine == "deepspeed":
+            zero.load(self.wrapped, resume_dir)
+        else:
+            zero.check_layout(resume_dir, None)
 
     def _load_shards(self, resume_dir: Path) -> None:
         """A checkpoint of FSDP2 shards: torch.distributed.checkpoint reads into whatever layout

@@ -134,19 +134,24 @@ def is_checkpoint(folder: Path) -> bool:
     return (folder / FOLDER).is_dir()
 
 
-def load(engine: Any | None, folder: Path) -> None:
-    """Restore the partitions `save` wrote, on the same number of ranks and ZeRO stage (DeepSpeed's
-    partitions are cut for them); anything else is refused before a weight changes."""
+def check_layout(folder: Path, zero_stage: int | None) -> None:
+    """Refuse to resume the partitions in `folder` anywhere but where they were cut: the same ZeRO
+    stage on the same number of ranks (`zero_stage` None: this run has no DeepSpeed)."""
     layout = json.loads((folder / FOLDER / LAYOUT).read_text())
-    here = {"world_size": dist.world_size(), "stage": stage(engine) if engine else None}
-    if engine is None or layout != here:
-        now = (f"ZeRO stage {here['stage']} on {here['world_size']} processes" if engine
-               else f"{here['world_size']} process(es) without deepspeed")
-        raise ConfigError(
-            f"cannot resume from {folder}: its DeepSpeed partitions were written by ZeRO stage "
-            f"{layout['stage']} on {layout['world_size']} processes, and this run is {now}.",
-            f"resume with the same deepspeed file on {layout['world_size']} processes; or start a "
-            f"new run from the checkpoint's weights (adapter_name_or_path: {folder} for an "
-            "adapter, model_name_or_path for a full fine-tune).")
+    if layout == {"world_size": dist.world_size(), "stage": zero_stage}:
+        return
+    now = (f"ZeRO stage {zero_stage} on {dist.world_size()} processes" if zero_stage is not None
+           else f"{dist.world_size()} process(es) without deepspeed")
+    raise ConfigError(
+        f"cannot resume from {folder}: its DeepSpeed partitions were written by ZeRO stage "
+        f"{layout['stage']} on {layout['world_size']} processes, and this run is {now}.",
+        f"resume with the same deepspeed file on {layout['world_size']} processes; or start a "
+        f"new run from the checkpoint's weights (adapter_name_or_path: {folder} for an "
+        "adapter, model_name_or_path for a full fine-tune).")
+
+
+def load(engine: Any, folder: Path) -> None:
+    """Restore the partitions `save` wrote, after `check_layout`: nothing changes on a refusal."""
+    check_layout(folder, stage(engine))
     engine.load_checkpoint(str(folder / FOLDER), tag=TAG, load_module_strict=False,
                            load_optimizer_states=True, load_lr_scheduler_states=False)
