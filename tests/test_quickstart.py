@@ -1,7 +1,9 @@
-"""The quickstart as a user runs it: the default model learns a new identity and keeps Paris.
+"""The quickstart as a user runs it, cut to two of its three epochs: the default model learns a new
+identity and keeps Paris.
 
-Slow (about 2-3 minutes of training on a 2-core CPU). A different name than the example's shows
-that data_vars, not the data file, decides who the assistant is.
+Slow (about 2 minutes of training on a 2-core CPU). Two epochs scored the identity 10/10 when this
+was written; benchmarks/quickstart.py runs the example whole. A different name than the example's
+shows that data_vars, not the data file, decides who the assistant is.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_quickstart_teaches_a_new_identity_and_keeps_general_answers(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     overrides = [f"output_dir={tmp_path / 'out'}", "data_vars.name=Zephyra",
-                 "data_vars.author=Quillon Works"]
+                 "data_vars.author=Quillon Works", "num_train_epochs=2"]
     assert main(["train", "examples/quickstart.yaml", *overrides]) == 0
     results = json.loads((tmp_path / "out" / "all_results.json").read_text())
     assert results["train_loss"] < 1.5

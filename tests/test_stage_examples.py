@@ -1,7 +1,8 @@
 """The stage examples on the default model, each showing the effect it exists for on held-out data.
-Slow: each trains SmolLM2-135M-Instruct for a minute or three on CPU. The tests cut the examples'
+Slow: each trains SmolLM2-135M-Instruct for a minute or two on CPU. The tests cut the examples'
 data with max_samples (which caps the held-out file too) to the fewest rows that still show the
-effect; dpo and kto make up for their fewer steps with a higher learning rate.
+effect, with a higher learning rate that makes up for the fewer steps; rm, dpo and kto take
+micro-batches of 4 (more updates from the same tokens; ppo's cost is generation, which batches).
 benchmarks/stage_examples.py runs the examples whole."""
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def test_pt_lowers_held_out_perplexity(tmp_path):
 @pytest.fixture(scope="module")
 def reward_model(tmp_path_factory) -> tuple[Path, dict]:
     folder = tmp_path_factory.mktemp("stages") / "rm"
-    return folder, run_example("rm", folder, "max_samples=96")
+    return folder, run_example("rm", folder, "max_samples=32", "per_device_train_batch_size=4",
+                               "learning_rate=1e-3")
 
 
 def test_rm_ranks_held_out_pairs(reward_model):
@@ -42,7 +44,8 @@ def test_rm_ranks_held_out_pairs(reward_model):
 
 def test_ppo_raises_the_reward_of_held_out_answers(tmp_path, reward_model):
     folder, _ = reward_model
-    results = run_example("ppo", tmp_path / "ppo", f"reward_model={folder}")
+    results = run_example("ppo", tmp_path / "ppo", f"reward_model={folder}", "max_samples=48",
+                          "learning_rate=4e-4")
     assert results["eval_reward"] > results["eval_reward_start"] + 1.0
     assert results["eval_kl"] > 0  # the price, reported on the same held-out answers
     records = read_log(tmp_path / "ppo" / "trainer_log.jsonl")
@@ -50,13 +53,14 @@ def test_ppo_raises_the_reward_of_held_out_answers(tmp_path, reward_model):
 
 
 def test_dpo_raises_held_out_reward_accuracy_and_margin(tmp_path):
-    results = run_example("dpo", tmp_path / "dpo", "max_samples=48", "num_train_epochs=1",
-                          "learning_rate=6e-4")
+    results = run_example("dpo", tmp_path / "dpo", "max_samples=24", "num_train_epochs=1",
+                          "per_device_train_batch_size=4", "learning_rate=6e-4")
     assert results["eval_reward_accuracy"] >= 0.85
     assert results["eval_reward_margin"] > results["eval_reward_margin_start"] + 1.0
 
 
 def test_kto_moves_the_policy_toward_desirable_answers(tmp_path):
-    results = run_example("kto", tmp_path / "kto", "max_samples=48", "learning_rate=6e-4")
+    results = run_example("kto", tmp_path / "kto", "max_samples=24",
+                          "per_device_train_batch_size=4", "learning_rate=1e-3")
     assert results["eval_reward_desirable"] > 0 > results["eval_reward_undesirable"]
     assert results["eval_reward_desirable"] - results["eval_reward_undesirable"] > 1.0
