@@ -11,6 +11,7 @@ import argparse
 import sys
 import traceback
 
+from lmtune import allocator
 from lmtune.config import RunConfig, check_training_inputs, describe_keys, load_config
 from lmtune.errors import LmtuneError
 from lmtune.runtime import configure
@@ -25,11 +26,14 @@ def _config(args: argparse.Namespace, **fixed) -> RunConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    if args.as_command:  # the command line itself, not main() called from Python
+        allocator.restart_with(cfg.allocator)  # before torch is imported: restarting is cheap then
+        allocator.forget_preload()
     from lmtune.train import STAGES
 
     from lmtune import distributed
 
-    cfg = _config(args)
     if cfg.do_predict and not cfg.do_train:  # LLaMA-Factory's predict-only run
         from lmtune.evaluate.predict import run_predict
 
@@ -250,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.as_command = argv is None
     configure()
     try:
         args.func(args)

@@ -51,6 +51,7 @@ from lmtune.data.streaming import RowStream
 from lmtune.errors import ConfigError, RunInterrupted, TrainingError
 from lmtune.models.methods import (TrainingHooks, check_untouched_4bit, count_parameters,
                                    evaluation, training_hooks)
+from lmtune.allocator import active_allocator
 from lmtune.train import checkpoint as ckpt
 from lmtune.train import zero
 from lmtune.train.best import BestEvaluation
@@ -792,6 +793,7 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
         "train_tokens_per_second": round((state["tokens_seen"] - tokens_before) / max(runtime, 1e-9),
                                          2),
         "global_step": state["global_step"], "epoch": epoch_at(state["global_step"]),
+        "allocator": active_allocator(),
     }
     if eval_rows:
         # The last step's evaluation is the final one when it ran there: the model is the same.

@@ -1,0 +1,83 @@
+"""The memory allocator a training process runs on: mimalloc where it is installed, else the C
+library's.
+
+Why: on the CPU, tensors come from malloc. glibc's malloc serves the many mid-sized activation
+buffers of a training step from its heap and keeps every page it has touched there; as long-lived
+saved activations and short-lived temporaries interleave, the heap's holes stay resident, and the
+process peaks far above what it holds at any moment (on the identity LoRA job of
+benchmarks/peers.py, 2.1 GiB against 1.5 GiB under mimalloc, for the same steps at a few percent
+of the speed; BENCHMARKS.md). Making glibc hand those buffers to mmap instead frees them at once but
+pays a page fault per 4 KiB on every use, 30-45% of the step time on that job.
+
+An allocator has to be chosen before the process starts (LD_PRELOAD), so `lmtune train` starts
+itself again with mimalloc preloaded, as torch's own CPU launcher (torch.backends.xeon.run_cpu)
+does with jemalloc or tcmalloc. `allocator: system` keeps the C library's.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+PRELOAD = "LD_PRELOAD"
+LIBRARY = "libmimalloc.so"
+
+
+def mimalloc_library() -> Path | None:
+    """The shared mimalloc library the cmeel-mimalloc wheel installs, if this platform has it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        dist = distribution("cmeel-mimalloc")
+    except PackageNotFoundError:
+        return None
+    for file in dist.files or []:
+        if file.name.startswith(LIBRARY + "."):
+            path = Path(dist.locate_file(file))
+            if path.is_file():
+                return path
+    return None
+
+
+def active_allocator() -> str:
+    """'mimalloc' when this process runs on it, else 'system' (read from its own memory map)."""
+    maps = Path("/proc/self/maps")
+    if maps.is_file() and LIBRARY in maps.read_text():
+        return "mimalloc"
+    return "system"
+
+
+def restart_with(allocator: str) -> None:
+    """Start this very command again with `allocator` preloaded, unless it runs on it already, the
+    user asked for the system's, or the library is missing here (then the run goes on as it is).
+    exec keeps the process id, so a launcher that started it (torchrun, a shell, the web UI)
+    still waits on the same process."""
+    if allocator != "mimalloc" or active_allocator() == "mimalloc":
+        return
+    library = mimalloc_library()
+    if library is None:
+        return
+    preload = " ".join(filter(None, [str(library), os.environ.get(PRELOAD, "")]))
+    argv = [sys.executable, *_interpreter_flags(), "-m", "lmtune.cli", *sys.argv[1:]]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, argv, os.environ | {PRELOAD: preload})
+
+
+def forget_preload() -> None:
+    """Take mimalloc out of LD_PRELOAD once it is loaded: the processes this one starts (compilers,
+    other tools) choose for themselves; a `lmtune train` among them restarts itself as this did."""
+    entries = [e for e in os.environ.get(PRELOAD, "").split() if LIBRARY not in Path(e).name]
+    if entries:
+        os.environ[PRELOAD] = " ".join(entries)
+    else:
+        os.environ.pop(PRELOAD, None)
+
+
+def _interpreter_flags() -> list[str]:
+    """-X options and warning filters the interpreter was started with, kept across the restart."""
+    flags = [f"-X{k}" if v is True else f"-X{k}={v}" for k, v in sys._xoptions.items()]
+    return flags + [f"-W{w}" for w in sys.warnoptions]
