@@ -4,10 +4,10 @@ library's.
 Why: on the CPU, tensors come from malloc. glibc's malloc serves the many mid-sized activation
 buffers of a training step from its heap and keeps every page it has touched there; as long-lived
 saved activations and short-lived temporaries interleave, the heap's holes stay resident, and the
-process peaks far above what it holds at any moment (on the identity LoRA job of
-benchmarks/peers.py, 2.1 GiB against 1.5 GiB under mimalloc, for the same steps at a few percent
-of the speed; BENCHMARKS.md). Making glibc hand those buffers to mmap instead frees them at once but
-pays a page fault per 4 KiB on every use, 30-45% of the step time on that job.
+process peaks far above what it holds at any moment (about a third higher than under mimalloc on
+the identity LoRA job of benchmarks/peers.py, at about the same step time). Making glibc hand
+those buffers to mmap instead frees them at once but pays a page fault per 4 KiB on every use,
+a third more step time on that job.
 
 An allocator has to be chosen before the process starts (LD_PRELOAD), so `lmtune train` starts
 itself again with mimalloc preloaded, as torch's own CPU launcher (torch.backends.xeon.run_cpu)
