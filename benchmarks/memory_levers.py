@@ -2,11 +2,13 @@
 
 The quickstart config (default model, LoRA r=8 on all linear layers, batch 8, cutoff 512) trains the
 same number of steps per row, each row in its own child process, one after another. Rows add one
-lever each to the row above: fp32 everywhere, then bf16 autocast, then the frozen base stored in
-bf16 (the quickstart as shipped), then gradient checkpointing. The `runtime` row is a process that
-imports what `lmtune train` imports and loads the default model's tokenizer, nothing more: the
-floor under every run, and `lmtune plan`'s RUNTIME_GIB. Each training row also carries `lmtune
-plan`'s estimate of its peak for the same config.
+lever each to the row above: fp32 everywhere on glibc's malloc, then mimalloc (lmtune's default
+allocator), then the frozen base stored in bf16 while computing in fp32 (`frozen_dtype: bfloat16`),
+then bf16 autocast (the quickstart as shipped: autocast keeps the base in bf16), then gradient
+checkpointing. The `runtime` row is a process that imports what `lmtune train` imports and loads the
+default model's tokenizer, nothing more: the floor under every run, and `lmtune plan`'s
+RUNTIME_GIB. Each training row also carries `lmtune plan`'s estimate of its peak for the same
+config.
 
     python benchmarks/memory_levers.py     # writes benchmarks/results/memory_levers.json and its
                                            # table in BENCHMARKS.md
@@ -23,9 +25,13 @@ from _harness import ROOT, Bench, lmtune, run_child, source_line, table
 QUICKSTART = str(ROOT / "examples" / "quickstart.yaml")
 # (name, what it adds, overrides): each row is the row above plus one lever.
 LEVERS = [
-    ("fp32", "fp32 weights and compute (no lever)", ["bf16=false"]),
-    ("+ bf16 autocast", "matmuls in bf16, weights stored fp32", ["bf16=true", "frozen_dtype=float32"]),
-    ("+ bf16 frozen base", "frozen base stored in bf16 (the quickstart as shipped)", ["bf16=true"]),
+    ("fp32", "fp32 weights and compute on glibc's malloc (no lever)",
+     ["bf16=false", "frozen_dtype=float32", "allocator=system"]),
+    ("+ mimalloc", "mimalloc as the process's allocator (lmtune's default)",
+     ["bf16=false", "frozen_dtype=float32"]),
+    ("+ bf16 frozen base, fp32 compute", "frozen base stored in bf16, cast up by each layer",
+     ["bf16=false", "frozen_dtype=bfloat16"]),
+    ("+ bf16 autocast", "matmuls in bf16 on the bf16 base (the quickstart as shipped)", ["bf16=true"]),
     ("+ gradient checkpointing", "recompute each layer's activations in backward",
      ["bf16=true", "gradient_checkpointing=true"]),
 ]

@@ -1,7 +1,8 @@
 """frozen_dtype: auto: an adapter method's frozen base is stored in bf16 under bf16 autocast, with the
 same math as the fp32-stored run (forward and the trained parameters' gradients), fp32 adapters on
 disk, and every path that runs the model (eval, generation, dpo's reference, ppo's rollouts) working
-on it."""
+on it. frozen_dtype: bfloat16 stores it so in fp32 compute too: the very numbers of an fp32 run
+on bf16 weights, and within rounding of one on fp32 weights."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from lmtune.train.forward import token_loss_sum
 from tests.conftest import PAIRS, train, write_json
 
 
-def build(model_dir: str, method: str, frozen_dtype: str) -> torch.nn.Module:
-    cfg = RunConfig(model_name_or_path=model_dir, finetuning_type=method, lora_rank=4, bf16=True,
+def build(model_dir: str, method: str, frozen_dtype: str, bf16: bool = True) -> torch.nn.Module:
+    cfg = RunConfig(model_name_or_path=model_dir, finetuning_type=method, lora_rank=4, bf16=bf16,
                     frozen_dtype=frozen_dtype)
     model = load_model(model_dir, half_precision=half_frozen_base(cfg))
     torch.manual_seed(1)
@@ -40,9 +41,9 @@ def batch() -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def loss_and_grads(model: torch.nn.Module, data: dict[str, torch.Tensor]
+def loss_and_grads(model: torch.nn.Module, data: dict[str, torch.Tensor], autocast: bool = True
                    ) -> tuple[float, dict[str, torch.Tensor]]:
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         loss = token_loss_sum(model, data) / 60
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -71,10 +72,76 @@ def test_bf16_stored_base_keeps_the_loss_and_gradients(tiny_model_dir, method):
         assert (half_grads[name] - grad).norm() <= 0.03 * grad.norm(), name
 
 
+@pytest.fixture(scope="module")
+def bf16_valued_model_dir(tiny_model_dir, tmp_path_factory) -> str:
+    """The tiny model with every weight rounded to bf16, saved in fp32: a bf16 checkpoint's values."""
+    folder = tmp_path_factory.mktemp("bf16-valued")
+    model = load_model(tiny_model_dir)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(param.bfloat16().float())
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt"])
+def test_bf16_stored_base_in_fp32_compute_is_exact_on_bf16_weights(bf16_valued_model_dir, method):
+    reference = build(bf16_valued_model_dir, method, "float32", bf16=False)
+    half = build(bf16_valued_model_dir, method, "bfloat16", bf16=False)
+    assert {p.dtype for p in half.parameters() if not p.requires_grad and p.ndim >= 2} == {torch.bfloat16}
+    # peft initialises an adapter in its base's dtype before upcasting it: start both from the same
+    trained = dict(reference.named_parameters())
+    with torch.no_grad():
+        for name, param in half.named_parameters():
+            if param.requires_grad:
+                param.copy_(trained[name])
+    data = batch()
+    loss, grads = loss_and_grads(reference, data, autocast=False)
+    half_loss, half_grads = loss_and_grads(half, data, autocast=False)
+    assert half_loss == pytest.approx(loss, rel=1e-6)
+    for name, grad in grads.items():
+        assert half_grads[name].dtype == torch.float32
+        # fp32 arithmetic on the same values; only the order of the sums inside a matmul differs
+        assert (half_grads[name] - grad).norm() <= 1e-5 * grad.norm(), name
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix"])
+def test_bf16_stored_base_in_fp32_compute_rounds_fp32_weights_a_little(tiny_model_dir, method):
+    """Rounded weights; prefix tuning's keys and values also reach the model in its base's dtype
+    (peft casts them), so they are rounded too."""
+    reference = build(tiny_model_dir, method, "float32", bf16=False)
+    half = build(tiny_model_dir, method, "bfloat16", bf16=False)
+    data = batch()
+    loss, grads = loss_and_grads(reference, data, autocast=False)
+    half_loss, half_grads = loss_and_grads(half, data, autocast=False)
+    assert half_loss == pytest.approx(loss, rel=1e-3)
+    for name, grad in grads.items():
+        assert (half_grads[name] - grad).norm() <= 0.02 * grad.norm(), name
+
+
+def test_bf16_stored_base_in_fp32_compute_trains_and_saves_fp32(tmp_path, train_config):
+    config = train_config | {"frozen_dtype": "bfloat16", "val_size": 2, "eval_strategy": "steps",
+                             "eval_generate_samples": 2, "max_new_tokens": 4, "max_steps": 4}
+    results = train(tmp_path, config)
+    assert results["eval_loss"] > 0 and "eval_bleu-4" in results
+    assert adapter_dtypes(Path(config["output_dir"])) == {"F32"}
+
+
+@pytest.mark.parametrize("update", [{"finetuning_type": "full"}, {"finetuning_type": "oft"},
+                                    {"quantization_bit": 4}, {"deepspeed": "ds.json"}])
+def test_frozen_dtype_bfloat16_is_refused_where_it_cannot_apply(update):
+    from lmtune.config.io import build_config
+    from lmtune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="frozen_dtype: bfloat16 cannot apply"):
+        build_config({"finetuning_type": "lora", "frozen_dtype": "bfloat16"} | update)
+
+
 @pytest.mark.parametrize("update,expect_half", [
     ({}, True), ({"bf16": False}, False), ({"frozen_dtype": "float32"}, False),
     ({"finetuning_type": "full"}, False), ({"finetuning_type": "freeze"}, False),
-    ({"quantization_bit": 4}, False), ({"finetuning_type": "ptuning"}, True)])
+    ({"quantization_bit": 4}, False), ({"finetuning_type": "ptuning"}, True),
+    ({"bf16": False, "frozen_dtype": "bfloat16"}, True)])
 def test_which_runs_store_the_base_in_half_precision(update, expect_half):
     assert half_frozen_base(RunConfig(**{"finetuning_type": "lora", "bf16": True} | update)) is expect_half
 

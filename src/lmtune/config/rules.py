@@ -8,6 +8,8 @@ from lmtune.config.schema import RunConfig
 from lmtune.errors import ConfigError
 
 ADAPTER_METHODS = ("lora", "oft", "adalora", "ia3", "prefix", "prompt", "ptuning")
+# Adapter methods whose frozen base may be stored in half precision (models/precision.py).
+HALF_BASE_METHODS = ("lora", "adalora", "ia3", "prefix", "prompt", "ptuning")
 
 # Each method key and the finetuning_types it applies to (the first is the one a fix suggests). A key
 # set for another method would be silently ignored, so it is refused instead.
@@ -62,6 +64,21 @@ def _needs(cfg_holds: bool, key: str, needed: str, explicitly_set: set[str]) -> 
                           f"set {needed} or remove {key}.")
 
 
+def _check_half_base(cfg: RunConfig) -> None:
+    """frozen_dtype: bfloat16 is asked for explicitly (auto chooses for itself): refuse it where
+    the base cannot be stored so, rather than ignore it."""
+    where = None
+    if cfg.finetuning_type not in HALF_BASE_METHODS:
+        where = f"finetuning_type: {cfg.finetuning_type} (it applies to {_or(list(HALF_BASE_METHODS))})"
+    elif cfg.quantization_bit is not None:
+        where = "quantization_bit (bitsandbytes stores the base)"
+    elif cfg.fsdp or cfg.fsdp_config or cfg.deepspeed:
+        where = "fsdp or deepspeed (one process or DDP only; with bf16: true, auto stores it in bf16)"
+    if where:
+        raise ConfigError(f"frozen_dtype: bfloat16 cannot apply with {where}.",
+                          "remove frozen_dtype.")
+
+
 def _check_method_combinations(cfg: RunConfig, explicitly_set: set[str]) -> None:
     _needs(cfg.pissa_init, "pissa_iter", "pissa_init: true", explicitly_set)
     _needs(cfg.loraplus_lr_ratio is not None, "loraplus_lr_embedding", "loraplus_lr_ratio",
@@ -71,6 +88,8 @@ def _check_method_combinations(cfg: RunConfig, explicitly_set: set[str]) -> None
     _needs(cfg.prompt_tuning_init == "text", "prompt_tuning_init_text", "prompt_tuning_init: text",
            explicitly_set)
     _needs(bool(cfg.adapter_paths), "create_new_adapter", "adapter_name_or_path", explicitly_set)
+    if cfg.frozen_dtype == "bfloat16":
+        _check_half_base(cfg)
     _needs(cfg.quantization_bit is not None, "quantization_method", "quantization_bit", explicitly_set)
     for key in ("quantization_type", "double_quantization"):
         _needs(cfg.quantization_bit == 4, key, "quantization_bit: 4", explicitly_set)

@@ -669,10 +669,12 @@ class RunConfig(BaseModel):
         "the input embeddings while training (never in eval or generation); 5 in the paper.")
     bf16: bool = Field(False, description="bfloat16 mixed precision (weights stay fp32).")
     fp16: bool = Field(False, description="float16 mixed precision with loss scaling (GPU only).")
-    frozen_dtype: Literal["auto", "float32"] = Field(
-        "auto", description="Adapter methods (lora, adalora, ia3, prefix, prompt, ptuning) with bf16: "
-        "auto stores the frozen base in bf16 (or the checkpoint's float16), the precision bf16 "
-        "computes in anyway, at half the memory; float32 keeps it in full precision. Trained "
+    frozen_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Adapter methods (lora, adalora, ia3, prefix, prompt, ptuning): auto "
+        "stores the frozen base in bf16 (or the checkpoint's float16) under bf16, the precision bf16 "
+        "computes in anyway, at half the memory, and in fp32 otherwise; bfloat16 stores it so in "
+        "fp32 compute too (each layer casts its weight up as it computes: exact for a bf16 "
+        "checkpoint, an fp32 one is rounded once); float32 keeps it in full precision. Trained "
         "weights and saved adapters are fp32 either way.")
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward: less memory, ~30% slower.")

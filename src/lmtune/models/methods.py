@@ -30,7 +30,7 @@ from lmtune.errors import ConfigError, ModelError
 from lmtune.models.lineage import check_adapter, note_merged, record_base
 from lmtune.models.load import (fit_vocab, is_quantized, load_model, model_options,
                                 quantization_config, resolve_adapter, trains_vocab)
-from lmtune.models.precision import half_frozen_base, settle_dtypes
+from lmtune.models.precision import computes_in_fp32, half_frozen_base, settle_dtypes
 
 log = logging.getLogger(__name__)
 
@@ -411,7 +411,7 @@ def apply_method(model: PreTrainedModel, cfg: RunConfig):
     else:
         model = get_peft_model(model, adapter_config(model, cfg))
     if half_frozen_base(cfg):
-        settle_dtypes(model)
+        settle_dtypes(model, computes_in_fp32(cfg))
     trainable, total = count_parameters(model)
     log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}",
              100 * trainable / total)

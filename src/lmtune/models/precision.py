@@ -1,4 +1,4 @@
-"""The frozen base of an adapter method stored in half precision: half the weights' memory, same math.
+"""The frozen base of an adapter method stored in half precision: half the weights' memory.
 
 Under bf16 autocast every matmul already runs in bf16, casting each fp32 weight on every forward, so
 a frozen weight stored in bf16 feeds the same numbers to the same kernels (and the per-forward casts
@@ -7,24 +7,39 @@ the residual stream is fp32 as before, and the small 1-D weights (norms, biases)
 trains are fp32. Left out: full fine-tuning (fp32 master weights), freeze (its output is the whole
 model, whose frozen layers would be saved rounded), a quantized base (bitsandbytes stores it), and
 FSDP2 (one dtype per sharded unit).
+
+In full precision (no bf16 or fp16), `frozen_dtype: bfloat16` asks for the same storage: each frozen
+linear layer then casts its weight up to fp32 inside its own forward and again in backward, keeping
+only the half-precision weight, so the arithmetic is fp32 on the stored values. A checkpoint whose
+weights are bf16 (most published ones) computes exactly as if loaded in fp32; an fp32 checkpoint is
+rounded to bf16 once, at load. Prefix tuning's keys and values are rounded too: peft hands them to
+the model in its base's dtype. The casts cost a few percent of a step on the CPU (BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from lmtune.config import RunConfig
+from lmtune.config.rules import HALF_BASE_METHODS
+from lmtune.errors import ConfigError
 
 HALF = (torch.bfloat16, torch.float16)
-ADAPTER_METHODS = ("lora", "adalora", "ia3", "prefix", "prompt", "ptuning")
 
 
 def half_frozen_base(cfg: RunConfig) -> bool:
-    """Whether this run stores its frozen base in half precision (frozen_dtype: auto)."""
+    """Whether this run stores its frozen base in half precision: frozen_dtype auto under bf16,
+    or bfloat16 asked for."""
     from lmtune.distributed import fsdp_settings
 
-    return (cfg.frozen_dtype == "auto" and cfg.bf16 and cfg.finetuning_type in ADAPTER_METHODS
-            and cfg.quantization_bit is None and not fsdp_settings(cfg))
+    asked = cfg.frozen_dtype == "bfloat16" or (cfg.frozen_dtype == "auto" and cfg.bf16)
+    return (asked and cfg.finetuning_type in HALF_BASE_METHODS and cfg.quantization_bit is None
+            and not fsdp_settings(cfg))
+
+
+def computes_in_fp32(cfg: RunConfig) -> bool:
+    return not (cfg.bf16 or cfg.fp16 or cfg.pure_bf16)
 
 
 def half_dtype(config) -> torch.dtype:
@@ -40,13 +55,50 @@ def _fp32_output(module: torch.nn.Module, inputs, output: torch.Tensor) -> torch
     return output.float()
 
 
-def settle_dtypes(model: torch.nn.Module) -> None:
+def settle_dtypes(model: torch.nn.Module, fp32_compute: bool) -> None:
     """After the method is applied to a base loaded in half precision: what trains, and the frozen
-    1-D weights, back to fp32; the embedding hands fp32 to the residual stream. Tied weights stay
-    tied (the same Parameter changes its data)."""
+    1-D weights, back to fp32; the embedding hands fp32 to the residual stream; in fp32 compute,
+    frozen linear layers cast their weight up as they use it. Tied weights stay tied (the same
+    Parameter changes its data)."""
     for param in model.parameters():
         if param.dtype in HALF and (param.requires_grad or param.ndim < 2):
             param.data = param.data.float()
     embedding = model.get_input_embeddings()
     if embedding.weight.dtype in HALF:
         embedding.register_forward_hook(_fp32_output)
+    if not fp32_compute:
+        return
+    for module in model.modules():
+        if type(module) is torch.nn.Linear and module.weight.dtype in HALF:
+            module.__class__ = UpcastLinear
+    owners = {id(m.weight) for m in model.modules() if isinstance(m, UpcastLinear)} | {id(embedding.weight)}
+    unhandled = [name for name, p in model.named_parameters() if p.dtype in HALF and id(p) not in owners]
+    if unhandled:
+        raise ConfigError(f"frozen_dtype: bfloat16 in fp32 compute handles linear layers and the "
+                          f"input embedding; this model also stores {unhandled[0]} in half precision.",
+                          "use frozen_dtype: float32 for this model, or bf16: true.")
+
+
+class _UpcastMatmul(torch.autograd.Function):
+    """y = x W^T + b with W stored in half precision and used in x's dtype. Autograd would keep the
+    upcast copy of W for backward (a full-precision copy of every layer, the memory this saves);
+    this keeps the stored W and casts it again in backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return F.linear(x, weight.to(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        grad_x = grad @ weight.to(grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
+        return grad_x, None, grad_bias
+
+
+class UpcastLinear(torch.nn.Linear):
+    """A frozen nn.Linear whose weight is stored in half precision and computes in fp32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _UpcastMatmul.apply(x, self.weight, self.bias)
