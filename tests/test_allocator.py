@@ -1,6 +1,7 @@
-"""`lmtune train` runs on mimalloc: the command restarts itself (exec, the same process) with the
-library preloaded and says in all_results.json which allocator ran; `allocator: system` keeps the C
-library's. tests/test_interrupt.py signals such a restarted process and sees it checkpoint."""
+"""`lmtune train` runs on mimalloc: the command restarts itself (exec: the same process, the same
+command line) with the library preloaded and says in all_results.json which allocator ran;
+`allocator: system` keeps the C library's. tests/test_interrupt.py signals such a restarted process
+and sees it checkpoint."""
 
 from __future__ import annotations
 
@@ -27,10 +28,14 @@ def _train(tmp_path, train_config, **extra) -> tuple[dict, str]:
     config = write_yaml(tmp_path / "run.yaml", train_config | {"max_steps": 2} | extra)
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"} | {
         "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run([sys.executable, "-m", "lmtune.cli", "train", str(config)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    out = proc.stdout
+    # The command prints its process id as it exits: exec keeps the one Popen started.
+    probe = ("import atexit, os, sys; atexit.register(lambda: print('pid', os.getpid())); "
+             "from lmtune.cli import main; sys.exit(main())")
+    proc = subprocess.Popen([sys.executable, "-c", probe, "train", str(config)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert out.count("pid ") == 1 and f"pid {proc.pid}" in out
     return json.loads((tmp_path / "out" / "all_results.json").read_text()), out
 
 

@@ -61,10 +61,10 @@ def restart_with(allocator: str) -> None:
     if library is None:
         return
     preload = " ".join(filter(None, [str(library), os.environ.get(PRELOAD, "")]))
-    argv = [sys.executable, *_interpreter_flags(), "-m", "lmtune.cli", *sys.argv[1:]]
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, argv, os.environ | {PRELOAD: preload})
+    # The interpreter's own command line, its flags (-u, -X, -W) and script or -m module included.
+    os.execve(sys.executable, sys.orig_argv, os.environ | {PRELOAD: preload})
 
 
 def forget_preload() -> None:
@@ -75,9 +75,3 @@ def forget_preload() -> None:
         os.environ[PRELOAD] = " ".join(entries)
     else:
         os.environ.pop(PRELOAD, None)
-
-
-def _interpreter_flags() -> list[str]:
-    """-X options and warning filters the interpreter was started with, kept across the restart."""
-    flags = [f"-X{k}" if v is True else f"-X{k}={v}" for k, v in sys._xoptions.items()]
-    return flags + [f"-W{w}" for w in sys.warnoptions]
