@@ -57,3 +57,9 @@ def test_the_preload_is_not_passed_on(monkeypatch):
     monkeypatch.setenv("LD_PRELOAD", "/lib/libmimalloc.so.3")
     allocator.forget_preload()
     assert "LD_PRELOAD" not in os.environ
+
+
+def test_a_rank_of_a_multi_process_job_keeps_the_c_library(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(allocator.os, "execve", lambda *a: pytest.fail("a rank restarted"))
+    allocator.restart_with("mimalloc")

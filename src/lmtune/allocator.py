@@ -55,7 +55,7 @@ def restart_with(allocator: str) -> None:
     user asked for the system's, or the library is missing here (then the run goes on as it is).
     exec keeps the process id, so a launcher that started it (torchrun, a shell, the web UI)
     still waits on the same process."""
-    if allocator != "mimalloc" or active_allocator() == "mimalloc":
+    if allocator != "mimalloc" or active_allocator() == "mimalloc" or _is_rank():
         return
     library = mimalloc_library()
     if library is None:
@@ -65,6 +65,13 @@ def restart_with(allocator: str) -> None:
     sys.stderr.flush()
     # The interpreter's own command line, its flags (-u, -X, -W) and script or -m module included.
     os.execve(sys.executable, sys.orig_argv, os.environ | {PRELOAD: preload})
+
+
+def _is_rank() -> bool:
+    """A rank of a multi-process job keeps the C library's allocator: under mimalloc, a gloo rank
+    was seen to abort at exit ("terminate called without an active exception") after a run that
+    succeeded, on a loaded machine, which it never did on glibc's."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def forget_preload() -> None:

@@ -410,12 +410,14 @@ async function init() {
   $("compare-select").addEventListener("change", showCompare);
   $("export-run").addEventListener("change", () => { $("export-dir").value = `saves/merged-${$("export-run").value}`; });
   $("export-btn").addEventListener("click", exportRun);
+  // A name typed while the lists load is the user's: the first free run-N replaces only the default.
+  $("run-name").addEventListener("input", () => { $("run-name").dataset.edited = "yes"; });
   drawLoss([]);
   await refreshLists();
   const names = options.runs.map((r) => r.name);
   let n = 1;
   while (names.includes(`run-${n}`)) n++;
-  $("run-name").value = `run-${n}`;
+  if (!$("run-name").dataset.edited) $("run-name").value = `run-${n}`;
   if (options.running || names.length) { current = options.running || names[0]; poll(); }
 }
 
