@@ -83,6 +83,7 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path, train_
     checkpoint = two / "checkpoint-2"
     assert (checkpoint / "rng_state.pt").is_file() and (checkpoint / "rng_state_1.pt").is_file()
     assert (two / "all_results.json").is_file() and "done:" in done.stdout
+    assert done.stderr.count("trainable parameters:") == 1
 
     # The 2-rank checkpoint resumes in one process with the same global batch (3 x 2 x 1 now):
     # the state is whole on every rank and the data order depends only on the global window.

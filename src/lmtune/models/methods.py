@@ -25,6 +25,7 @@ from peft import (AdaLoraConfig, IA3Config, LoraConfig, OFTConfig, PeftConfig, P
                   prepare_model_for_kbit_training)
 from transformers import AutoTokenizer, PreTrainedModel
 
+from lmtune import distributed
 from lmtune.config import RunConfig, split_list
 from lmtune.errors import ConfigError, ModelError
 from lmtune.models.lineage import check_adapter, note_merged, record_base
@@ -413,8 +414,9 @@ def apply_method(model: PreTrainedModel, cfg: RunConfig):
     if half_frozen_base(cfg):
         settle_dtypes(model, computes_in_fp32(cfg))
     trainable, total = count_parameters(model)
-    log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}",
-             100 * trainable / total)
+    if distributed.is_main():  # every rank holds the same model: one line, not one per rank
+        log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}",
+                 100 * trainable / total)
     return model
 
 
