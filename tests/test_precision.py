@@ -183,14 +183,15 @@ def test_sft_run_with_generation_metrics_saves_an_fp32_adapter(tmp_path, train_c
     assert adapter_dtypes(Path(config["output_dir"])) == {"F32"}
 
 
-def test_dpo_reference_on_a_bf16_base(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("precision", [{"bf16": True}, {"frozen_dtype": "bfloat16"}])
+def test_dpo_reference_on_a_bf16_base(tmp_path, tiny_model_dir, precision):
     data = write_json(tmp_path / "data" / "pairs.json", PAIRS)
     write_json(tmp_path / "data" / "dataset_info.json", {"pairs": {"file_name": data.name, "ranking": True}})
     config = {"model_name_or_path": tiny_model_dir, "dataset_dir": str(data.parent), "dataset": "pairs",
-              "stage": "dpo", "bf16": True, "output_dir": str(tmp_path / "out"),
+              "stage": "dpo", "output_dir": str(tmp_path / "out"),
               "finetuning_type": "lora", "lora_rank": 4, "per_device_train_batch_size": 4,
               "learning_rate": 1e-2, "max_steps": 6, "logging_steps": 1, "save_steps": 100, "seed": 0}
-    results = train(tmp_path, config)
+    results = train(tmp_path, config | precision)
     # The reference is the policy before its first update: the first step's margin is zero.
     first = json.loads((tmp_path / "out" / "trainer_log.jsonl").read_text().splitlines()[0])
     assert abs(first["reward_margin"]) < 1e-2
@@ -198,7 +199,8 @@ def test_dpo_reference_on_a_bf16_base(tmp_path, tiny_model_dir):
     assert adapter_dtypes(tmp_path / "out") == {"F32"}
 
 
-def test_ppo_rollouts_on_a_bf16_base(tmp_path, ppo_config):
-    results = train(tmp_path, ppo_config | {"bf16": True, "max_steps": 2})
-    assert results["global_step"] == 2
+@pytest.mark.parametrize("precision", [{"bf16": True}, {"frozen_dtype": "bfloat16"}])
+def test_ppo_rollouts_on_a_bf16_base(tmp_path, ppo_config, precision):
+    results = train(tmp_path, ppo_config | precision | {"max_steps": 2})
+    assert results["global_step"] == 2 and results["allocator"] in ("mimalloc", "system")
     assert adapter_dtypes(Path(ppo_config["output_dir"])) == {"F32"}

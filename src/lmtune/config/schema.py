@@ -681,8 +681,8 @@ class RunConfig(BaseModel):
     allocator: Literal["mimalloc", "system"] = Field(
         "mimalloc", description="Memory allocator of `lmtune train` on Linux: mimalloc (installed "
         "with lmtune; the process restarts itself with it preloaded; one-process runs only) keeps "
-        "the peak memory near what the step holds; system keeps the C library's malloc, which on the CPU can peak "
-        "a third higher on the same steps.")
+        "the peak memory near what the step holds; system keeps the C library's malloc, which on "
+        "the CPU can peak a third higher on the same steps.")
     seed: int = Field(42, description="Seed for weights init, data order and dropout.")
     disable_shuffling: bool = Field(
         False, description="Train on the rows in the order the data gives them, every epoch, "

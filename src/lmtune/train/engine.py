@@ -615,11 +615,13 @@ def checkpoint_or_stop(trainer: Trainer, step: int, plan: Schedule, stop_request
 
 def finish(trainer: Trainer, results: dict[str, Any], log: TrainerLog,
            plots: tuple[tuple[str, str], ...] = (("loss", PLOT_FILE),)) -> dict[str, Any]:
-    """The run's output: the model, all_results.json (with parameter counts) and the plots."""
+    """The run's output: the model, all_results.json (with parameter counts and the memory
+    allocator the process ran on) and the plots."""
     cfg, output_dir = trainer.cfg, trainer.output_dir
     trainer.save_weights(output_dir, final=True)
     trainable_count, total_count = count_parameters(trainer.unwrapped)
-    results = results | {"trainable_params": trainable_count, "total_params": total_count}
+    results = results | {"trainable_params": trainable_count, "total_params": total_count,
+                         "allocator": active_allocator()}
 
     def write() -> None:
         if cfg.plot_loss:
@@ -793,7 +795,6 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
         "train_tokens_per_second": round((state["tokens_seen"] - tokens_before) / max(runtime, 1e-9),
                                          2),
         "global_step": state["global_step"], "epoch": epoch_at(state["global_step"]),
-        "allocator": active_allocator(),
     }
     if eval_rows:
         # The last step's evaluation is the final one when it ran there: the model is the same.
