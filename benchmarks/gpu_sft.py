@@ -9,13 +9,17 @@ peft in the same call (issue #13's GPU check; it fits in 8 minutes on one H100/H
   ids and labels lmtune would train on), so both see the same tokens and targets.
 - Both: LoRA r8 (alpha 16) on every linear layer, bf16, one row per step, gradient checkpointing
   on, the same steps and learning rate; the first WARMUP_STEPS steps are left out of the timing.
-- Reported: tokens/s, torch.cuda.max_memory_allocated, and MFU = achieved FLOP/s over the GPU's
-  dense bf16 peak, with FLOPs per token = 6 x N (all parameters: the frozen base's activations
+- A third run, lmtune with the base quantized to 4 bits (QLoRA, bitsandbytes), shows what the
+  same job costs in memory that way.
+- Reported: tokens/s, torch.cuda.max_memory_allocated, the mean loss over the steps (each run
+  draws its rows in its own order, so only the mean compares), and MFU = achieved FLOP/s over the
+  GPU's dense bf16 peak, with FLOPs per token = 6 x N (all parameters: the frozen base's activations
   still need their gradients) + 12 x layers x hidden x sequence (attention scores and their use,
   forward and backward), as PaLM's appendix counts them.
 
     python benchmarks/gpu_sft.py            # on a GPU machine: writes benchmarks/results/gpu_sft.json
     python benchmarks/gpu_sft.py --smoke    # a tiny model on the CPU, 2 steps: checks the script
+    python benchmarks/gpu_sft.py --base F   # config and tokenizer from folder F, not the default model
 """
 
 from __future__ import annotations
@@ -43,14 +47,15 @@ WARMUP_STEPS = 2
 CHILD_TIMEOUT_S = 240
 
 
-def build_model(folder: Path, shape: dict, dtype: torch.dtype) -> str:
+def build_model(folder: Path, shape: dict, dtype: torch.dtype, base: str) -> str:
+    """A model of `shape` with random weights, the rest of its config and its tokenizer from `base`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from lmtune.models.load import load_tokenizer, resolve_model
 
     if (folder / "config.json").exists():
         return str(folder)
-    default = resolve_model("default")
+    default = resolve_model(base)
     config = AutoConfig.from_pretrained(default)
     config.update(shape | {"tie_word_embeddings": False, "dtype": str(dtype).split(".")[-1]})
     torch.manual_seed(0)
@@ -116,7 +121,6 @@ def packed_rows(config: dict) -> list[dict]:
 
 def trainer_child(spec_path: str) -> None:
     """In a child: transformers' Trainer + peft on the same rows, one per step."""
-    from datasets import Dataset
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
@@ -143,8 +147,7 @@ def trainer_child(spec_path: str) -> None:
         max_steps=config["max_steps"], lr_scheduler_type="constant", logging_steps=1,
         save_strategy="no", report_to="none", bf16=cuda, use_cpu=not cuda,
         gradient_checkpointing=True, remove_unused_columns=False, seed=config["seed"])
-    rows = Dataset.from_list(spec["rows"])
-    trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=[StepTimes()])
+    trainer = Trainer(model=model, args=args, train_dataset=spec["rows"], callbacks=[StepTimes()])
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     Path(spec["report"]).write_text(json.dumps({
@@ -170,11 +173,13 @@ def trainer_tokens_per_second(step_ends: list[float], tokens: list[int]) -> floa
     return sum(tokens[i] for i in timed) / (step_ends[-1] - step_ends[WARMUP_STEPS - 1])
 
 
-def lmtune_tokens_per_second(out: Path) -> float:
-    """The same from lmtune's per-step log (logging_steps: 1): each step's tokens over its time."""
+def lmtune_log(out: Path) -> tuple[float, list[float]]:
+    """Tokens per second from lmtune's per-step log (logging_steps: 1), each step's tokens over its
+    time after the warmup steps, and the steps' losses."""
     steps = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
     timed = [r["tokens_per_second"] for r in steps if "tokens_per_second" in r][WARMUP_STEPS:]
-    return len(timed) / sum(1 / speed for speed in timed) if timed else float("nan")
+    speed = len(timed) / sum(1 / speed for speed in timed) if timed else float("nan")
+    return speed, [r["loss"] for r in steps if "loss" in r]
 
 
 def flops_per_token(shape: dict, parameters: int, sequence: int) -> float:
@@ -185,27 +190,31 @@ def measure(bench: Bench) -> dict:
     cuda = torch.cuda.is_available()
     shape = TINY if bench.smoke else LLAMA3_8B
     cutoff, steps = (256, 4) if bench.smoke else (4096, 8)
-    model = build_model(bench.scratch / "model", shape, torch.bfloat16 if cuda else torch.float32)
+    model = build_model(bench.scratch / "model", shape, torch.bfloat16 if cuda else torch.float32,
+                        bench.args.base)
     data = write_data(bench.scratch / "data", rows=12 * steps)
-    out = bench.scratch / "lmtune"
-    config = job(model, data, out, cutoff, steps)
-    config_path = bench.scratch / "lmtune.yaml"
-    config_path.write_text(yaml.safe_dump(config))
+    config = job(model, data, bench.scratch / "lmtune", cutoff, steps)
     rows = packed_rows(config)[:steps]
     if len(rows) < steps:
         sys.exit(f"only {len(rows)} packed rows for {steps} steps: write more data.")
-    report = bench.scratch / "lmtune-report.json"
-    run([sys.executable, __file__, "--lmtune-child", str(config_path), str(report)],
-        bench.scratch / "lmtune.log")
-    ours = json.loads(report.read_text())
+    measured = {}
     spec = bench.scratch / "trainer-spec.json"
     spec.write_text(json.dumps({"job": config | {"output_dir": str(bench.scratch / "trainer")},
                                 "rows": rows, "report": str(bench.scratch / "trainer-report.json")}))
     run([sys.executable, __file__, "--trainer-child", str(spec)], bench.scratch / "trainer.log")
     theirs = json.loads((bench.scratch / "trainer-report.json").read_text())
-    speeds = {"transformers Trainer + peft": trainer_tokens_per_second(
-        theirs["step_ends"], [len(r["input_ids"]) for r in rows]),
-              "lmtune": lmtune_tokens_per_second(out)}
+    measured["transformers Trainer + peft"] = (trainer_tokens_per_second(
+        theirs["step_ends"], [len(r["input_ids"]) for r in rows]), theirs["losses"],
+        theirs["max_allocated"])
+    for name, extra in (("lmtune", {}), ("lmtune, QLoRA 4-bit", {"quantization_bit": 4})):
+        out = bench.scratch / name.replace(",", "").replace(" ", "-")
+        config_path = out.with_suffix(".yaml")
+        config_path.write_text(yaml.safe_dump(config | extra | {"output_dir": str(out)}))
+        report = out.with_suffix(".report.json")
+        run([sys.executable, __file__, "--lmtune-child", str(config_path), str(report)],
+            out.with_suffix(".log"))
+        speed, losses = lmtune_log(out)
+        measured[name] = (speed, losses, json.loads(report.read_text())["max_allocated"])
     parameters = _llama_parameters(shape)
     device = torch.cuda.get_device_name(0) if cuda else "cpu"
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in device), None)
@@ -213,17 +222,19 @@ def measure(bench: Bench) -> dict:
     result = {"device": device, "bf16_peak_tflops": peak, "parameters": parameters,
               "sequence": cutoff, "steps": steps, "warmup_steps": WARMUP_STEPS,
               "flops_per_token": per_token, "contenders": []}
-    for name, measured in (("transformers Trainer + peft", theirs), ("lmtune", ours)):
-        speed = speeds[name]
+    for name, (speed, losses, allocated) in measured.items():
         result["contenders"].append({
             "name": name, "tokens_per_second": round(speed, 1),
-            "max_allocated_gib": round(measured["max_allocated"] / 2**30, 2),
+            "max_allocated_gib": round(allocated / 2**30, 2),
+            "mean_loss": round(sum(losses) / len(losses), 4),
             "mfu": round(speed * per_token / (peak * 1e12), 3) if peak else None})
-    base, lmtune = result["contenders"]
-    base["x_baseline_speed"] = 1.0
-    lmtune["x_baseline_speed"] = round(lmtune["tokens_per_second"] / base["tokens_per_second"], 2)
-    if base["max_allocated_gib"]:
-        lmtune["x_baseline_memory"] = round(lmtune["max_allocated_gib"] / base["max_allocated_gib"], 2)
+    base = result["contenders"][0]
+    for contender in result["contenders"]:
+        contender["x_baseline_speed"] = round(contender["tokens_per_second"]
+                                              / base["tokens_per_second"], 2)
+        if base["max_allocated_gib"]:
+            contender["x_baseline_memory"] = round(contender["max_allocated_gib"]
+                                                   / base["max_allocated_gib"], 2)
     return result
 
 
@@ -237,16 +248,20 @@ def _llama_parameters(shape: dict) -> int:
 
 def render(data: dict) -> str:
     rows = [[c["name"], f"{c['tokens_per_second']:,.1f}", f"{c['x_baseline_speed']:.2f}",
-             f"{c['max_allocated_gib']:.2f}",
-             f"{c['mfu']:.1%}" if c["mfu"] is not None else "n/a"] for c in data["contenders"]]
+             f"{c['max_allocated_gib']:.2f}", f"{c.get('x_baseline_memory', float('nan')):.2f}",
+             f"{c['mfu']:.1%}" if c["mfu"] is not None else "n/a",
+             f"{c['mean_loss']:.3f}"] for c in data["contenders"]]
     return (f"{data['device']}, sequence {data['sequence']:,} packed, {data['steps']} steps "
             f"({data['warmup_steps']} untimed):\n\n"
-            + table(["contender", "tokens/s", "x Trainer", "max allocated GiB", "MFU"], "lrrrr", rows)
+            + table(["contender", "tokens/s", "x Trainer", "max allocated GiB", "x Trainer",
+                     "MFU", "mean loss"], "lrrrrrr", rows)
             + "\n\n" + source_line("gpu_sft") + "\n")
 
 
 def main() -> None:
-    bench = Bench("gpu_sft", __doc__)
+    bench = Bench("gpu_sft", __doc__, configure=lambda parser: parser.add_argument(
+        "--base", default="default", help="the model whose config (all but the shape) and "
+        "tokenizer the random model takes (default: the default model)"))
     bench.scratch.mkdir(parents=True, exist_ok=True)
     if not torch.cuda.is_available() and not bench.smoke:
         sys.exit("no CUDA GPU here: run on a GPU machine, or pass --smoke to check the script.")
