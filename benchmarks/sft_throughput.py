@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 
 import torch.nn.functional as F
 
@@ -40,7 +41,8 @@ def child(variant: str, overrides: list[str]) -> None:
     from lmtune.train import sft
 
     if variant == "full-logits":
-        sft.SFT_OBJECTIVE.loss = full_logits_loss
+        objective = sft.token_objective
+        sft.token_objective = lambda cfg: replace(objective(cfg), loss=full_logits_loss)
     sys.exit(main(["train", str(ROOT / "examples" / "quickstart.yaml"), *overrides, *VARIANTS[variant][1]]))
 
 

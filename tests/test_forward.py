@@ -49,12 +49,14 @@ BATCH = {
 }
 
 
-def test_response_logps_sums_each_rows_targets_by_hand():
-    logps, counts = response_logps(Bigram(), BATCH)
+@pytest.mark.parametrize("chunked", [True, False])
+def test_response_logps_sums_each_rows_targets_by_hand(chunked):
+    logps, counts = response_logps(Bigram(), BATCH, chunked)
     assert logps.tolist() == pytest.approx([-5 * math.log(2), -math.log(2)])
     assert counts.tolist() == [3, 1]
 
 
-def test_token_loss_sum_is_minus_the_sum_of_every_target_log_prob():
-    assert token_loss_sum(Bigram(), BATCH).item() == pytest.approx(6 * math.log(2))
+@pytest.mark.parametrize("chunked", [True, False])
+def test_token_loss_sum_is_minus_the_sum_of_every_target_log_prob(chunked):
+    assert token_loss_sum(Bigram(), BATCH, chunked).item() == pytest.approx(6 * math.log(2))
     assert count_targets(BATCH) == 4

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers.trainer_utils import SchedulerType
 
 from lmtune.config import RunConfig, build_config
@@ -256,15 +257,19 @@ def test_compute_accuracy_counts_reply_tokens_ranked_first(tiny):
                                          {"role": "assistant", "content": a}]))[0]
             for q, a in (("Say hi.", "Hi there!"), ("Name a colour.", "Blue."))]
     batch = collate(rows, encoder.tokenizer.pad_token_id)
+    objective = sft.token_objective(build_config({"compute_accuracy": True}))
     with torch.no_grad():
-        loss, metrics = sft._sft_loss_and_accuracy(model, batch)
+        loss, metrics = objective.loss(model, batch)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = batch["labels"][:, 1:]
     targets = labels != -100
     expected = int((logits[:, :-1].argmax(-1)[targets] == labels[targets]).sum())
     correct, count = metrics["accuracy"]
     assert (int(correct), count) == (expected, int(targets.sum()))
-    assert loss == pytest.approx(float(sft._sft_loss(model, batch)[0]))
+    plain = sft.token_objective(build_config({"chunked_cross_entropy": False})).loss(model, batch)
+    assert loss.item() == pytest.approx(F.cross_entropy(logits[:, :-1][targets], labels[targets],
+                                                        reduction="sum").item(), rel=1e-5)
+    assert loss.item() == pytest.approx(plain[0].item(), rel=1e-5) and plain[1] == {}
     with pytest.raises(ConfigError, match="compute_accuracy scores the reply tokens of stage sft"):
         build_config({"compute_accuracy": True, "stage": "pt"})
 

@@ -16,6 +16,7 @@ from lmtune.cli import main
 from lmtune.config import build_config
 from lmtune.models.methods import apply_method, count_parameters
 from lmtune.plan import memory_estimate, meta_model
+from lmtune.train.head_loss import CHUNK_BYTES
 from tests.conftest import ALPACA, write_json, write_yaml
 
 
@@ -73,8 +74,17 @@ def test_memory_estimate_parts(tiny_model_dir):
     assert m["optimizer"] == round(8 * n / gib, 3)  # two AdamW moments
     assert m["total"] == pytest.approx(sum(m[k] for k in ("runtime", "weights", "gradients", "optimizer",
                                                           "autocast_copies", "activations")), abs=0.004)
-    more = memory_estimate(model, cfg, 2048, 512)
-    assert more["activations"] == pytest.approx(2 * m["activations"], rel=0.01)
+    whole = build_config({"finetuning_type": "full", "chunked_cross_entropy": False})
+    one, two = memory_estimate(model, whole, 1024, 256), memory_estimate(model, whole, 2048, 512)
+    assert two["activations"] == pytest.approx(2 * one["activations"], rel=0.01)
+    # chunked: one chunk's logits however many targets, and each target's hidden-state gradient
+    config = model.config
+    chunk = CHUNK_BYTES // (4 * config.vocab_size)
+    grown = memory_estimate(model, cfg, 1024, 4 * chunk)["activations"] - \
+        memory_estimate(model, cfg, 1024, 2 * chunk)["activations"]
+    assert grown == pytest.approx(2 * chunk * config.hidden_size * 4 / gib, abs=0.002)
+    assert memory_estimate(model, cfg, 1024, 4 * chunk)["activations"] < \
+        memory_estimate(model, whole, 1024, 4 * chunk)["activations"]
     lean = memory_estimate(model, build_config({"finetuning_type": "full", "gradient_checkpointing": True,
                                                 "bf16": True}), 1024, 256)
     assert lean["activations"] < m["activations"]

@@ -19,7 +19,7 @@ from lmtune.models.methods import apply_method
 from lmtune.train.engine import add_neftune_noise
 from lmtune.train.forward import count_targets
 from lmtune.train.losses import asft_token_losses, dft_token_losses, eaft_token_losses
-from lmtune.train.sft import SFT_OBJECTIVE, sft_objective
+from lmtune.train.sft import sft_objective, token_objective
 from tests.conftest import train
 
 LOGITS = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 0.0, 0.0, 0.0], [5.0, -5.0, 0.0, 1.0]])
@@ -80,7 +80,6 @@ def test_rules_sum_over_tokens_so_window_normalisation_holds(tiny_model_dir, tok
     cfg, model, raw = _model_and_batch(tiny_model_dir, tokenizer, keys)
     rows = [EncodedRow(r["input_ids"], r["labels"]) for r in raw]
     objective = sft_objective(cfg, model)
-    assert objective is not SFT_OBJECTIVE
     model.train()
     both = collate(rows, 2)
     apart = [collate([row], 2) for row in rows]
@@ -89,7 +88,7 @@ def test_rules_sum_over_tokens_so_window_normalisation_holds(tiny_model_dir, tok
     # The sum over a padded batch is the sum of its rows: accumulation x 1 == 1 x accumulation.
     torch.testing.assert_close(loss_both, loss_apart, atol=1e-4, rtol=1e-5)
     assert objective.units(both) == sum(count_targets(b) for b in apart)
-    plain = SFT_OBJECTIVE.loss(model, both)[0]
+    plain = token_objective(cfg).loss(model, both)[0]
     assert 0 < loss_both.item() and not math.isclose(loss_both.item(), plain.item(), rel_tol=1e-3)
     if "use_asft_loss" in keys:  # the reference is the base: the adapter is switched off for it
         dft = sft_objective(build_config({"use_dft_loss": True, "lora_rank": 4}), model)

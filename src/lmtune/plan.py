@@ -34,6 +34,7 @@ from lmtune.models.load import add_new_tokens, from_pretrained_or_error, load_to
 from lmtune.models.methods import apply_method, count_parameters
 from lmtune.models.precision import half_frozen_base
 from lmtune.train.engine import schedule
+from lmtune.train.head_loss import CHUNK_BYTES
 from lmtune.train.optim import state_bytes
 
 GIB = 2**30
@@ -114,7 +115,8 @@ def memory_estimate(model: torch.nn.Module, cfg: RunConfig, micro_batch_tokens: 
     to the compute dtype in each forward and kept for backward; a half-precision base is used as
     it is. Activations are a rough estimate per token and decoder layer (what autograd keeps of a
     Llama-style block: the norm inputs in fp32, the matmul inputs and outputs in the compute dtype),
-    plus the output head on the trained positions only (lmtune computes logits there alone)."""
+    plus the output head on the trained positions only (lmtune computes logits there alone, a chunk
+    of them at a time with chunked_cross_entropy)."""
     c = model.config
     half = half_frozen_base(cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -144,7 +146,15 @@ def memory_estimate(model: torch.nn.Module, cfg: RunConfig, micro_batch_tokens: 
         layers = kept * 4 * h * micro_batch_tokens + per_token_layer * micro_batch_tokens * (kept > 0)
     else:
         layers = kept * per_token_layer * micro_batch_tokens
-    head = micro_batch_targets * c.vocab_size * (width + 8)  # logits, fp32 copy, its gradient
+    # logits, their fp32 copy and its gradient: of every target position at once, or with
+    # chunked_cross_entropy of one chunk's, plus the hidden states' gradient made in the same pass
+    # (ppo's head keeps the whole logits: its entropy needs them)
+    rows = micro_batch_targets
+    if cfg.chunked_cross_entropy and cfg.stage != "ppo":
+        rows = min(rows, max(1, CHUNK_BYTES // (4 * c.vocab_size)))
+    head = rows * c.vocab_size * (width + 8)
+    if rows < micro_batch_targets:
+        head += micro_batch_targets * h * 4
     activations = layers + head
     parts = {"runtime": RUNTIME_GIB * GIB, "weights": weights, "gradients": gradients,
              "optimizer": optimizer, "autocast_copies": casts, "activations": activations}

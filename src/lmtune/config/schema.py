@@ -678,6 +678,13 @@ class RunConfig(BaseModel):
         "weights and saved adapters are fp32 either way.")
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward: less memory, ~30% slower.")
+    chunked_cross_entropy: bool = Field(
+        True, description="Run the output head and its cross-entropy a chunk of target positions "
+        "at a time, forming the gradients in the same pass, so the logits of a whole batch "
+        "(positions x vocabulary) never exist at once: the same values, far less memory on a large "
+        "vocabulary. false: the head on every target position at once, then the loss. Heads that "
+        "are not a plain linear layer (an adapter or quantized layer on lm_head, ZeRO-3) always "
+        "run whole.")
     allocator: Literal["mimalloc", "system"] = Field(
         "mimalloc", description="Memory allocator of `lmtune train` on Linux: mimalloc (installed "
         "with lmtune; the process restarts itself with it preloaded; one-process runs only) keeps "

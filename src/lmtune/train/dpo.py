@@ -39,7 +39,7 @@ def dpo_objective(cfg: RunConfig) -> Objective:
     beta, kind = cfg.pref_beta, cfg.pref_loss
 
     def loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, Metrics]:
-        logps, counts = response_logps(model, batch)
+        logps, counts = response_logps(model, batch, cfg.chunked_cross_entropy)
         n = count_pairs(batch)
         chosen, rejected = logps[:n], logps[n:]
         chosen_avg, rejected_avg = chosen / counts[:n], rejected / counts[n:]

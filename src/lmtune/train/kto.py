@@ -75,7 +75,7 @@ def kto_objective(cfg: RunConfig) -> Objective:
     beta = cfg.pref_beta
 
     def loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, Metrics]:
-        logps, _ = response_logps(model, batch)
+        logps, _ = response_logps(model, batch, cfg.chunked_cross_entropy)
         n = count_answers(batch)
         policy, policy_mismatched = logps[:n], logps[n:]
         # The reference point carries no gradient (as in the paper): it only sets the bar.

@@ -99,7 +99,7 @@ def reference_reply_logps(model: torch.nn.Module, items: list[Any],
                       mininterval=1.0, disable=len(items) <= 4 * size):
             chunk = items[i: i + size]
             batch = {k: v.to(device) for k, v in collate_fn(chunk, pad_id).items()}
-            logps = response_logps(model, batch)[0].float()
+            logps = response_logps(model, batch, cfg.chunked_cross_entropy)[0].float()
             out += logps.view(-1, len(chunk)).T.tolist()  # rows are laid out kind by kind
     return out
 

@@ -15,14 +15,13 @@ from lmtune.config import RunConfig
 from lmtune.models.methods import apply_method
 from lmtune.train.engine import fit
 from lmtune.train.setup import start_run
-from lmtune.train.sft import SFT_OBJECTIVE
-
-PT_OBJECTIVE = replace(SFT_OBJECTIVE, perplexity=True)
+from lmtune.train.sft import token_objective
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
     inputs = start_run(cfg)
     model = apply_method(inputs.model, cfg)
-    return fit(cfg, model, inputs.tokenizer, inputs.train_rows, inputs.val_rows, PT_OBJECTIVE,
+    return fit(cfg, model, inputs.tokenizer, inputs.train_rows, inputs.val_rows,
+               replace(token_objective(cfg), perplexity=True),
                inputs.output_dir, inputs.resume_dir, extra_results=inputs.row_counts(),
                eval_groups=inputs.val_groups)

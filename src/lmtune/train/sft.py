@@ -12,30 +12,24 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from peft import PeftModel
 
 from lmtune.config import RunConfig
 from lmtune.models.methods import apply_method
 from lmtune.train.engine import Batch, Metrics, Objective, fit
-from lmtune.train.forward import count_targets, target_logits, token_loss_sum
+from lmtune.train.forward import count_targets, target_logits, token_loss_and_hits
 from lmtune.train.losses import asft_token_losses, dft_token_losses, eaft_token_losses
 from lmtune.train.setup import start_run
 
 
-def _sft_loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, Metrics]:
-    return token_loss_sum(model, batch), {}
+def token_objective(cfg: RunConfig) -> Objective:
+    """The cross-entropy summed over the target tokens; with compute_accuracy also the share of
+    them the model ranks first."""
+    def loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, Metrics]:
+        total, hits = token_loss_and_hits(model, batch, cfg.chunked_cross_entropy)
+        return total, ({"accuracy": (hits, count_targets(batch))} if cfg.compute_accuracy else {})
 
-
-def _sft_loss_and_accuracy(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, Metrics]:
-    """compute_accuracy: also the share of target tokens the model ranks first."""
-    logits, labels = target_logits(model, batch)
-    correct = (logits.argmax(-1) == labels).sum().detach()
-    return F.cross_entropy(logits.float(), labels, reduction="sum"), {"accuracy": (correct, len(labels))}
-
-
-SFT_OBJECTIVE = Objective(loss=_sft_loss, units=count_targets)
-SFT_ACCURACY_OBJECTIVE = Objective(loss=_sft_loss_and_accuracy, units=count_targets)
+    return Objective(loss=loss, units=count_targets)
 
 
 def _reference_logits(model: torch.nn.Module) -> Callable[[torch.nn.Module, Batch], torch.Tensor]:
@@ -58,7 +52,7 @@ def sft_objective(cfg: RunConfig, model: torch.nn.Module) -> Objective:
     """The token loss, or the rule of use_dft_loss / use_eaft_loss / use_asft_loss: each weights a
     target token's loss and sums, so the loop still normalises by the window's target tokens."""
     if not (cfg.use_dft_loss or cfg.use_eaft_loss or cfg.use_asft_loss):
-        return SFT_ACCURACY_OBJECTIVE if cfg.compute_accuracy else SFT_OBJECTIVE
+        return token_objective(cfg)
     reference = _reference_logits(model) if cfg.use_asft_loss else None
 
     def loss(m: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, Metrics]:

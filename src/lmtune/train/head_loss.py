@@ -1,0 +1,172 @@
+"""The output head and its cross-entropy, a chunk of target positions at a time.
+
+Plain autograd keeps every target position's logits (positions x vocabulary, in fp32 for the loss)
+until backward, and backward adds a gradient of the same size: on a small model with a large
+vocabulary that is the largest single buffer of a step. Here each chunk's logits live only while
+the chunk is computed:
+
+- summed loss (sft, pt): the gradient of a sum is known in forward up to the scalar that backward
+  brings, so each chunk's gradients (hidden states, and the head's weight when it trains) are formed
+  right after its loss and the logits dropped; backward only scales them. No extra FLOPs.
+- per-token log-probabilities (dpo, kto, rm's preference data): each token's incoming gradient is
+  known only in backward, so backward recomputes each chunk's logits from the saved hidden states
+  and log-sum-exp (one more head matmul per chunk).
+
+The arithmetic is the plain path's: logits in the precision the head computes in (autocast's, or
+the hidden states'), log-softmax in fp32, gradients cast back the same way; only the order of the
+sums differs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# Bytes of fp32 logits one chunk may hold: large enough that each chunk's matmul runs at full speed
+# on a CPU, small next to what the whole logits of a batch take.
+CHUNK_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class Head:
+    """An output head's weight and bias, and the dtype its matmul computes in."""
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    dtype: torch.dtype
+
+
+def linear_head(module: torch.nn.Module, hidden: torch.Tensor) -> Head | None:
+    """The head as a plain weight and bias when `module` computes hidden @ W^T + b and nothing else;
+    None for any other head (an adapter or a quantized layer on it, a weight that DeepSpeed's ZeRO-3
+    or FSDP holds in pieces), which then runs as a module."""
+    from torch.distributed.tensor import DTensor
+
+    from lmtune.models.precision import UpcastLinear
+
+    if type(module) not in (torch.nn.Linear, UpcastLinear):
+        return None
+    weight = module.weight
+    if isinstance(weight, DTensor) or weight.numel() == 0 or hasattr(weight, "ds_id"):
+        return None
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    return Head(weight, module.bias, dtype)
+
+
+def _chunks(n: int, vocab: int) -> Iterator[slice]:
+    rows = max(1, CHUNK_BYTES // (4 * vocab))
+    for start in range(0, n, rows):
+        yield slice(start, min(start + rows, n))
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(hidden, weight, bias).float()  # one rounding to the compute dtype, as the head's
+
+
+class _SummedLoss(torch.autograd.Function):
+    """sum of -log p(label) over the rows of `hidden`; with `want_grad`, the gradients are made in
+    forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, dtype, want_grad):
+        need_hidden, need_weight, need_bias = (want_grad and need for need in ctx.needs_input_grad[:3])
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            b = bias.to(dtype) if bias is not None else None
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+            grad_hidden = torch.empty_like(hidden) if need_hidden else None
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+                if need_weight else None
+            grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) \
+                if need_bias else None
+            for rows in _chunks(len(hidden), w.shape[0]):
+                h, y = hidden[rows].to(dtype), labels[rows]
+                logits = _logits(h, w, b)
+                correct += (logits.argmax(-1) == y).sum()
+                lse = logits.logsumexp(-1)
+                total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+                if not (need_hidden or need_weight or need_bias):
+                    continue
+                # d(sum of -log p)/d logits = softmax - one_hot, made in place of the logits
+                grad = logits.sub_(lse[:, None]).exp_()
+                grad[torch.arange(len(y), device=y.device), y] -= 1
+                grad = grad.to(dtype)
+                if need_hidden:
+                    grad_hidden[rows] = (grad @ w).to(hidden.dtype)
+                if need_weight:
+                    grad_weight += (grad.T @ h).float()
+                if need_bias:
+                    grad_bias += grad.float().sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.mark_non_differentiable(correct)
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        return total, correct
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_correct):
+        grads = [None if g is None else (g * grad_total).to(dtype)
+                 for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
+        return (*grads, None, None, None)
+
+
+class _TokenLogps(torch.autograd.Function):
+    """log p(label) of each row of `hidden`; backward recomputes the logits chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, dtype):
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            b = bias.to(dtype) if bias is not None else None
+            logps = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)
+            lse = torch.empty_like(logps)
+            for rows in _chunks(len(hidden), w.shape[0]):
+                logits = _logits(hidden[rows].to(dtype), w, b)
+                lse[rows] = logits.logsumexp(-1)
+                logps[rows] = logits.gather(1, labels[rows][:, None]).squeeze(1) - lse[rows]
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.dtype = dtype
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        dtype = ctx.dtype
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if need_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) \
+            if need_bias else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            b = bias.to(dtype) if bias is not None else None
+            for rows in _chunks(len(hidden), w.shape[0]):
+                h, y = hidden[rows].to(dtype), labels[rows]
+                # d log p(y)/d logits = one_hot - softmax, times the token's incoming gradient
+                grad = _logits(h, w, b).sub_(lse[rows, None]).exp_().neg_()
+                grad[torch.arange(len(y), device=y.device), y] += 1
+                grad = (grad * grad_logps[rows, None]).to(dtype)
+                if need_hidden:
+                    grad_hidden[rows] = (grad @ w).to(hidden.dtype)
+                if need_weight:
+                    grad_weight += (grad.T @ h).float()
+                if need_bias:
+                    grad_bias += grad.float().sum(0)
+        return (grad_hidden, grad_weight.to(weight.dtype) if need_weight else None,
+                grad_bias.to(bias.dtype) if need_bias else None, None, None)
+
+
+def summed_loss(head: Head, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum over rows of the cross-entropy of hidden @ W^T + b against labels, how many rows the
+    head ranks the label first), never holding more than one chunk's logits."""
+    want_grad = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
+    return _SummedLoss.apply(hidden, head.weight, head.bias, labels, head.dtype, want_grad)
+
+
+def token_logps(head: Head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per row: log p(label) under hidden @ W^T + b, never holding more than one chunk's logits."""
+    return _TokenLogps.apply(hidden, head.weight, head.bias, labels, head.dtype)

@@ -1,0 +1,202 @@
+"""chunked_cross_entropy: the output head and its loss a chunk of target positions at a time give the
+plain path's values and gradients (hidden states, the head's weight and bias; fp32, bf16 autocast,
+a bf16-stored head), on a real model through every stage's forward, while holding no batch-sized
+logits for backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from lmtune.models.precision import UpcastLinear
+from lmtune.train import head_loss
+from lmtune.train.forward import response_logps, token_loss_and_hits
+
+VOCAB, HIDDEN, ROWS = 97, 16, 40
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    """Chunks of 7 rows, so that a test's 40 rows take six chunks, the last one short."""
+    monkeypatch.setattr(head_loss, "CHUNK_BYTES", 7 * 4 * VOCAB)
+
+
+def inputs(bias: bool = True, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(ROWS, HIDDEN, generator=g, requires_grad=True)
+    head = torch.nn.Linear(HIDDEN, VOCAB, bias=bias)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(VOCAB, HIDDEN, generator=g))
+        if bias:
+            head.bias.copy_(torch.randn(VOCAB, generator=g))
+    labels = torch.randint(0, VOCAB, (ROWS,), generator=g)
+    return hidden, head, labels
+
+
+def grads(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    out = [t.grad.clone() for t in tensors]
+    for t in tensors:
+        t.grad = None
+    return out
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_summed_loss_equals_cross_entropy_in_value_hits_and_gradients(bias):
+    hidden, head, labels = inputs(bias)
+    params = [hidden, head.weight] + ([head.bias] if bias else [])
+    logits = head(hidden)
+    plain = F.cross_entropy(logits, labels, reduction="sum")
+    (plain * 0.3).backward()
+    expected = grads(*params)
+    total, hits = head_loss.summed_loss(head_loss.linear_head(head, hidden), hidden, labels)
+    (total * 0.3).backward()
+    assert total.item() == pytest.approx(plain.item(), rel=1e-6)
+    assert hits.item() == int((logits.argmax(-1) == labels).sum())
+    for got, want in zip(grads(*params), expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_token_logps_equal_log_softmax_in_value_and_gradients():
+    hidden, head, labels = inputs()
+    params = [hidden, head.weight, head.bias]
+    upstream = torch.randn(ROWS, generator=torch.Generator().manual_seed(5))
+    plain = -F.cross_entropy(head(hidden), labels, reduction="none")
+    (plain * upstream).sum().backward()
+    expected = grads(*params)
+    chunked = head_loss.token_logps(head_loss.linear_head(head, hidden), hidden, labels)
+    (chunked * upstream).sum().backward()
+    torch.testing.assert_close(chunked, plain, rtol=1e-6, atol=1e-6)
+    for got, want in zip(grads(*params), expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_matches_the_plain_path_under_autocast():
+    hidden, head, labels = inputs()
+    params = [hidden, head.weight, head.bias]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = F.cross_entropy(head(hidden).float(), labels, reduction="sum")
+    plain.backward()
+    expected = grads(*params)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = head_loss.linear_head(head, hidden)
+        total, _ = head_loss.summed_loss(fused, hidden, labels)
+    total.backward()
+    assert fused.dtype == torch.bfloat16
+    # The same bf16 products; the sums over chunks are fp32 where one matmul rounds its whole sum
+    # to bf16 once, so elements differ by bf16 rounding, the tensors by far less.
+    assert total.item() == pytest.approx(plain.item(), rel=1e-4)
+    for got, want in zip(grads(*params), expected):
+        assert got.dtype == want.dtype
+        assert (got - want).norm() <= 5e-3 * want.norm()
+
+
+def test_a_bf16_stored_frozen_head_computes_in_fp32():
+    hidden, head, labels = inputs(bias=False)
+    with torch.no_grad():
+        head.weight.data = head.weight.data.bfloat16()
+    head.weight.requires_grad_(False)
+    head.__class__ = UpcastLinear
+    plain = F.cross_entropy(head(hidden), labels, reduction="sum")
+    plain.backward()
+    (expected,) = grads(hidden)
+    total, _ = head_loss.summed_loss(head_loss.linear_head(head, hidden), hidden, labels)
+    total.backward()
+    assert total.item() == pytest.approx(plain.item(), rel=1e-6)
+    torch.testing.assert_close(hidden.grad, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_without_grad_nothing_is_formed_and_the_value_holds():
+    hidden, head, labels = inputs()
+    with torch.no_grad():
+        total, _ = head_loss.summed_loss(head_loss.linear_head(head, hidden), hidden, labels)
+        assert total.item() == pytest.approx(F.cross_entropy(head(hidden), labels, reduction="sum").item(),
+                                             rel=1e-6)
+    assert total.grad_fn is None
+
+
+def test_only_a_plain_linear_head_is_chunked(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    hidden = torch.zeros(1, model.config.hidden_size)
+    assert head_loss.linear_head(model.get_output_embeddings(), hidden) is not None
+    on_head = get_peft_model(model, LoraConfig(r=2, target_modules=["lm_head"]))
+    assert head_loss.linear_head(on_head.get_base_model().get_output_embeddings(), hidden) is None
+    assert head_loss.linear_head(torch.nn.Embedding(3, 4), hidden) is None
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd keeps for backward while fn runs (each storage once)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def lora_model(model_dir: str) -> torch.nn.Module:
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    torch.manual_seed(1)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # zero at init, which would leave lora_A without a gradient
+            torch.nn.init.normal_(param, std=0.05)
+    return model
+
+
+def real_batch() -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, 49152, (2, 48), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone()
+    labels[:, :8] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def test_real_model_loss_and_lora_gradients_match_and_logits_are_not_kept(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(head_loss, "CHUNK_BYTES", 16 * 4 * 49152)  # 80 targets: five chunks
+    model, batch = lora_model(tiny_model_dir), real_batch()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    results, kept = {}, {}
+    for chunked in (False, True):
+        def step():
+            total, hits = token_loss_and_hits(model, batch, chunked)
+            (total / 80).backward()
+            results[chunked] = (total.item(), hits.item(), grads(*trained))
+        kept[chunked] = saved_bytes(step)
+    (plain_loss, plain_hits, plain_grads), (loss, hits, chunked_grads) = results[False], results[True]
+    assert loss == pytest.approx(plain_loss, rel=1e-5)
+    assert hits == plain_hits
+    for got, want in zip(chunked_grads, plain_grads):
+        assert (got - want).norm() <= 1e-4 * want.norm()  # fp32, summed in another order
+    logits_bytes = 80 * 49152 * 4
+    assert kept[False] - kept[True] > logits_bytes  # the plain path keeps the logits, fp32
+
+
+def test_real_model_response_logps_and_gradients_match(tiny_model_dir):
+    model, batch = lora_model(tiny_model_dir), real_batch()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    results = {}
+    for chunked in (False, True):
+        logps, counts = response_logps(model, batch, chunked)
+        (logps[0] - 0.5 * logps[1]).backward()  # rows weighted unequally, as preference losses do
+        results[chunked] = (logps.detach(), counts, grads(*trained))
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-4)
+    assert results[True][1].tolist() == results[False][1].tolist() == [40, 40]
+    for got, want in zip(results[True][2], results[False][2]):
+        assert (got - want).norm() <= 1e-4 * want.norm()  # fp32, summed in another order
+
+
+def test_full_fine_tuning_trains_the_tied_head_the_same(tiny_model_dir):
+    model, batch = AutoModelForCausalLM.from_pretrained(tiny_model_dir), real_batch()
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    results = {}
+    for chunked in (False, True):
+        total, _ = token_loss_and_hits(model, batch, chunked)
+        total.backward()
+        results[chunked] = grads(*model.parameters())
+    for got, want in zip(results[True], results[False]):
+        assert (got - want).norm() <= 1e-4 * want.norm()  # fp32, summed in another order
