@@ -9,8 +9,9 @@ peft in the same call (issue #13's GPU check; it fits in 8 minutes on one H100/H
   ids and labels lmtune would train on), so both see the same tokens and targets.
 - Both: LoRA r8 (alpha 16) on every linear layer, bf16, one row per step, gradient checkpointing
   on, the same steps and learning rate; the first WARMUP_STEPS steps are left out of the timing.
-- A third run, lmtune with the base quantized to 4 bits (QLoRA, bitsandbytes), shows what the
-  same job costs in memory that way.
+- Two more lmtune runs: with the output head on every target position at once
+  (`chunked_cross_entropy: false`, the lever's ablation), and with the base quantized to 4 bits
+  (QLoRA, bitsandbytes).
 - Reported: tokens/s, torch.cuda.max_memory_allocated, the mean loss over the steps (each run
   draws its rows in its own order, so only the mean compares), and MFU = achieved FLOP/s over the
   GPU's dense bf16 peak, with FLOPs per token = 6 x N (all parameters: the frozen base's activations
@@ -206,7 +207,9 @@ def measure(bench: Bench) -> dict:
     measured["transformers Trainer + peft"] = (trainer_tokens_per_second(
         theirs["step_ends"], [len(r["input_ids"]) for r in rows]), theirs["losses"],
         theirs["max_allocated"])
-    for name, extra in (("lmtune", {}), ("lmtune, QLoRA 4-bit", {"quantization_bit": 4})):
+    for name, extra in (("lmtune", {}),
+                        ("lmtune, whole logits", {"chunked_cross_entropy": False}),
+                        ("lmtune, QLoRA 4-bit", {"quantization_bit": 4})):
         out = bench.scratch / name.replace(",", "").replace(" ", "-")
         config_path = out.with_suffix(".yaml")
         config_path.write_text(yaml.safe_dump(config | extra | {"output_dir": str(out)}))
@@ -219,7 +222,7 @@ def measure(bench: Bench) -> dict:
     device = torch.cuda.get_device_name(0) if cuda else "cpu"
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in device), None)
     per_token = flops_per_token(shape, parameters, cutoff)
-    result = {"device": device, "bf16_peak_tflops": peak, "parameters": parameters,
+    result = {"device": device, "torch": torch.__version__, "bf16_peak_tflops": peak, "parameters": parameters,
               "sequence": cutoff, "steps": steps, "warmup_steps": WARMUP_STEPS,
               "flops_per_token": per_token, "contenders": []}
     for name, (speed, losses, allocated) in measured.items():
@@ -263,7 +266,7 @@ def main() -> None:
         "--base", default="default", help="the model whose config (all but the shape) and "
         "tokenizer the random model takes (default: the default model)"))
     bench.scratch.mkdir(parents=True, exist_ok=True)
-    if not torch.cuda.is_available() and not bench.smoke:
+    if not torch.cuda.is_available() and not (bench.smoke or bench.args.render_only):
         sys.exit("no CUDA GPU here: run on a GPU machine, or pass --smoke to check the script.")
     if not bench.args.render_only:
         bench.write_json(measure(bench))

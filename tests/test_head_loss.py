@@ -21,7 +21,7 @@ VOCAB, HIDDEN, ROWS = 97, 16, 40
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     """Chunks of 7 rows, so that a test's 40 rows take six chunks, the last one short."""
-    monkeypatch.setattr(head_loss, "CHUNK_BYTES", 7 * 4 * VOCAB)
+    monkeypatch.setitem(head_loss.CHUNK_BYTES, "cpu", 7 * 4 * VOCAB)
 
 
 def inputs(bias: bool = True, seed: int = 0):
@@ -117,6 +117,11 @@ def test_without_grad_nothing_is_formed_and_the_value_holds():
     assert total.grad_fn is None
 
 
+def test_chunks_fill_whole_tiles_where_they_are_large():
+    assert head_loss.chunk_rows(128256, "cuda") == 512  # 523 by the budget, whole 128-row tiles
+    assert head_loss.chunk_rows(97, "cpu") == 7  # the fixture's budget: under a tile, as it is
+
+
 def test_only_a_plain_linear_head_is_chunked(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     hidden = torch.zeros(1, model.config.hidden_size)
@@ -157,7 +162,7 @@ def real_batch() -> dict[str, torch.Tensor]:
 
 
 def test_real_model_loss_and_lora_gradients_match_and_logits_are_not_kept(tiny_model_dir, monkeypatch):
-    monkeypatch.setattr(head_loss, "CHUNK_BYTES", 16 * 4 * 49152)  # 80 targets: five chunks
+    monkeypatch.setitem(head_loss.CHUNK_BYTES, "cpu", 16 * 4 * 49152)  # 80 targets: five chunks
     model, batch = lora_model(tiny_model_dir), real_batch()
     trained = [p for p in model.parameters() if p.requires_grad]
     results, kept = {}, {}

@@ -16,7 +16,7 @@ from lmtune.cli import main
 from lmtune.config import build_config
 from lmtune.models.methods import apply_method, count_parameters
 from lmtune.plan import memory_estimate, meta_model
-from lmtune.train.head_loss import CHUNK_BYTES
+from lmtune.train.head_loss import chunk_rows
 from tests.conftest import ALPACA, write_json, write_yaml
 
 
@@ -79,7 +79,7 @@ def test_memory_estimate_parts(tiny_model_dir):
     assert two["activations"] == pytest.approx(2 * one["activations"], rel=0.01)
     # chunked: one chunk's logits however many targets, and each target's hidden-state gradient
     config = model.config
-    chunk = CHUNK_BYTES // (4 * config.vocab_size)
+    chunk = chunk_rows(config.vocab_size, "cpu")
     grown = memory_estimate(model, cfg, 1024, 4 * chunk)["activations"] - \
         memory_estimate(model, cfg, 1024, 2 * chunk)["activations"]
     assert grown == pytest.approx(2 * chunk * config.hidden_size * 4 / gib, abs=0.002)

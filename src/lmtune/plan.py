@@ -34,7 +34,7 @@ from lmtune.models.load import add_new_tokens, from_pretrained_or_error, load_to
 from lmtune.models.methods import apply_method, count_parameters
 from lmtune.models.precision import half_frozen_base
 from lmtune.train.engine import schedule
-from lmtune.train.head_loss import CHUNK_BYTES
+from lmtune.train.head_loss import chunk_rows
 from lmtune.train.optim import state_bytes
 
 GIB = 2**30
@@ -151,7 +151,7 @@ def memory_estimate(model: torch.nn.Module, cfg: RunConfig, micro_batch_tokens: 
     # (ppo's head keeps the whole logits: its entropy needs them)
     rows = micro_batch_targets
     if cfg.chunked_cross_entropy and cfg.stage != "ppo":
-        rows = min(rows, max(1, CHUNK_BYTES // (4 * c.vocab_size)))
+        rows = min(rows, chunk_rows(c.vocab_size, "cuda" if torch.cuda.is_available() else "cpu"))
     head = rows * c.vocab_size * (width + 8)
     if rows < micro_batch_targets:
         head += micro_batch_targets * h * 4

@@ -26,8 +26,14 @@ import torch
 import torch.nn.functional as F
 
 # Bytes of fp32 logits one chunk may hold: large enough that each chunk's matmul runs at full speed
-# on a CPU, small next to what the whole logits of a batch take.
-CHUNK_BYTES = 64 * 2**20
+# (on a GPU, whole 128-row tiles), small next to what the logits of a batch take.
+CHUNK_BYTES = {"cpu": 64 * 2**20, "cuda": 256 * 2**20}
+
+
+def chunk_rows(vocab: int, device_type: str) -> int:
+    """How many positions one chunk takes on a device of this type."""
+    rows = max(1, CHUNK_BYTES.get(device_type, CHUNK_BYTES["cpu"]) // (4 * vocab))
+    return rows - rows % 128 if rows > 128 else rows
 
 
 @dataclass(frozen=True)
@@ -56,8 +62,8 @@ def linear_head(module: torch.nn.Module, hidden: torch.Tensor) -> Head | None:
     return Head(weight, module.bias, dtype)
 
 
-def _chunks(n: int, vocab: int) -> Iterator[slice]:
-    rows = max(1, CHUNK_BYTES // (4 * vocab))
+def _chunks(hidden: torch.Tensor, vocab: int) -> Iterator[slice]:
+    n, rows = len(hidden), chunk_rows(vocab, hidden.device.type)
     for start in range(0, n, rows):
         yield slice(start, min(start + rows, n))
 
@@ -83,7 +89,7 @@ class _SummedLoss(torch.autograd.Function):
                 if need_weight else None
             grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) \
                 if need_bias else None
-            for rows in _chunks(len(hidden), w.shape[0]):
+            for rows in _chunks(hidden, w.shape[0]):
                 h, y = hidden[rows].to(dtype), labels[rows]
                 logits = _logits(h, w, b)
                 correct += (logits.argmax(-1) == y).sum()
@@ -123,7 +129,7 @@ class _TokenLogps(torch.autograd.Function):
             b = bias.to(dtype) if bias is not None else None
             logps = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)
             lse = torch.empty_like(logps)
-            for rows in _chunks(len(hidden), w.shape[0]):
+            for rows in _chunks(hidden, w.shape[0]):
                 logits = _logits(hidden[rows].to(dtype), w, b)
                 lse[rows] = logits.logsumexp(-1)
                 logps[rows] = logits.gather(1, labels[rows][:, None]).squeeze(1) - lse[rows]
@@ -144,7 +150,7 @@ class _TokenLogps(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)
             b = bias.to(dtype) if bias is not None else None
-            for rows in _chunks(len(hidden), w.shape[0]):
+            for rows in _chunks(hidden, w.shape[0]):
                 h, y = hidden[rows].to(dtype), labels[rows]
                 # d log p(y)/d logits = one_hot - softmax, times the token's incoming gradient
                 grad = _logits(h, w, b).sub_(lse[rows, None]).exp_().neg_()
