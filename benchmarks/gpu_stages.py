@@ -124,8 +124,7 @@ def render(data: dict) -> str:
              f"{r['max_allocated_mib']:,}" if r["max_allocated_mib"] is not None else "n/a"]
             for r in data["runs"]]
     passed = sum(r["ok"] for r in data["runs"])
-    return (f"{data['device']}, torch {data['torch']}, bf16: {passed} of {len(data['runs'])} runs "
-            "ended well.\n\n"
+    return (f"{data['device']}, bf16: {passed} of {len(data['runs'])} runs ended well.\n\n"
             + table(["run", "result", "train loss", "max allocated MiB"], "llrr", rows)
             + "\n\n" + source_line("gpu_stages") + "\n")
 
