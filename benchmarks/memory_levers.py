@@ -3,7 +3,8 @@
 The quickstart config (default model, LoRA r=8 on all linear layers, batch 8, cutoff 512) trains the
 same number of steps per row, each row in its own child process, one after another. Rows add one
 lever each to the row above: fp32 everywhere on glibc's malloc, then mimalloc (lmtune's default
-allocator), then the frozen base stored in bf16 while computing in fp32 (`frozen_dtype: bfloat16`),
+allocator), then the chunked output head and loss (`chunked_cross_entropy`, on by default), then
+the frozen base stored in bf16 while computing in fp32 (`frozen_dtype: bfloat16`),
 then bf16 autocast (the quickstart as shipped: autocast keeps the base in bf16), then gradient
 checkpointing. The `runtime` row is a process that imports what `lmtune train` imports and loads the
 default model's tokenizer, nothing more: the floor under every run, and `lmtune plan`'s
@@ -26,8 +27,10 @@ QUICKSTART = str(ROOT / "examples" / "quickstart.yaml")
 # (name, what it adds, overrides): each row is the row above plus one lever.
 LEVERS = [
     ("fp32", "fp32 weights and compute on glibc's malloc (no lever)",
-     ["bf16=false", "frozen_dtype=float32", "allocator=system"]),
+     ["bf16=false", "frozen_dtype=float32", "allocator=system", "chunked_cross_entropy=false"]),
     ("+ mimalloc", "mimalloc as the process's allocator (lmtune's default)",
+     ["bf16=false", "frozen_dtype=float32", "chunked_cross_entropy=false"]),
+    ("+ chunked cross-entropy", "the output head and its loss a chunk of targets at a time (default)",
      ["bf16=false", "frozen_dtype=float32"]),
     ("+ bf16 frozen base, fp32 compute", "frozen base stored in bf16, cast up by each layer",
      ["bf16=false", "frozen_dtype=bfloat16"]),
