@@ -21,6 +21,7 @@ Wall time and peak RSS are the whole process's (imports, data, model, training, 
 
     python benchmarks/peers.py            # ~25 min on 2 cores: writes benchmarks/results/peers.json
     python benchmarks/peers.py --smoke    # the tiny model, 2 steps, 1 repeat: checks the script
+    python benchmarks/peers.py --scale-only  # the scale curve alone: peers_scale.json
 """
 
 from __future__ import annotations
@@ -348,10 +349,14 @@ def main() -> None:
     child_main(trl_child)
     bench = Bench("peers", __doc__, settings={"steps": ("optimizer steps per run", 12, 2),
                                               "repeats": ("alternated runs per contender", 3, 1),
-                                              "scale_steps": ("steps per run of the scale curve", 6, 2)})
+                                              "scale_steps": ("steps per run of the scale curve", 6, 2)},
+                  configure=lambda parser: parser.add_argument(
+                      "--scale-only", action="store_true",
+                      help="measure the scale curve only; the side-by-side table keeps its JSON"))
     if not bench.args.render_only:
         model = model_folder(bench)
-        bench.write_json(measure(bench, model))
+        if not bench.args.scale_only:
+            bench.write_json(measure(bench, model))
         bench.write_json(measure_scale(bench, model), "peers_scale")
     bench.rewrite("BENCHMARKS.md", "peers", render(bench.read_json()))
     scale = bench.read_json("peers_scale")
