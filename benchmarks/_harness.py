@@ -84,9 +84,14 @@ def lmtune(*args: str) -> list[str]:
     return [sys.executable, "-m", "lmtune.cli", *args]
 
 
-def tiny_model(folder: Path) -> str:
-    """A 2-layer random model with the default model's architecture and tokenizer (as the tests
-    build it), for --smoke runs."""
+TINY_SHAPE = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
+
+
+def random_model(folder: Path, shape: dict, base: str = "default", dtype=None) -> str:
+    """A model of `shape` with random weights (seeded), the rest of its config and its tokenizer
+    from `base` (the default model unless named), saved in folder once; built on the GPU if there
+    is one."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -94,16 +99,36 @@ def tiny_model(folder: Path) -> str:
 
     if (folder / "config.json").exists():
         return str(folder)
-    default = resolve_model("default")
-    config = AutoConfig.from_pretrained(default)
-    config.update({"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
-                   "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16})
+    source = resolve_model(base)
+    config = AutoConfig.from_pretrained(source)
+    config.update(shape)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
     model.save_pretrained(folder)
     model.generation_config.save_pretrained(folder)
-    load_tokenizer(default).save_pretrained(folder)
+    load_tokenizer(source).save_pretrained(folder)
     return str(folder)
+
+
+def tiny_model(folder: Path) -> str:
+    """A 2-layer random model with the default model's architecture and tokenizer (as the tests
+    build it), for --smoke runs."""
+    return random_model(folder, TINY_SHAPE)
+
+
+def gpu_bench(name: str, description: str | None) -> Bench:
+    """The command line of a benchmark that needs a CUDA GPU: --base names the model whose config
+    and tokenizer its random model takes; without a GPU only --smoke and --render-only run."""
+    import torch
+
+    bench = Bench(name, description, configure=lambda parser: parser.add_argument(
+        "--base", default="default", help="the model whose config (all but the shape) and "
+        "tokenizer the random model takes (default: the default model)"))
+    bench.scratch.mkdir(parents=True, exist_ok=True)
+    if not torch.cuda.is_available() and not (bench.smoke or bench.args.render_only):
+        sys.exit("no CUDA GPU here: run on a GPU machine, or pass --smoke to check the script.")
+    return bench
 
 
 LORA_RANK = 8

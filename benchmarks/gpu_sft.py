@@ -35,37 +35,16 @@ from pathlib import Path
 import torch
 import yaml
 
-from _harness import ROOT, Bench, source_line, table
+from _harness import ROOT, TINY_SHAPE, Bench, gpu_bench, random_model, source_line, table
 
 LLAMA3_8B = {"num_hidden_layers": 32, "hidden_size": 4096, "intermediate_size": 14336,
              "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
              "vocab_size": 128256, "max_position_embeddings": 8192, "rope_theta": 500000.0}
-TINY = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 49152}
+TINY = TINY_SHAPE | {"vocab_size": 49152}
 # Dense bf16 tensor-core peaks (NVIDIA's data sheets, without sparsity), by a part of the name.
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}
 WARMUP_STEPS = 2
 CHILD_TIMEOUT_S = 240
-
-
-def build_model(folder: Path, shape: dict, dtype: torch.dtype, base: str) -> str:
-    """A model of `shape` with random weights, the rest of its config and its tokenizer from `base`."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from lmtune.models.load import load_tokenizer, resolve_model
-
-    if (folder / "config.json").exists():
-        return str(folder)
-    default = resolve_model(base)
-    config = AutoConfig.from_pretrained(default)
-    config.update(shape | {"tie_word_embeddings": False, "dtype": str(dtype).split(".")[-1]})
-    torch.manual_seed(0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.save_pretrained(folder)
-    load_tokenizer(default).save_pretrained(folder)
-    return str(folder)
 
 
 def write_data(folder: Path, rows: int) -> Path:
@@ -191,8 +170,8 @@ def measure(bench: Bench) -> dict:
     cuda = torch.cuda.is_available()
     shape = TINY if bench.smoke else LLAMA3_8B
     cutoff, steps = (256, 4) if bench.smoke else (4096, 8)
-    model = build_model(bench.scratch / "model", shape, torch.bfloat16 if cuda else torch.float32,
-                        bench.args.base)
+    model = random_model(bench.scratch / "model", shape | {"tie_word_embeddings": False},
+                         bench.args.base, torch.bfloat16 if cuda else torch.float32)
     data = write_data(bench.scratch / "data", rows=12 * steps)
     config = job(model, data, bench.scratch / "lmtune", cutoff, steps)
     rows = packed_rows(config)[:steps]
@@ -262,12 +241,7 @@ def render(data: dict) -> str:
 
 
 def main() -> None:
-    bench = Bench("gpu_sft", __doc__, configure=lambda parser: parser.add_argument(
-        "--base", default="default", help="the model whose config (all but the shape) and "
-        "tokenizer the random model takes (default: the default model)"))
-    bench.scratch.mkdir(parents=True, exist_ok=True)
-    if not torch.cuda.is_available() and not (bench.smoke or bench.args.render_only):
-        sys.exit("no CUDA GPU here: run on a GPU machine, or pass --smoke to check the script.")
+    bench = gpu_bench("gpu_sft", __doc__)
     if not bench.args.render_only:
         bench.write_json(measure(bench))
     bench.rewrite("BENCHMARKS.md", "gpu_sft", render(bench.read_json()))

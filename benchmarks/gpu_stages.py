@@ -23,29 +23,11 @@ from pathlib import Path
 
 import torch
 
-from _harness import ROOT, Bench, source_line, table
+from _harness import ROOT, TINY_SHAPE, Bench, gpu_bench, random_model, source_line, table
 
 sys.path.insert(0, str(ROOT))
 from tests.conftest import ALPACA, PAIRS, write_json, write_yaml  # noqa: E402
 from tests.test_stages import KTO, TEXT  # noqa: E402
-
-TINY = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
-
-
-def build(folder: Path, base: str) -> str:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from lmtune.models.load import load_tokenizer, resolve_model
-
-    source = resolve_model(base)
-    config = AutoConfig.from_pretrained(source)
-    config.update(TINY)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    load_tokenizer(source).save_pretrained(folder)
-    return str(folder)
-
 
 def write_data(folder: Path) -> Path:
     write_json(folder / "alpaca.json", ALPACA * 3)
@@ -89,7 +71,7 @@ def measure(bench: Bench) -> dict:
     from lmtune.cli import main
 
     cuda = torch.cuda.is_available()
-    model = build(bench.scratch / "model", bench.args.base)
+    model = random_model(bench.scratch / "model", TINY_SHAPE, bench.args.base)
     shared = {"model_name_or_path": model, "dataset_dir": str(write_data(bench.scratch / "data")),
               "finetuning_type": "lora", "per_device_train_batch_size": 4, "learning_rate": 1e-2,
               "max_steps": 6, "logging_steps": 1, "save_steps": 3, "seed": 0, "bf16": True,
@@ -130,12 +112,7 @@ def render(data: dict) -> str:
 
 
 def main() -> None:
-    bench = Bench("gpu_stages", __doc__, configure=lambda parser: parser.add_argument(
-        "--base", default="default", help="the model whose config (all but the shape) and "
-        "tokenizer the random model takes (default: the default model)"))
-    bench.scratch.mkdir(parents=True, exist_ok=True)
-    if not torch.cuda.is_available() and not (bench.smoke or bench.args.render_only):
-        sys.exit("no CUDA GPU here: run on a GPU machine, or pass --smoke to check the script.")
+    bench = gpu_bench("gpu_stages", __doc__)
     if not bench.args.render_only:
         bench.write_json(measure(bench))
     data = bench.read_json()

@@ -14,6 +14,12 @@ from transformers import AutoModelForCausalLM
 from lmtune.models.precision import UpcastLinear
 from lmtune.train import head_loss
 from lmtune.train.forward import response_logps, token_loss_and_hits
+from tests.test_precision import batch, build
+
+
+def lora_model(model_dir: str) -> torch.nn.Module:
+    """LoRA r4 on every linear layer, fp32, lora_B drawn so that every factor has a gradient."""
+    return build(model_dir, "lora", "float32", bf16=False)
 
 VOCAB, HIDDEN, ROWS = 97, 16, 40
 
@@ -144,32 +150,15 @@ def saved_bytes(fn) -> int:
     return sum(storages.values())
 
 
-def lora_model(model_dir: str) -> torch.nn.Module:
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    torch.manual_seed(1)
-    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
-    for name, param in model.named_parameters():
-        if "lora_B" in name:  # zero at init, which would leave lora_A without a gradient
-            torch.nn.init.normal_(param, std=0.05)
-    return model
-
-
-def real_batch() -> dict[str, torch.Tensor]:
-    ids = torch.randint(0, 49152, (2, 48), generator=torch.Generator().manual_seed(3))
-    labels = ids.clone()
-    labels[:, :8] = -100
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-
-
 def test_real_model_loss_and_lora_gradients_match_and_logits_are_not_kept(tiny_model_dir, monkeypatch):
-    monkeypatch.setitem(head_loss.CHUNK_BYTES, "cpu", 16 * 4 * 49152)  # 80 targets: five chunks
-    model, batch = lora_model(tiny_model_dir), real_batch()
+    monkeypatch.setitem(head_loss.CHUNK_BYTES, "cpu", 16 * 4 * 49152)  # 60 targets: four chunks
+    model, data = lora_model(tiny_model_dir), batch()
     trained = [p for p in model.parameters() if p.requires_grad]
     results, kept = {}, {}
     for chunked in (False, True):
         def step():
-            total, hits = token_loss_and_hits(model, batch, chunked)
-            (total / 80).backward()
+            total, hits = token_loss_and_hits(model, data, chunked)
+            (total / 60).backward()
             results[chunked] = (total.item(), hits.item(), grads(*trained))
         kept[chunked] = saved_bytes(step)
     (plain_loss, plain_hits, plain_grads), (loss, hits, chunked_grads) = results[False], results[True]
@@ -177,30 +166,30 @@ def test_real_model_loss_and_lora_gradients_match_and_logits_are_not_kept(tiny_m
     assert hits == plain_hits
     for got, want in zip(chunked_grads, plain_grads):
         assert (got - want).norm() <= 1e-4 * want.norm()  # fp32, summed in another order
-    logits_bytes = 80 * 49152 * 4
+    logits_bytes = 60 * 49152 * 4
     assert kept[False] - kept[True] > logits_bytes  # the plain path keeps the logits, fp32
 
 
 def test_real_model_response_logps_and_gradients_match(tiny_model_dir):
-    model, batch = lora_model(tiny_model_dir), real_batch()
+    model, data = lora_model(tiny_model_dir), batch()
     trained = [p for p in model.parameters() if p.requires_grad]
     results = {}
     for chunked in (False, True):
-        logps, counts = response_logps(model, batch, chunked)
+        logps, counts = response_logps(model, data, chunked)
         (logps[0] - 0.5 * logps[1]).backward()  # rows weighted unequally, as preference losses do
         results[chunked] = (logps.detach(), counts, grads(*trained))
     torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-4)
-    assert results[True][1].tolist() == results[False][1].tolist() == [40, 40]
+    assert results[True][1].tolist() == results[False][1].tolist() == [30, 30]
     for got, want in zip(results[True][2], results[False][2]):
         assert (got - want).norm() <= 1e-4 * want.norm()  # fp32, summed in another order
 
 
 def test_full_fine_tuning_trains_the_tied_head_the_same(tiny_model_dir):
-    model, batch = AutoModelForCausalLM.from_pretrained(tiny_model_dir), real_batch()
+    model, data = AutoModelForCausalLM.from_pretrained(tiny_model_dir), batch()
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     results = {}
     for chunked in (False, True):
-        total, _ = token_loss_and_hits(model, batch, chunked)
+        total, _ = token_loss_and_hits(model, data, chunked)
         total.backward()
         results[chunked] = grads(*model.parameters())
     for got, want in zip(results[True], results[False]):

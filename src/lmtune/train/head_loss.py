@@ -72,42 +72,53 @@ def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return F.linear(hidden, weight, bias).float()  # one rounding to the compute dtype, as the head's
 
 
+class _Grads:
+    """The gradients a chunked pass builds: of the hidden states chunk by chunk, and sums over the
+    chunks (in fp32) for the head's weight and bias; each only where `need` asks."""
+
+    def __init__(self, hidden, weight, bias, need: tuple[bool, bool, bool]):
+        self.hidden = torch.empty_like(hidden) if need[0] else None
+        self.weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if need[1] else None
+        self.bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need[2] else None
+
+    def any(self) -> bool:
+        return self.hidden is not None or self.weight is not None or self.bias is not None
+
+    def add(self, rows: slice, grad_logits: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> None:
+        """One chunk's share, from the gradient of its logits and its inputs (compute dtype)."""
+        if self.hidden is not None:
+            self.hidden[rows] = (grad_logits @ w).to(self.hidden.dtype)
+        if self.weight is not None:
+            self.weight += (grad_logits.T @ h).float()
+        if self.bias is not None:
+            self.bias += grad_logits.float().sum(0)
+
+
 class _SummedLoss(torch.autograd.Function):
     """sum of -log p(label) over the rows of `hidden`; with `want_grad`, the gradients are made in
     forward."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, dtype, want_grad):
-        need_hidden, need_weight, need_bias = (want_grad and need for need in ctx.needs_input_grad[:3])
+        grads = _Grads(hidden, weight, bias, tuple(want_grad and n for n in ctx.needs_input_grad[:3]))
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)
             b = bias.to(dtype) if bias is not None else None
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             correct = torch.zeros((), dtype=torch.long, device=hidden.device)
-            grad_hidden = torch.empty_like(hidden) if need_hidden else None
-            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-                if need_weight else None
-            grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) \
-                if need_bias else None
             for rows in _chunks(hidden, w.shape[0]):
                 h, y = hidden[rows].to(dtype), labels[rows]
                 logits = _logits(h, w, b)
                 correct += (logits.argmax(-1) == y).sum()
                 lse = logits.logsumexp(-1)
                 total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
-                if not (need_hidden or need_weight or need_bias):
-                    continue
-                # d(sum of -log p)/d logits = softmax - one_hot, made in place of the logits
-                grad = logits.sub_(lse[:, None]).exp_()
-                grad[torch.arange(len(y), device=y.device), y] -= 1
-                grad = grad.to(dtype)
-                if need_hidden:
-                    grad_hidden[rows] = (grad @ w).to(hidden.dtype)
-                if need_weight:
-                    grad_weight += (grad.T @ h).float()
-                if need_bias:
-                    grad_bias += grad.float().sum(0)
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+                if grads.any():
+                    # d(sum of -log p)/d logits = softmax - one_hot, made in place of the logits
+                    grad = logits.sub_(lse[:, None]).exp_()
+                    grad[torch.arange(len(y), device=y.device), y] -= 1
+                    grads.add(rows, grad.to(dtype), h, w)
+        ctx.save_for_backward(grads.hidden, grads.weight, grads.bias)
         ctx.mark_non_differentiable(correct)
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         return total, correct
@@ -141,12 +152,7 @@ class _TokenLogps(torch.autograd.Function):
     def backward(ctx, grad_logps):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         dtype = ctx.dtype
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-            if need_weight else None
-        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) \
-            if need_bias else None
+        grads = _Grads(hidden, weight, bias, ctx.needs_input_grad[:3])
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)
             b = bias.to(dtype) if bias is not None else None
@@ -155,15 +161,9 @@ class _TokenLogps(torch.autograd.Function):
                 # d log p(y)/d logits = one_hot - softmax, times the token's incoming gradient
                 grad = _logits(h, w, b).sub_(lse[rows, None]).exp_().neg_()
                 grad[torch.arange(len(y), device=y.device), y] += 1
-                grad = (grad * grad_logps[rows, None]).to(dtype)
-                if need_hidden:
-                    grad_hidden[rows] = (grad @ w).to(hidden.dtype)
-                if need_weight:
-                    grad_weight += (grad.T @ h).float()
-                if need_bias:
-                    grad_bias += grad.float().sum(0)
-        return (grad_hidden, grad_weight.to(weight.dtype) if need_weight else None,
-                grad_bias.to(bias.dtype) if need_bias else None, None, None)
+                grads.add(rows, (grad * grad_logps[rows, None]).to(dtype), h, w)
+        return (grads.hidden, grads.weight.to(weight.dtype) if grads.weight is not None else None,
+                grads.bias.to(bias.dtype) if grads.bias is not None else None, None, None)
 
 
 def summed_loss(head: Head, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
