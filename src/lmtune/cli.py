@@ -14,7 +14,7 @@ import traceback
 from lmtune import allocator
 from lmtune.config import RunConfig, check_training_inputs, describe_keys, load_config
 from lmtune.errors import LmtuneError
-from lmtune.runtime import configure
+from lmtune.runtime import configure, leave_out_bitsandbytes
 
 
 def _config(args: argparse.Namespace, **fixed) -> RunConfig:
@@ -30,6 +30,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.as_command:  # the command line itself, not main() called from Python
         allocator.restart_with(cfg.allocator)  # before torch is imported: restarting is cheap then
         allocator.forget_preload()
+        leave_out_bitsandbytes(cfg)  # before peft is imported
     from lmtune.train import STAGES
 
     from lmtune import distributed

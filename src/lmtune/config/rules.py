@@ -239,8 +239,9 @@ def _check_predict_and_replay(cfg: RunConfig, explicitly_set: set[str]) -> None:
 
 
 # optim values lmtune builds (train/optim.py), and HF Trainer's other names with the reason.
+BITSANDBYTES_OPTIMIZERS = ("adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop",
-              "adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+              *BITSANDBYTES_OPTIMIZERS)
 _OPTIMIZERS_ELSEWHERE = {
     "adamw_torch_xla": "it runs on TPUs (torch_xla)",
     "adamw_torch_npu_fused": "it runs on Ascend NPUs",
