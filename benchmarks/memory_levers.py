@@ -41,9 +41,14 @@ LEVERS = [
 
 
 def runtime_child(model: str) -> None:
-    """In the child process: the imports of a training run and the tokenizer, then exit."""
+    """In the child process: the imports of a training run and the tokenizer, then exit. As
+    `lmtune train` does for a run without quantization, bitsandbytes stays out."""
     from lmtune import measure
+    from lmtune.config import build_config
     from lmtune.models.load import load_tokenizer, resolve_model
+    from lmtune.runtime import leave_out_bitsandbytes
+
+    leave_out_bitsandbytes(build_config({"model_name_or_path": model}))
     from lmtune.train import sft  # noqa: F401  (what `lmtune train` imports for the default stage)
 
     measure.report_peak_rss_at_exit()

@@ -40,7 +40,9 @@ from lmtune.train.optim import state_bytes
 GIB = 2**30
 # What a training process holds before any weight or batch: Python, torch, transformers, peft and
 # the default model's tokenizer (peak RSS of the `runtime` row of benchmarks/memory_levers.py,
-# which imports what `lmtune train` imports and loads that tokenizer; measured 2026-12-03).
+# which imports what `lmtune train` imports and loads that tokenizer; measured 2026-12-03, when
+# bitsandbytes was imported by every run: now only quantized runs and 8-bit optimizers load it,
+# and the others start about 45 MiB lower).
 RUNTIME_GIB = 0.45
 
 
