@@ -68,6 +68,11 @@ def _chunks(hidden: torch.Tensor, vocab: int) -> Iterator[slice]:
         yield slice(start, min(start + rows, n))
 
 
+def _in_dtype(weight: torch.Tensor, bias: torch.Tensor | None,
+              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return weight.to(dtype), (bias.to(dtype) if bias is not None else None)
+
+
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return F.linear(hidden, weight, bias).float()  # one rounding to the compute dtype, as the head's
 
@@ -103,8 +108,7 @@ class _SummedLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, dtype, want_grad):
         grads = _Grads(hidden, weight, bias, tuple(want_grad and n for n in ctx.needs_input_grad[:3]))
         with torch.autocast(hidden.device.type, enabled=False):
-            w = weight.to(dtype)
-            b = bias.to(dtype) if bias is not None else None
+            w, b = _in_dtype(weight, bias, dtype)
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             correct = torch.zeros((), dtype=torch.long, device=hidden.device)
             for rows in _chunks(hidden, w.shape[0]):
@@ -136,8 +140,7 @@ class _TokenLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, dtype):
         with torch.autocast(hidden.device.type, enabled=False):
-            w = weight.to(dtype)
-            b = bias.to(dtype) if bias is not None else None
+            w, b = _in_dtype(weight, bias, dtype)
             logps = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)
             lse = torch.empty_like(logps)
             for rows in _chunks(hidden, w.shape[0]):
@@ -154,8 +157,7 @@ class _TokenLogps(torch.autograd.Function):
         dtype = ctx.dtype
         grads = _Grads(hidden, weight, bias, ctx.needs_input_grad[:3])
         with torch.autocast(hidden.device.type, enabled=False):
-            w = weight.to(dtype)
-            b = bias.to(dtype) if bias is not None else None
+            w, b = _in_dtype(weight, bias, dtype)
             for rows in _chunks(hidden, w.shape[0]):
                 h, y = hidden[rows].to(dtype), labels[rows]
                 # d log p(y)/d logits = one_hot - softmax, times the token's incoming gradient
