@@ -9,9 +9,11 @@ peft in the same call (issue #13's GPU check; it fits in 8 minutes on one H100/H
   ids and labels lmtune would train on), so both see the same tokens and targets.
 - Both: LoRA r8 (alpha 16) on every linear layer, bf16, one row per step, gradient checkpointing
   on, the same steps and learning rate; the first WARMUP_STEPS steps are left out of the timing.
-- Two more lmtune runs: with the output head on every target position at once
-  (`chunked_cross_entropy: false`, the lever's ablation), and with the base quantized to 4 bits
-  (QLoRA, bitsandbytes).
+- lmtune as a user runs it: `flash_attn: auto`, which on packed rows on a CUDA GPU is torch's
+  flex_attention. The Trainer runs transformers' default attention (sdpa), as its users do.
+- Three more lmtune runs, one lever off each: sdpa attention (`flash_attn: sdpa`), the output head
+  on every target position at once (`chunked_cross_entropy: false`); and the base quantized to 4
+  bits (QLoRA, bitsandbytes).
 - Reported: tokens/s, torch.cuda.max_memory_allocated, the mean loss over the steps (each run
   draws its rows in its own order, so only the mean compares), and MFU = achieved FLOP/s over the
   GPU's dense bf16 peak, with FLOPs per token = 6 x N (all parameters: the frozen base's activations
@@ -186,7 +188,9 @@ def measure(bench: Bench) -> dict:
     measured["transformers Trainer + peft"] = (trainer_tokens_per_second(
         theirs["step_ends"], [len(r["input_ids"]) for r in rows]), theirs["losses"],
         theirs["max_allocated"])
+    print(f"Trainer: {measured['transformers Trainer + peft'][0]:,.0f} tokens/s", flush=True)
     for name, extra in (("lmtune", {}),
+                        ("lmtune, sdpa attention", {"flash_attn": "sdpa"}),
                         ("lmtune, whole logits", {"chunked_cross_entropy": False}),
                         ("lmtune, QLoRA 4-bit", {"quantization_bit": 4})):
         out = bench.scratch / name.replace(",", "").replace(" ", "-")
@@ -197,6 +201,8 @@ def measure(bench: Bench) -> dict:
             out.with_suffix(".log"))
         speed, losses = lmtune_log(out)
         measured[name] = (speed, losses, json.loads(report.read_text())["max_allocated"])
+        print(f"{name}: {speed:,.0f} tokens/s, max allocated "
+              f"{measured[name][2] / 2**30:.2f} GiB", flush=True)
     parameters = _llama_parameters(shape)
     device = torch.cuda.get_device_name(0) if cuda else "cpu"
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in device), None)

@@ -24,13 +24,14 @@ def smoke(script: str) -> dict:
 def test_gpu_sft_smoke_trains_every_contender():
     data = smoke("gpu_sft.py")
     names = [c["name"] for c in data["contenders"]]
-    assert names == ["transformers Trainer + peft", "lmtune", "lmtune, whole logits",
-                     "lmtune, QLoRA 4-bit"]
+    assert names == ["transformers Trainer + peft", "lmtune", "lmtune, sdpa attention",
+                     "lmtune, whole logits", "lmtune, QLoRA 4-bit"]
     speeds = [c["tokens_per_second"] for c in data["contenders"]]
     assert all(s > 0 for s in speeds)
-    # the chunked head and the whole one train on the same rows in the same order: the same losses
-    lmtune, whole = data["contenders"][1:3]
+    # each lever keeps the math: the same rows in the same order, the same losses
+    lmtune, sdpa, whole = data["contenders"][1:4]
     assert lmtune["mean_loss"] == pytest.approx(whole["mean_loss"], abs=1e-3)
+    assert lmtune["mean_loss"] == pytest.approx(sdpa["mean_loss"], abs=1e-3)
 
 
 def test_gpu_stages_smoke_ends_every_run_well():

@@ -117,7 +117,7 @@ def test_enable_thinking_decides_whether_the_empty_reasoning_block_trains(tokeni
 
 
 @pytest.mark.parametrize("flash_attn,implementation", [("disabled", "eager"), ("eager", "eager"),
-                                                       ("sdpa", "sdpa")])
+                                                       ("sdpa", "sdpa"), ("flex", "flex_attention")])
 def test_flash_attn_sets_the_attention_implementation(tiny_model_dir, flash_attn, implementation):
     from lmtune.models.load import attention, load_model
 
@@ -137,6 +137,48 @@ def test_flash_attention_kernels_are_refused_on_the_cpu(flash_attn):
     assert info.value.message == (f"flash_attn: {flash_attn} needs FlashAttention's CUDA kernels, and "
                                   "this machine has no CUDA GPU.")
     assert "flash_attn: sdpa" in info.value.fix
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA machine flex trains")
+def test_flex_attention_is_refused_for_training_on_the_cpu():
+    from lmtune.models.load import attention, model_options
+
+    cfg = build_config({"flash_attn": "flex"})
+    assert attention(cfg) == "flex_attention"  # chat, serve and predict only run forward
+    with pytest.raises(ConfigError) as info:
+        model_options(cfg, training=True)
+    assert info.value.message.startswith("flash_attn: flex trains on a CUDA GPU only")
+    assert "flash_attn: sdpa" in info.value.fix
+
+
+@pytest.mark.parametrize("values,packed", [
+    ({"packing": True}, True), ({"stage": "pt"}, True), ({"neat_packing": True}, True),
+    ({}, False), ({"packing": True, "flash_attn": "sdpa"}, False)])
+def test_auto_attention_looks_for_flex_only_when_training_packed_rows(values, packed):
+    from lmtune.models.load import model_options
+
+    cfg = build_config(values)
+    assert model_options(cfg, training=True)["packed_training"] is packed
+    assert model_options(cfg)["packed_training"] is False  # chat, serve, predict, references
+
+
+def test_packed_rows_get_flex_attention_on_a_gpu_where_the_architecture_has_it(tiny_model_dir,
+                                                                                monkeypatch):
+    import importlib.util
+
+    from transformers import AutoConfig, GPT2Config
+
+    from lmtune.models import load
+
+    llama = AutoConfig.from_pretrained(tiny_model_dir)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert load.packed_attention(llama) is None  # the CPU: sdpa, as transformers chooses
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "triton" else real_find_spec(name, *a))
+    assert load.packed_attention(llama) == "flex_attention"
+    assert load.packed_attention(GPT2Config()) is None  # transformers' GPT-2 has no flex attention
 
 
 @pytest.mark.parametrize("rope_type", ["linear", "dynamic", "yarn", "llama3"])

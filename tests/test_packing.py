@@ -117,6 +117,23 @@ def test_isolation_check_passes_for_llama_and_refuses_a_leaking_forward(tiny_mod
     batching._packing_leak.cache_clear()
 
 
+def test_flex_attention_keeps_packed_samples_apart(tiny_model_dir, rows):
+    """flash_attn auto trains packed rows with flex_attention on a GPU; its forward (the CPU has no
+    backward for it) gives the loss of the samples run alone."""
+    torch.manual_seed(0)
+    flex = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="flex_attention").eval()
+    packed = collate(pack_rows(rows, 96), EOS)
+    with torch.no_grad():
+        together = token_loss_sum(flex, packed).item()
+        alone = sum(token_loss_sum(flex, collate([row], EOS)).item() for row in rows)
+    assert together == pytest.approx(alone, rel=1e-5)
+    batching._packing_leak.cache_clear()
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config._attn_implementation = "flex_attention"
+    check_packing_isolation(config)  # the run's own guard agrees
+    batching._packing_leak.cache_clear()
+
+
 # --- pt -----------------------------------------------------------------------------------------
 
 def test_pack_documents_cuts_blocks_and_restarts_positions(tokenizer, model):

@@ -317,10 +317,12 @@ class RunConfig(BaseModel):
         True, description="Reasoning templates (Qwen3 and kin): true trains replies with their "
         "(possibly empty) reasoning block; false puts an empty block in the prompt, untrained; "
         "null leaves it to the template.")
-    flash_attn: Literal["auto", "disabled", "eager", "sdpa", "fa2", "fa3"] = Field(
-        "auto", description="Attention implementation: auto (transformers chooses), sdpa (torch's "
-        "scaled_dot_product_attention), disabled or eager (plain matmuls), fa2 / fa3 "
-        "(FlashAttention 2 / 3: CUDA GPUs with the package installed).")
+    flash_attn: Literal["auto", "disabled", "eager", "sdpa", "flex", "fa2", "fa3"] = Field(
+        "auto", description="Attention implementation: auto (training on packed rows on a CUDA GPU: "
+        "flex, where the architecture has it; otherwise transformers chooses, sdpa for most), sdpa "
+        "(torch's scaled_dot_product_attention), flex (torch's flex_attention, compiled on first "
+        "use: skips the blocks where packed samples would meet), disabled or eager (plain matmuls), "
+        "fa2 / fa3 (FlashAttention 2 / 3: CUDA GPUs with the package installed).")
     rope_scaling: Literal["linear", "dynamic", "yarn", "llama3"] | None = Field(
         None, description="Stretch the rotary positions so cutoff_len fits when it is longer than "
         "the model's: by the whole factor that covers it, with this method.")

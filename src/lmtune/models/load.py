@@ -275,12 +275,16 @@ def move_to_device(model: torch.nn.Module) -> torch.device:
 
 # flash_attn (LLaMA-Factory's names) -> transformers' attn_implementation; None lets it choose.
 _ATTENTION = {"auto": None, "disabled": "eager", "eager": "eager", "sdpa": "sdpa",
-              "fa2": "flash_attention_2", "fa3": "flash_attention_3"}
+              "flex": "flex_attention", "fa2": "flash_attention_2", "fa3": "flash_attention_3"}
 _FLASH_PACKAGES = {"fa2": ("flash_attn", "flash-attn"), "fa3": ("flash_attn_interface", "FlashAttention-3")}
 
 
-def attention(cfg: RunConfig) -> str | None:
-    """The attention implementation flash_attn asks for, refused where its kernels cannot run."""
+def attention(cfg: RunConfig, training: bool = False) -> str | None:
+    """The attention implementation flash_attn asks for, refused where its kernels cannot run
+    (`training`: for the model that trains)."""
+    if cfg.flash_attn == "flex" and training and not torch.cuda.is_available():
+        raise ConfigError("flash_attn: flex trains on a CUDA GPU only: torch's flex_attention has no "
+                          "backward pass on the CPU.", "use flash_attn: sdpa (or auto) here.")
     if cfg.flash_attn in _FLASH_PACKAGES:
         module, package = _FLASH_PACKAGES[cfg.flash_attn]
         if not torch.cuda.is_available():
@@ -293,10 +297,29 @@ def attention(cfg: RunConfig) -> str | None:
     return _ATTENTION[cfg.flash_attn]
 
 
-def model_options(cfg: RunConfig) -> dict:
-    """load_model's keywords that the config decides: attention, RoPE scaling."""
-    return {"attn_implementation": attention(cfg), "rope_scaling": cfg.rope_scaling,
-            "max_length": cfg.cutoff_len}
+def model_options(cfg: RunConfig, training: bool = False) -> dict:
+    """load_model's keywords that the config decides: attention, RoPE scaling. `training`: the
+    model this loads trains (on packed rows when the config packs)."""
+    return {"attn_implementation": attention(cfg, training), "rope_scaling": cfg.rope_scaling,
+            "max_length": cfg.cutoff_len,
+            "packed_training": training and cfg.packing_enabled and cfg.flash_attn == "auto"}
+
+
+def packed_attention(config) -> str | None:
+    """flash_attn auto's choice for training on packed rows: flex_attention on a CUDA GPU where
+    the architecture has it, else None (transformers' own choice, sdpa for most).
+
+    Packed samples must not see each other. sdpa gets that from a dense block-diagonal mask: it
+    computes every block, masked or not, and cuDNN's masked kernel builds a new plan for each new
+    row length (~0.2 s a step on an H200, BENCHMARKS.md). flex_attention skips the blocks where two
+    samples would meet and compiles once. On the CPU its compile costs more than it saves."""
+    if not torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
+        return None
+    try:
+        model_class = AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:  # an architecture transformers does not ship (trust_remote_code)
+        return None
+    return "flex_attention" if getattr(model_class, "_supports_flex_attn", False) else None
 
 
 def scale_rope(config, rope_type: str, max_length: int) -> None:
@@ -324,9 +347,11 @@ def scale_rope(config, rope_type: str, max_length: int) -> None:
 def load_model(name: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
                quantization: BitsAndBytesConfig | None = None, attn_implementation: str | None = None,
                rope_scaling: str | None = None, max_length: int | None = None,
-               from_scratch: bool = False, half_precision: bool = False) -> PreTrainedModel:
+               from_scratch: bool = False, half_precision: bool = False,
+               packed_training: bool = False) -> PreTrainedModel:
     """The model's weights in `dtype`, or with `half_precision` in the checkpoint's own half
-    precision (bf16 when it records none), for a base that stays frozen (models/precision.py)."""
+    precision (bf16 when it records none), for a base that stays frozen (models/precision.py).
+    `packed_training` with no attention asked for: `packed_attention` chooses."""
     folder = Path(name)
     if folder.is_dir() and not list(folder.glob("*.safetensors")) and list(folder.glob("*.bin")):
         # .bin weights are pickles: loading one can run arbitrary code.
@@ -344,6 +369,11 @@ def load_model(name: str, trust_remote_code: bool = False, dtype: torch.dtype = 
         # model cannot be moved to the GPU afterwards.
         extra = {"quantization_config": quantization,
                  "device_map": {"": torch.cuda.current_device()} if torch.cuda.is_available() else None}
+    if attn_implementation is None and packed_training:
+        attn_implementation = packed_attention(config)
+        if attn_implementation is not None:
+            print(f"attention: {attn_implementation} for packed rows on the GPU "
+                  "(flash_attn: sdpa keeps sdpa)")
     if attn_implementation is not None:
         extra["attn_implementation"] = attn_implementation
     if from_scratch:  # the architecture only, with freshly initialised weights (seeded by the run)

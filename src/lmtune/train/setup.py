@@ -47,7 +47,7 @@ def start_run(cfg: RunConfig) -> RunInputs:
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     added = add_new_tokens(tokenizer, cfg)
     half = half_frozen_base(cfg)
-    model = load_model(model_path, cfg.trust_remote_code, **model_options(cfg),
+    model = load_model(model_path, cfg.trust_remote_code, **model_options(cfg, training=True),
                        from_scratch=cfg.train_from_scratch, half_precision=half)
     if trains_vocab(cfg):
         fit_vocab(model, len(tokenizer), tokenizer.convert_tokens_to_ids(added) if added else None)
