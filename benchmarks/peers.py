@@ -14,7 +14,8 @@ its own process, alternated over the repeats (medians reported):
 - `lmtune train` on the very same YAML.
 
 Each keeps its own defaults for what the YAML does not say: both peers turn gradient checkpointing
-on, lmtune leaves it off unless asked, so lmtune runs twice, as is and with the one key more. Tokens are counted the same way for all:
+on, lmtune leaves it off unless asked, so lmtune runs three times: as is, with the one key more,
+and recomputing every 2nd layer only. Tokens are counted the same way for all:
 the rows one run trains (steps x 8) times the mean tokens per row of the data under the model's chat
 template (prompt and reply; the target tokens are the replies'), over the run's own train_runtime.
 Wall time and peak RSS are the whole process's (imports, data, model, training, saving).
@@ -46,7 +47,14 @@ CONTENDERS = {
     "trl": "TRL 1.16 SFTTrainer + peft, completion-only loss",
     "lmtune": "lmtune (`lmtune train`)",
     "lmtune+checkpointing": "lmtune, the YAML + `gradient_checkpointing: true`",
+    "lmtune+checkpointing-every-2": "lmtune, the YAML + `gradient_checkpointing: true`, "
+                              "`checkpoint_every_n_layers: 2`",
 }
+# What each lmtune contender adds to the YAML, and which layers it recomputes.
+LMTUNE_KEYS = {"lmtune": ({}, "off"),
+               "lmtune+checkpointing": ({"gradient_checkpointing": True}, "every layer"),
+               "lmtune+checkpointing-every-2": ({"gradient_checkpointing": True,
+                                           "checkpoint_every_n_layers": 2}, "every 2nd layer")}
 # Run in the peer's venv: write this process's peak RSS (its own, from VmHWM) where the parent
 # asks, then start LLaMA-Factory's command line as `llamafactory-cli` would.
 PEAK_LAUNCHER = r"""
@@ -164,7 +172,7 @@ def trl_child(spec: dict) -> dict:
     trainer.save_model()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     return {"losses": losses, "train_runtime": metrics["train_runtime"],
-            "gradient_checkpointing": bool(args.gradient_checkpointing)}
+            "gradient_checkpointing": "every layer" if args.gradient_checkpointing else "off"}
 
 
 def logged_losses(folder: Path) -> list[float]:
@@ -184,14 +192,14 @@ def run_one(name: str, bench: Bench, job: dict, rows: list[dict], tag: str) -> d
     config = out.with_suffix(".yaml")
     config.write_text(yaml.safe_dump(job))
     if name.startswith("lmtune"):
-        checkpointing = name == "lmtune+checkpointing"
-        config.write_text(yaml.safe_dump(job | {"gradient_checkpointing": checkpointing}))
+        keys, checkpointing = LMTUNE_KEYS[name]
+        config.write_text(yaml.safe_dump(job | keys))
         run = run_child([sys.executable, "-m", "lmtune.cli", "train", str(config)], log)
     else:
         run = run_child([str(llamafactory_python()), "-c", PEAK_LAUNCHER, "train", str(config)], log,
                         env={"DISABLE_VERSION_CHECK": "1", "HF_HUB_OFFLINE": "1",
                              "TOKENIZERS_PARALLELISM": "false"})
-        checkpointing = True  # LLaMA-Factory's default (disable_gradient_checkpointing: false)
+        checkpointing = "every layer"  # LLaMA-Factory's default (disable_gradient_checkpointing: false)
     results = json.loads((out / "all_results.json").read_text())
     return {"run": run, "losses": logged_losses(out), "train_runtime": results["train_runtime"],
             "gradient_checkpointing": checkpointing}
@@ -254,12 +262,12 @@ def render(data: dict) -> str:
     rows = [[item["label"], f"{item['tokens_per_second']:,.1f}", f"{item['x_llamafactory_speed']:.2f}",
              f"{item['wall_s']:.1f}", f"{item['peak_rss_gib']:.2f}",
              f"{item['x_llamafactory_peak_rss']:.2f}",
-             "on" if item["gradient_checkpointing"] else "off",
+             item["gradient_checkpointing"],
              f"{item['loss_step_1']:.3f} / {item['loss_step_10']:.3f} / {item['loss_last']:.3f}",
              f"{item['loss_mean']:.3f}"]
             for item in data["contenders"]]
     header = ["contender", "tokens/s", "x LLaMA-Factory", "whole process s", "peak RSS GiB",
-              "x LLaMA-Factory RSS", "gradient checkpointing", "loss at step 1 / 10 / last",
+              "x LLaMA-Factory RSS", "layers recomputed", "loss at step 1 / 10 / last",
               "mean loss over the steps"]
     return (f"{data['steps']} optimizer steps of {data['rows_per_step']} rows, median of "
             f"{data['contenders'][0]['repeats']} alternated runs each:\n\n"

@@ -88,6 +88,19 @@ def test_memory_estimate_parts(tiny_model_dir):
     lean = memory_estimate(model, build_config({"finetuning_type": "full", "gradient_checkpointing": True,
                                                 "bf16": True}), 1024, 256)
     assert lean["activations"] < m["activations"]
+    # every 2nd of the tiny model's 2 layers recomputed: one keeps its input, the other its activations
+    tokens = 200_000
+
+    def activations(keys: dict, n_tokens: int) -> float:
+        cfg = build_config({"finetuning_type": "full", "bf16": True} | keys)
+        return memory_estimate(model, cfg, n_tokens, 256)["activations"]
+
+    one_layer = (activations({}, tokens) - activations({}, 0)) / 2
+    every = activations({"gradient_checkpointing": True}, tokens)
+    every_2nd = activations({"gradient_checkpointing": True, "checkpoint_every_n_layers": 2}, tokens)
+    layer_input = 4 * model.config.hidden_size * tokens / gib
+    assert every < every_2nd
+    assert every_2nd - every == pytest.approx(one_layer - layer_input, abs=0.003)
     lora = build_config({"lora_rank": 4})
     adapter = memory_estimate(apply_method(meta_model(tiny_model_dir, lora), lora), lora, 1024, 256)
     assert adapter["optimizer"] < m["optimizer"] / 10

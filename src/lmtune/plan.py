@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import math
 import re
 import resource
 import statistics
@@ -144,8 +145,12 @@ def memory_estimate(model: torch.nn.Module, cfg: RunConfig, micro_batch_tokens: 
     kv = getattr(c, "num_key_value_heads", heads) * getattr(c, "head_dim", h // heads)
     per_token_layer = 8 * h + width * (10 * h + 4 * kv + 4 * i)
     kept = layers_in_backward(model, c.num_hidden_layers)
-    if cfg.gradient_checkpointing:  # keep layer inputs; recompute one layer at a time
-        layers = kept * 4 * h * micro_batch_tokens + per_token_layer * micro_batch_tokens * (kept > 0)
+    if cfg.gradient_checkpointing:
+        # A checkpointed layer keeps its input and is recomputed, one at a time, in backward; every
+        # n-th layer is checkpointed (the 1st, the (n+1)-th, ...), the others keep their activations.
+        recomputed = math.ceil(kept / cfg.checkpoint_every_n_layers)
+        layers = (recomputed * 4 * h + (kept - recomputed) * per_token_layer
+                  + per_token_layer * (kept > 0)) * micro_batch_tokens
     else:
         layers = kept * per_token_layer * micro_batch_tokens
     # logits, their fp32 copy and its gradient: of every target position at once, or with

@@ -162,6 +162,22 @@ def check_packing_isolation(config) -> None:
 
 # --- order ----------------------------------------------------------------------------------------
 
+def group_by_length(share: list[tuple[list[EncodedRow], float]]) -> list[tuple[list[EncodedRow], float]]:
+    """The rows of a step's weighted micro-batches regrouped, shortest together, into micro-batches
+    of the same sizes; weight-0 ones (a rank's stand-ins, dist.rank_share) stay as they are.
+
+    For a loss summed row by row and normalised over the whole window, which micro-batch a row
+    joins changes no number; a batch is padded to its longest row, so rows of like length waste
+    less. The order is a pure function of the window, so a resumed run regroups alike."""
+    counted = [(rows, weight) for rows, weight in share if weight]
+    ordered = sorted((row for rows, _ in counted for row in rows), key=lambda row: len(row.input_ids))
+    regrouped, start = [], 0
+    for rows, weight in counted:
+        regrouped.append((ordered[start: start + len(rows)], weight))
+        start += len(rows)
+    return regrouped + [(rows, weight) for rows, weight in share if not weight]
+
+
 def epoch_order(n_rows: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
     """A permutation that depends only on (seed, epoch), so a resumed run replays the same order;
     without `shuffle`, the rows in the order the data gave them."""

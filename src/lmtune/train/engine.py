@@ -46,7 +46,7 @@ from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from lmtune import distributed as dist
 from lmtune.config import RunConfig
-from lmtune.data.batching import collate, micro_batches, steps_per_epoch
+from lmtune.data.batching import collate, group_by_length, micro_batches, steps_per_epoch
 from lmtune.data.streaming import RowStream
 from lmtune.errors import ConfigError, RunInterrupted, TrainingError
 from lmtune.models.methods import (TrainingHooks, check_untouched_4bit, count_parameters,
@@ -73,6 +73,9 @@ class Objective:
     units: Callable[[Batch], int]  # loss units in the batch: the normaliser
     collate: Callable[[list[Any], int], Batch] = collate  # rows, pad id -> batch
     perplexity: bool = False  # also report exp(eval_loss): the loss is a mean token NLL
+    # The loss is a sum of each row's own terms, so a step's rows may move between its
+    # micro-batches: grouped by length, they carry less padding (data/batching.group_by_length).
+    by_length: bool = False
 
 
 class MetricTotals:
@@ -516,9 +519,11 @@ def _whole_copy(model: torch.nn.Module) -> torch.nn.Module:
     return clone
 
 
-def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+def enable_gradient_checkpointing(model: torch.nn.Module, every_n_layers: int = 1) -> None:
+    """Recompute every `every_n_layers`-th decoder layer in backward (transformers' non-reentrant
+    checkpointing)."""
     lm = getattr(model, "lm", model)  # a reward or value model checkpoints its LM
-    lm.gradient_checkpointing_enable()
+    lm.activation_checkpointing_enable(every_n_layers=every_n_layers)
     # With a frozen embedding no input of the first block needs a gradient, and the recomputed
     # blocks would then have nothing to backpropagate through.
     lm.enable_input_require_grads()
@@ -565,7 +570,7 @@ def prepare_trainer(cfg: RunConfig, model: torch.nn.Module, tokenizer: PreTraine
     hooks = training_hooks(getattr(model, "lm", model), optimizer_steps, output_dir)
     if cfg.gradient_checkpointing or (engine == "fsdp2"
                                       and dist.fsdp_settings(cfg)["activation_checkpointing"]):
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, cfg.checkpoint_every_n_layers)
     if cfg.neftune_noise_alpha is not None:
         add_neftune_noise(getattr(model, "lm", model), cfg.neftune_noise_alpha)
     root = LossModule(model)
@@ -721,8 +726,11 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
         for step in range(state["global_step"] + 1, plan.total + 1):
             # This rank's share of the step's window; a micro-batch of weight 0 only joins the
             # gradient reduction.
+            mine = dist.rank_share(next(windows))
+            if objective.by_length:
+                mine = group_by_length(mine)
             share = [(trainer.to_device(objective.collate(rows, pad_id)), weight)
-                     for rows, weight in dist.rank_share(next(windows))]
+                     for rows, weight in mine]
             window_units = dist.all_sum(sum(weight * objective.units(b) for b, weight in share))
             # Gradients are averaged over ranks by the engine: scaling by the world size makes
             # the update the sum over the window divided by its units, as in one process.
