@@ -18,25 +18,24 @@ def rows(*lengths: int) -> list[EncodedRow]:
 
 
 def test_rows_are_regrouped_shortest_together_in_batches_of_the_same_sizes():
-    share = [(rows(9, 2, 7), 1.0), (rows(3, 8), 1.0), (rows(5), 0.0)]
-    grouped = group_by_length(share)
-    assert [[len(r.input_ids) for r in batch] for batch, _ in grouped] == [[2, 3, 7], [8, 9], [5]]
-    assert [weight for _, weight in grouped] == [1.0, 1.0, 0.0]  # the stand-in stays as it was
-    padded = lambda batches: sum(len(b) * max(len(r.input_ids) for r in b) for b, w in batches if w)
-    assert padded(grouped) < padded(share)
+    window = [rows(9, 2, 7), rows(3, 8), rows(5, 4)]
+    grouped = group_by_length(window)
+    assert [[len(r.input_ids) for r in batch] for batch in grouped] == [[2, 3, 4], [5, 7], [8, 9]]
+    padded = lambda batches: sum(len(b) * max(len(r.input_ids) for r in b) for b in batches)
+    assert padded(grouped) < padded(window)
 
 
 def test_a_grouped_step_trains_the_same_numbers(tmp_path, train_config, monkeypatch):
     """Two steps of batch 2 x accumulation 2 over rows of varied lengths, grouped and not."""
     logs, moved = {}, []
 
-    def recording(share):
-        regrouped = group_by_length(share)
-        moved.append(regrouped != share)
+    def recording(window):
+        regrouped = group_by_length(window)
+        moved.append(regrouped != window)
         return regrouped
 
     for grouped in (True, False):
-        monkeypatch.setattr(engine, "group_by_length", recording if grouped else lambda share: share)
+        monkeypatch.setattr(engine, "group_by_length", recording if grouped else lambda window: window)
         out = tmp_path / f"grouped-{grouped}"
         config = train_config | {"output_dir": str(out), "per_device_train_batch_size": 2,
                                  "gradient_accumulation_steps": 2, "max_steps": 2}

@@ -162,20 +162,20 @@ def check_packing_isolation(config) -> None:
 
 # --- order ----------------------------------------------------------------------------------------
 
-def group_by_length(share: list[tuple[list[EncodedRow], float]]) -> list[tuple[list[EncodedRow], float]]:
-    """The rows of a step's weighted micro-batches regrouped, shortest together, into micro-batches
-    of the same sizes; weight-0 ones (a rank's stand-ins, dist.rank_share) stay as they are.
+def group_by_length(window: list[list[EncodedRow]]) -> list[list[EncodedRow]]:
+    """The rows of a step's micro-batches (all ranks') regrouped, shortest together, into
+    micro-batches of the same sizes.
 
     For a loss summed row by row and normalised over the whole window, which micro-batch a row
     joins changes no number; a batch is padded to its longest row, so rows of like length waste
-    less. The order is a pure function of the window, so a resumed run regroups alike."""
-    counted = [(rows, weight) for rows, weight in share if weight]
-    ordered = sorted((row for rows, _ in counted for row in rows), key=lambda row: len(row.input_ids))
+    less. The grouping is a pure function of the window, so a resumed run and a run on any number
+    of processes (ranks take every world-size-th micro-batch) train the same micro-batches."""
+    ordered = sorted((row for rows in window for row in rows), key=lambda row: len(row.input_ids))
     regrouped, start = [], 0
-    for rows, weight in counted:
-        regrouped.append((ordered[start: start + len(rows)], weight))
+    for rows in window:
+        regrouped.append(ordered[start: start + len(rows)])
         start += len(rows)
-    return regrouped + [(rows, weight) for rows, weight in share if not weight]
+    return regrouped
 
 
 def epoch_order(n_rows: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:

@@ -726,11 +726,11 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
         for step in range(state["global_step"] + 1, plan.total + 1):
             # This rank's share of the step's window; a micro-batch of weight 0 only joins the
             # gradient reduction.
-            mine = dist.rank_share(next(windows))
+            window = next(windows)
             if objective.by_length:
-                mine = group_by_length(mine)
+                window = group_by_length(window)
             share = [(trainer.to_device(objective.collate(rows, pad_id)), weight)
-                     for rows, weight in mine]
+                     for rows, weight in dist.rank_share(window)]
             window_units = dist.all_sum(sum(weight * objective.units(b) for b, weight in share))
             # Gradients are averaged over ranks by the engine: scaling by the world size makes
             # the update the sum over the window divided by its units, as in one process.
