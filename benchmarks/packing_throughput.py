@@ -6,7 +6,10 @@ reports train tokens/s (non-padding tokens) and training seconds from all_result
 optimizer steps, and the child's peak RSS; beside them what `lmtune plan` predicted for the same
 config (steps and peak memory), so the plan's estimate is checked against a measurement.
 Unpacked rows are padded to the longest row of their micro-batch; packed rows hold several samples
-each, up to 512 tokens, so fewer tokens are padding.
+each, up to 512 tokens, so fewer tokens are padding. With gradient accumulation, lmtune regroups the
+rows of each optimizer step by length across its micro-batches (`group_by_length`): the same rows
+and the same summed loss per step, in batches of rows of like length; the two accumulated variants
+measure that lever on and off.
 
     python benchmarks/packing_throughput.py   # writes benchmarks/results/packing_throughput.json
                                               # and its table in BENCHMARKS.md
@@ -22,6 +25,13 @@ from _harness import Bench, lmtune, run_child, source_line, table
 VARIANTS = {
     "unpacked": ("unpacked (baseline: batch 8, padded to the longest row of the batch)",
                  ["per_device_train_batch_size=8"]),
+    "accumulated": ("unpacked, batch 2 x accumulation 4, micro-batches as drawn "
+                    "(`group_by_length: false`)",
+                    ["per_device_train_batch_size=2", "gradient_accumulation_steps=4",
+                     "group_by_length=false"]),
+    "grouped": ("unpacked, batch 2 x accumulation 4, each step's rows grouped by length "
+                "(`group_by_length: true`, the default)",
+                ["per_device_train_batch_size=2", "gradient_accumulation_steps=4"]),
     "packed": ("packed (`packing: true`, batch 2 rows of up to 512 tokens)",
                ["packing=true", "per_device_train_batch_size=2"]),
 }

@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 
 from lmtune.cli import main
+from lmtune.config import build_config
 from lmtune.data.batching import group_by_length
 from lmtune.data.encode import EncodedRow
+from lmtune.errors import ConfigError
 from lmtune.train import engine
 from lmtune.train.logs import read_log
 from tests.conftest import write_yaml
@@ -26,7 +28,8 @@ def test_rows_are_regrouped_shortest_together_in_batches_of_the_same_sizes():
 
 
 def test_a_grouped_step_trains_the_same_numbers(tmp_path, train_config, monkeypatch):
-    """Two steps of batch 2 x accumulation 2 over rows of varied lengths, grouped and not."""
+    """Two steps of batch 2 x accumulation 2 over rows of varied lengths, grouped (the default)
+    and not (group_by_length: false)."""
     logs, moved = {}, []
 
     def recording(window):
@@ -34,14 +37,22 @@ def test_a_grouped_step_trains_the_same_numbers(tmp_path, train_config, monkeypa
         moved.append(regrouped != window)
         return regrouped
 
+    monkeypatch.setattr(engine, "group_by_length", recording)
     for grouped in (True, False):
-        monkeypatch.setattr(engine, "group_by_length", recording if grouped else lambda window: window)
         out = tmp_path / f"grouped-{grouped}"
         config = train_config | {"output_dir": str(out), "per_device_train_batch_size": 2,
-                                 "gradient_accumulation_steps": 2, "max_steps": 2}
+                                 "gradient_accumulation_steps": 2, "max_steps": 2,
+                                 "group_by_length": grouped}
         assert main(["train", str(write_yaml(tmp_path / f"{out.name}.yaml", config))]) == 0
         logs[grouped] = read_log(out / "trainer_log.jsonl")
-    assert any(moved)  # some rows did change micro-batch
+    assert len(moved) == 2 and any(moved)  # only the grouped run's steps; some rows moved
     for with_groups, without in zip(logs[True], logs[False]):
         assert with_groups["loss"] == pytest.approx(without["loss"], rel=1e-6)
         assert with_groups["grad_norm"] == pytest.approx(without["grad_norm"], rel=1e-5)
+
+
+def test_group_by_length_is_refused_where_rows_are_pairs():
+    with pytest.raises(ConfigError) as info:
+        build_config({"stage": "dpo", "group_by_length": True})
+    assert info.value.message == ("group_by_length applies only with stage: sft or pt, so it would "
+                                  "be ignored here.")

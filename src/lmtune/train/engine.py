@@ -73,8 +73,8 @@ class Objective:
     units: Callable[[Batch], int]  # loss units in the batch: the normaliser
     collate: Callable[[list[Any], int], Batch] = collate  # rows, pad id -> batch
     perplexity: bool = False  # also report exp(eval_loss): the loss is a mean token NLL
-    # The loss is a sum of each row's own terms, so a step's rows may move between its
-    # micro-batches: grouped by length, they carry less padding (data/batching.group_by_length).
+    # Regroup a step's rows by length across its micro-batches (data/batching.group_by_length):
+    # only for a loss that sums each row's own terms, where that changes no number.
     by_length: bool = False
 
 

@@ -25,7 +25,7 @@ RESUME_MAY_CHANGE = frozenset({
     "per_device_eval_batch_size", "overwrite_cache", "preprocessing_num_workers",
     # where encoded rows are kept: the data fingerprint still guards what they are
     "tokenized_path", "eval_on_each_dataset",
-    "gradient_checkpointing", "checkpoint_every_n_layers", "chunked_cross_entropy", "allocator", "do_train", "export_dir", "export_size", "export_device",
+    "gradient_checkpointing", "checkpoint_every_n_layers", "group_by_length", "chunked_cross_entropy", "allocator", "do_train", "export_dir", "export_size", "export_device",
     "export_legacy_format", "export_full_precision", "not_applied",
     "infer_dtype", "export_format", "export_gguf_type",
     # what happens after training or beside it: prediction, benchmarks, serving

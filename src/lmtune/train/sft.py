@@ -29,7 +29,7 @@ def token_objective(cfg: RunConfig) -> Objective:
         total, hits = token_loss_and_hits(model, batch, cfg.chunked_cross_entropy)
         return total, ({"accuracy": (hits, count_targets(batch))} if cfg.compute_accuracy else {})
 
-    return Objective(loss=loss, units=count_targets, by_length=True)
+    return Objective(loss=loss, units=count_targets, by_length=cfg.group_by_length)
 
 
 def _reference_logits(model: torch.nn.Module) -> Callable[[torch.nn.Module, Batch], torch.Tensor]:
@@ -68,7 +68,7 @@ def sft_objective(cfg: RunConfig, model: torch.nn.Module) -> Objective:
         correct = (logits.argmax(-1) == labels).sum().detach()
         return tokens.sum(), {"accuracy": (correct, len(labels))}
 
-    return Objective(loss=loss, units=count_targets, by_length=True)
+    return Objective(loss=loss, units=count_targets, by_length=cfg.group_by_length)
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
