@@ -54,7 +54,7 @@ CONTENDERS = {
 LMTUNE_KEYS = {"lmtune": ({}, "off"),
                "lmtune+checkpointing": ({"gradient_checkpointing": True}, "every layer"),
                "lmtune+checkpointing-every-2": ({"gradient_checkpointing": True,
-                                           "checkpoint_every_n_layers": 2}, "every 2nd layer")}
+                                           "checkpoint_every_n_layers": 2}, "every other layer")}
 # Run in the peer's venv: write this process's peak RSS (its own, from VmHWM) where the parent
 # asks, then start LLaMA-Factory's command line as `llamafactory-cli` would.
 PEAK_LAUNCHER = r"""
