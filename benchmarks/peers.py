@@ -20,7 +20,7 @@ the rows one run trains (steps x 8) times the mean tokens per row of the data un
 template (prompt and reply; the target tokens are the replies'), over the run's own train_runtime.
 Wall time and peak RSS are the whole process's (imports, data, model, training, saving).
 
-    python benchmarks/peers.py            # ~25 min on 2 cores: writes benchmarks/results/peers.json
+    python benchmarks/peers.py            # ~15 min on 2 cores: writes benchmarks/results/peers.json
     python benchmarks/peers.py --smoke    # the tiny model, 2 steps, 1 repeat: checks the script
     python benchmarks/peers.py --scale-only  # the scale curve alone: peers_scale.json
 """
