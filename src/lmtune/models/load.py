@@ -311,8 +311,9 @@ def packed_attention(config) -> str | None:
 
     Packed samples must not see each other. sdpa gets that from a dense block-diagonal mask: it
     computes every block, masked or not, and cuDNN's masked kernel builds a new plan for each new
-    row length (~0.2 s a step on an H200, BENCHMARKS.md). flex_attention skips the blocks where two
-    samples would meet and compiles once. On the CPU its compile costs more than it saves."""
+    row length while the GPU waits (a trace on an H200: BENCHMARKS.md, the gpu_sft section).
+    flex_attention skips the blocks where two samples would meet and compiles once. On the CPU it
+    has no backward pass."""
     if not torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
         return None
     try:
