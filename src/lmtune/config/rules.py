@@ -217,7 +217,8 @@ def _check_predict_and_replay(cfg: RunConfig, explicitly_set: set[str]) -> None:
     _needs(cfg.save_strategy == "steps", "save_steps", "save_strategy: steps", explicitly_set)
     _needs(cfg.gradient_checkpointing, "checkpoint_every_n_layers", "gradient_checkpointing: true",
            explicitly_set)
-    _needs(cfg.stage in ("sft", "pt"), "group_by_length", "stage: sft or pt", explicitly_set)
+    _needs(cfg.stage in ("sft", "pt", "rm", "dpo"), "group_by_length", "stage: sft, pt, rm or dpo",
+           explicitly_set)
     _check_best_model(cfg, explicitly_set)
     if cfg.train_from_scratch and cfg.finetuning_type != "full":
         raise ConfigError(f"train_from_scratch with finetuning_type: {cfg.finetuning_type}: most "

@@ -681,10 +681,12 @@ class RunConfig(BaseModel):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward: less memory, ~30% slower.")
     group_by_length: bool = Field(
-        True, description="sft and pt: inside each optimizer step, the step's rows go to its "
-        "micro-batches by length, the shortest together, so less of each batch is padding. The "
-        "step trains the same rows and the same summed loss either way. Unlike HF Trainer's key "
-        "of this name, no row ever moves to another step; false keeps the micro-batches as drawn.")
+        True, description="sft, pt, rm and dpo (losses summed row by row or pair by pair): inside "
+        "each optimizer step, the step's rows go to its micro-batches by length, the shortest "
+        "together, so less of each batch is padding. The step trains the same rows and the same "
+        "summed loss either way. Unlike HF Trainer's key of this name, no row ever moves to "
+        "another step; false keeps the micro-batches as drawn. (kto's batch-level KL estimate "
+        "depends on which rows share a batch, so kto keeps them as drawn.)")
     checkpoint_every_n_layers: int = Field(
         1, ge=1, description="gradient_checkpointing: recompute only every n-th decoder layer (the "
         "1st, the (n+1)-th, ...) and keep the others' activations: 2 buys back about half the "

@@ -12,13 +12,16 @@ from __future__ import annotations
 import json
 import math
 from bisect import bisect_left, insort
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from functools import lru_cache
+from typing import TypeVar
 
 import torch
 
 from lmtune.data.encode import IGNORE_INDEX, EncodedRow
 from lmtune.errors import ConfigError
+
+T = TypeVar("T")
 
 
 def collate(rows: list[EncodedRow], pad_id: int) -> dict[str, torch.Tensor]:
@@ -162,15 +165,19 @@ def check_packing_isolation(config) -> None:
 
 # --- order ----------------------------------------------------------------------------------------
 
-def group_by_length(window: list[list[EncodedRow]]) -> list[list[EncodedRow]]:
-    """The rows of a step's micro-batches (all ranks') regrouped, shortest together, into
-    micro-batches of the same sizes.
+def row_length(row: EncodedRow) -> int:
+    return len(row.input_ids)
+
+
+def group_by_length(window: list[list[T]], length: Callable[[T], int] = row_length) -> list[list[T]]:
+    """The rows of a step's micro-batches (all ranks') regrouped, shortest together by `length`
+    (what a row pads its batch to), into micro-batches of the same sizes.
 
     For a loss summed row by row and normalised over the whole window, which micro-batch a row
     joins changes no number; a batch is padded to its longest row, so rows of like length waste
     less. The grouping is a pure function of the window, so a resumed run and a run on any number
     of processes (ranks take every world-size-th micro-batch) train the same micro-batches."""
-    ordered = sorted((row for rows in window for row in rows), key=lambda row: len(row.input_ids))
+    ordered = sorted((row for rows in window for row in rows), key=length)
     regrouped, start = [], 0
     for rows in window:
         regrouped.append(ordered[start: start + len(rows)])

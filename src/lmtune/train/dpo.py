@@ -22,7 +22,7 @@ from lmtune.models.methods import apply_method
 from lmtune.train.engine import Batch, Metrics, Objective, fit
 from lmtune.train.forward import response_logps
 from lmtune.train.losses import orpo_odds_ratio_loss, preference_loss
-from lmtune.train.preference import collate_pairs, count_pairs, reference_of, score_pairs
+from lmtune.train.preference import collate_pairs, count_pairs, pair_length, reference_of, score_pairs
 from lmtune.train.setup import start_run
 
 REFERENCE_FREE = ("orpo", "simpo")
@@ -60,7 +60,8 @@ def dpo_objective(cfg: RunConfig) -> Objective:
                 rewards = beta * (chosen - batch["ref_chosen"]), beta * (rejected - batch["ref_rejected"])
         return losses.sum(), reward_metrics(*rewards)
 
-    return Objective(loss=loss, units=count_pairs, collate=collate_pairs)
+    return Objective(loss=loss, units=count_pairs, collate=collate_pairs,
+                     length=pair_length if cfg.group_by_length else None)
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:

@@ -73,9 +73,10 @@ class Objective:
     units: Callable[[Batch], int]  # loss units in the batch: the normaliser
     collate: Callable[[list[Any], int], Batch] = collate  # rows, pad id -> batch
     perplexity: bool = False  # also report exp(eval_loss): the loss is a mean token NLL
-    # Regroup a step's rows by length across its micro-batches (data/batching.group_by_length):
-    # only for a loss that sums each row's own terms, where that changes no number.
-    by_length: bool = False
+    # A row's padded length, for a loss that sums each row's own terms (where regrouping a step's
+    # rows across its micro-batches changes no number): the loop then groups them by it
+    # (data/batching.group_by_length). None: micro-batches as drawn.
+    length: Callable[[Any], int] | None = None
 
 
 class MetricTotals:
@@ -727,8 +728,8 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
             # This rank's share of the step's window; a micro-batch of weight 0 only joins the
             # gradient reduction.
             window = next(windows)
-            if objective.by_length:
-                window = group_by_length(window)
+            if objective.length is not None:
+                window = group_by_length(window, objective.length)
             share = [(trainer.to_device(objective.collate(rows, pad_id)), weight)
                      for rows, weight in dist.rank_share(window)]
             window_units = dist.all_sum(sum(weight * objective.units(b) for b, weight in share))

@@ -52,6 +52,12 @@ def count_pairs(batch: Batch) -> int:
     return len(batch["ref_chosen"])
 
 
+def pair_length(scored: ScoredPair) -> int:
+    """What a pair pads its batch to: its prompt and the longer of its replies."""
+    pair = scored.pair
+    return len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
+
+
 # --- the reference model --------------------------------------------------------------------------
 
 def load_ref_model(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
