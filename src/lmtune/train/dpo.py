@@ -60,8 +60,7 @@ def dpo_objective(cfg: RunConfig) -> Objective:
                 rewards = beta * (chosen - batch["ref_chosen"]), beta * (rejected - batch["ref_rejected"])
         return losses.sum(), reward_metrics(*rewards)
 
-    return Objective(loss=loss, units=count_pairs, collate=collate_pairs,
-                     length=pair_length if cfg.group_by_length else None)
+    return Objective(loss=loss, units=count_pairs, collate=collate_pairs, length=pair_length)
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:

@@ -74,8 +74,8 @@ class Objective:
     collate: Callable[[list[Any], int], Batch] = collate  # rows, pad id -> batch
     perplexity: bool = False  # also report exp(eval_loss): the loss is a mean token NLL
     # A row's padded length, for a loss that sums each row's own terms (where regrouping a step's
-    # rows across its micro-batches changes no number): the loop then groups them by it
-    # (data/batching.group_by_length). None: micro-batches as drawn.
+    # rows across its micro-batches changes no number): with group_by_length the loop groups them
+    # by it (data/batching.group_by_length). None: micro-batches always as drawn.
     length: Callable[[Any], int] | None = None
 
 
@@ -728,7 +728,7 @@ def fit(cfg: RunConfig, model, tokenizer: PreTrainedTokenizerBase, train_rows: l
             # This rank's share of the step's window; a micro-batch of weight 0 only joins the
             # gradient reduction.
             window = next(windows)
-            if objective.length is not None:
+            if cfg.group_by_length and objective.length is not None:
                 window = group_by_length(window, objective.length)
             share = [(trainer.to_device(objective.collate(rows, pad_id)), weight)
                      for rows, weight in dist.rank_share(window)]

@@ -42,9 +42,7 @@ def _rm_loss(model: ScalarHeadModel, batch: Batch) -> tuple[torch.Tensor, Metric
                                                     "margin": (margin.sum(), n)}
 
 
-def rm_objective(cfg: RunConfig) -> Objective:
-    return Objective(loss=_rm_loss, units=count_pairs, collate=collate_pairs,
-                     length=pair_length if cfg.group_by_length else None)
+RM_OBJECTIVE = Objective(loss=_rm_loss, units=count_pairs, collate=collate_pairs, length=pair_length)
 
 
 def freeze_output_head(lm: torch.nn.Module) -> None:
@@ -70,7 +68,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     train = (inputs.train_rows.map(ScoredPair) if isinstance(inputs.train_rows, RowStream)
              else [ScoredPair(p) for p in inputs.train_rows])
     val = [ScoredPair(p) for p in inputs.val_rows]
-    return fit(cfg, model, inputs.tokenizer, train, val, rm_objective(cfg), inputs.output_dir,
+    return fit(cfg, model, inputs.tokenizer, train, val, RM_OBJECTIVE, inputs.output_dir,
                inputs.resume_dir, extra_results=inputs.row_counts(),
                eval_groups=inputs.val_groups)
 

@@ -30,7 +30,7 @@ def token_objective(cfg: RunConfig) -> Objective:
         total, hits = token_loss_and_hits(model, batch, cfg.chunked_cross_entropy)
         return total, ({"accuracy": (hits, count_targets(batch))} if cfg.compute_accuracy else {})
 
-    return Objective(loss=loss, units=count_targets, length=row_length if cfg.group_by_length else None)
+    return Objective(loss=loss, units=count_targets, length=row_length)
 
 
 def _reference_logits(model: torch.nn.Module) -> Callable[[torch.nn.Module, Batch], torch.Tensor]:
@@ -69,7 +69,7 @@ def sft_objective(cfg: RunConfig, model: torch.nn.Module) -> Objective:
         correct = (logits.argmax(-1) == labels).sum().detach()
         return tokens.sum(), {"accuracy": (correct, len(labels))}
 
-    return Objective(loss=loss, units=count_targets, length=row_length if cfg.group_by_length else None)
+    return Objective(loss=loss, units=count_targets, length=row_length)
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
