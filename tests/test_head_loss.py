@@ -26,8 +26,11 @@ VOCAB, HIDDEN, ROWS = 97, 16, 40
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
-    """Chunks of 7 rows, so that a test's 40 rows take six chunks, the last one short."""
+    """Chunks of 7 rows, so that a test's 40 rows take six chunks, the last one short; a head
+    stored in another dtype than it computes in is cast 10 vocabulary rows at a time (ten slices,
+    the last one short)."""
     monkeypatch.setitem(head_loss.CHUNK_BYTES, "cpu", 7 * 4 * VOCAB)
+    monkeypatch.setattr(head_loss, "CAST_ROWS", 10)
 
 
 def inputs(bias: bool = True, seed: int = 0):
@@ -99,19 +102,43 @@ def test_bf16_autocast_matches_the_plain_path_under_autocast():
         assert (got - want).norm() <= 5e-3 * want.norm()
 
 
-def test_a_bf16_stored_frozen_head_computes_in_fp32():
-    hidden, head, labels = inputs(bias=False)
+def bf16_stored_frozen_head(bias: bool) -> tuple[torch.Tensor, torch.nn.Module, torch.Tensor]:
+    hidden, head, labels = inputs(bias=bias)
     with torch.no_grad():
         head.weight.data = head.weight.data.bfloat16()
     head.weight.requires_grad_(False)
     head.__class__ = UpcastLinear
-    plain = F.cross_entropy(head(hidden), labels, reduction="sum")
+    return hidden, head, labels
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_bf16_stored_frozen_head_computes_in_fp32(bias):
+    """Its weight is cast up a slice of the vocabulary at a time (never whole): the loss, the hits
+    and the gradients are the plain fp32 path's on the stored values."""
+    hidden, head, labels = bf16_stored_frozen_head(bias)
+    logits = head(hidden)
+    plain = F.cross_entropy(logits, labels, reduction="sum")
     plain.backward()
-    (expected,) = grads(hidden)
-    total, _ = head_loss.summed_loss(head_loss.linear_head(head, hidden), hidden, labels)
+    expected = grads(hidden, *([head.bias] if bias else []))
+    total, hits = head_loss.summed_loss(head_loss.linear_head(head, hidden), hidden, labels)
     total.backward()
     assert total.item() == pytest.approx(plain.item(), rel=1e-6)
-    torch.testing.assert_close(hidden.grad, expected, rtol=1e-5, atol=1e-6)
+    assert hits.item() == int((logits.argmax(-1) == labels).sum())
+    for got, want in zip(grads(hidden, *([head.bias] if bias else [])), expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_bf16_stored_frozen_head_gives_token_logps_in_fp32():
+    hidden, head, labels = bf16_stored_frozen_head(bias=True)
+    upstream = torch.randn(ROWS, generator=torch.Generator().manual_seed(5))
+    plain = -F.cross_entropy(head(hidden), labels, reduction="none")
+    (plain * upstream).sum().backward()
+    expected = grads(hidden, head.bias)
+    chunked = head_loss.token_logps(head_loss.linear_head(head, hidden), hidden, labels)
+    (chunked * upstream).sum().backward()
+    torch.testing.assert_close(chunked, plain, rtol=1e-6, atol=1e-6)
+    for got, want in zip(grads(hidden, head.bias), expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_without_grad_nothing_is_formed_and_the_value_holds():

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 # Bytes of fp32 logits one chunk may hold: large enough that each chunk's matmul runs at full speed
 # (on a GPU, whole 128-row tiles), small next to what the logits of a batch take.
 CHUNK_BYTES = {"cpu": 64 * 2**20, "cuda": 256 * 2**20}
+# Vocabulary rows of a head stored in another dtype than it computes in, cast at a time.
+CAST_ROWS = 8192
 
 
 def chunk_rows(vocab: int, device_type: str) -> int:
@@ -68,13 +70,33 @@ def _chunks(hidden: torch.Tensor, vocab: int) -> Iterator[slice]:
         yield slice(start, min(start + rows, n))
 
 
-def _in_dtype(weight: torch.Tensor, bias: torch.Tensor | None,
-              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    return weight.to(dtype), (bias.to(dtype) if bias is not None else None)
+def _bias_in(bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return bias.to(dtype) if bias is not None else None
 
 
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return F.linear(hidden, weight, bias).float()  # one rounding to the compute dtype, as the head's
+def _weight_slices(weight: torch.Tensor, dtype: torch.dtype) -> Iterator[tuple[slice, torch.Tensor]]:
+    """The head's weight in the compute dtype, as (vocabulary rows, their weight). A weight stored in
+    another dtype (a bf16 frozen base under fp32 compute) is cast a slice at a time: a whole cast copy
+    would be vocabulary x hidden in fp32, held at the step's peak (the forward's activations are all
+    alive when the head runs)."""
+    if weight.dtype == dtype:
+        yield slice(0, weight.shape[0]), weight
+        return
+    for start in range(0, weight.shape[0], CAST_ROWS):
+        rows = slice(start, min(start + CAST_ROWS, weight.shape[0]))
+        yield rows, weight[rows].to(dtype)
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            dtype: torch.dtype) -> torch.Tensor:
+    """fp32 logits of `hidden` (already in the compute dtype), each rounded once to the compute
+    dtype, as the head's own matmul would."""
+    if weight.dtype == dtype:
+        return F.linear(hidden, weight, _bias_in(bias, dtype)).float()
+    logits = torch.empty(len(hidden), weight.shape[0], dtype=torch.float32, device=hidden.device)
+    for rows, w in _weight_slices(weight, dtype):
+        logits[:, rows] = F.linear(hidden, w, _bias_in(bias[rows] if bias is not None else None, dtype))
+    return logits
 
 
 class _Grads:
@@ -90,12 +112,18 @@ class _Grads:
     def any(self) -> bool:
         return self.hidden is not None or self.weight is not None or self.bias is not None
 
-    def add(self, rows: slice, grad_logits: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> None:
+    def add(self, rows: slice, grad_logits: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
+            dtype: torch.dtype) -> None:
         """One chunk's share, from the gradient of its logits and its inputs (compute dtype)."""
-        if self.hidden is not None:
-            self.hidden[rows] = (grad_logits @ w).to(self.hidden.dtype)
-        if self.weight is not None:
-            self.weight += (grad_logits.T @ h).float()
+        grad_hidden = None
+        for cols, w in _weight_slices(weight, dtype):
+            if self.hidden is not None:
+                part = (grad_logits[:, cols] @ w).float()  # slices summed in fp32
+                grad_hidden = part if grad_hidden is None else grad_hidden.add_(part)
+            if self.weight is not None:
+                self.weight[cols] += (grad_logits[:, cols].T @ h).float()
+        if grad_hidden is not None:
+            self.hidden[rows] = grad_hidden.to(self.hidden.dtype)
         if self.bias is not None:
             self.bias += grad_logits.float().sum(0)
 
@@ -108,12 +136,11 @@ class _SummedLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, dtype, want_grad):
         grads = _Grads(hidden, weight, bias, tuple(want_grad and n for n in ctx.needs_input_grad[:3]))
         with torch.autocast(hidden.device.type, enabled=False):
-            w, b = _in_dtype(weight, bias, dtype)
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             correct = torch.zeros((), dtype=torch.long, device=hidden.device)
-            for rows in _chunks(hidden, w.shape[0]):
+            for rows in _chunks(hidden, weight.shape[0]):
                 h, y = hidden[rows].to(dtype), labels[rows]
-                logits = _logits(h, w, b)
+                logits = _logits(h, weight, bias, dtype)
                 correct += (logits.argmax(-1) == y).sum()
                 lse = logits.logsumexp(-1)
                 total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
@@ -121,7 +148,7 @@ class _SummedLoss(torch.autograd.Function):
                     # d(sum of -log p)/d logits = softmax - one_hot, made in place of the logits
                     grad = logits.sub_(lse[:, None]).exp_()
                     grad[torch.arange(len(y), device=y.device), y] -= 1
-                    grads.add(rows, grad.to(dtype), h, w)
+                    grads.add(rows, grad.to(dtype), h, weight, dtype)
         ctx.save_for_backward(grads.hidden, grads.weight, grads.bias)
         ctx.mark_non_differentiable(correct)
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
@@ -140,11 +167,10 @@ class _TokenLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, dtype):
         with torch.autocast(hidden.device.type, enabled=False):
-            w, b = _in_dtype(weight, bias, dtype)
             logps = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)
             lse = torch.empty_like(logps)
-            for rows in _chunks(hidden, w.shape[0]):
-                logits = _logits(hidden[rows].to(dtype), w, b)
+            for rows in _chunks(hidden, weight.shape[0]):
+                logits = _logits(hidden[rows].to(dtype), weight, bias, dtype)
                 lse[rows] = logits.logsumexp(-1)
                 logps[rows] = logits.gather(1, labels[rows][:, None]).squeeze(1) - lse[rows]
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
@@ -157,13 +183,12 @@ class _TokenLogps(torch.autograd.Function):
         dtype = ctx.dtype
         grads = _Grads(hidden, weight, bias, ctx.needs_input_grad[:3])
         with torch.autocast(hidden.device.type, enabled=False):
-            w, b = _in_dtype(weight, bias, dtype)
-            for rows in _chunks(hidden, w.shape[0]):
+            for rows in _chunks(hidden, weight.shape[0]):
                 h, y = hidden[rows].to(dtype), labels[rows]
                 # d log p(y)/d logits = one_hot - softmax, times the token's incoming gradient
-                grad = _logits(h, w, b).sub_(lse[rows, None]).exp_().neg_()
+                grad = _logits(h, weight, bias, dtype).sub_(lse[rows, None]).exp_().neg_()
                 grad[torch.arange(len(y), device=y.device), y] += 1
-                grads.add(rows, (grad * grad_logps[rows, None]).to(dtype), h, w)
+                grads.add(rows, (grad * grad_logps[rows, None]).to(dtype), h, weight, dtype)
         return (grads.hidden, grads.weight.to(weight.dtype) if grads.weight is not None else None,
                 grads.bias.to(bias.dtype) if grads.bias is not None else None, None, None)
 
