@@ -16,7 +16,7 @@ from safetensors import safe_open
 from lmtune.config import RunConfig
 from lmtune.models.load import load_model
 from lmtune.models.methods import apply_method
-from lmtune.models.precision import half_frozen_base
+from lmtune.models.precision import half_frozen_base, store_matrices_in
 from lmtune.train.forward import token_loss_sum
 from tests.conftest import PAIRS, train, write_json
 
@@ -151,6 +151,39 @@ def test_half_precision_follows_a_float16_checkpoint(tiny_model_dir, tmp_path):
     load_model(tiny_model_dir, dtype=torch.float16).save_pretrained(fp16_dir)
     assert load_model(str(fp16_dir), half_precision=True).dtype == torch.float16
     assert load_model(tiny_model_dir, half_precision=True).dtype == torch.bfloat16
+
+
+def test_an_fp32_checkpoint_is_stored_matrix_by_matrix(tiny_model_dir):
+    """Each matrix is the checkpoint's rounded once; 1-D weights keep their fp32 values; the tied
+    head stays tied."""
+    model = load_model(tiny_model_dir, half_precision=True)
+    with safe_open(Path(tiny_model_dir) / "model.safetensors", framework="pt") as stored:
+        for name in stored.keys():
+            param, value = model.get_parameter(name), stored.get_tensor(name)
+            assert value.dtype == torch.float32
+            expected = value.bfloat16() if value.ndim >= 2 else value
+            assert param.dtype == expected.dtype and torch.equal(param, expected), name
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    assert model.config.dtype == torch.bfloat16
+
+
+def resident_file_bytes() -> int:
+    status = Path("/proc/self/status").read_text()
+    return next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("RssFile:"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads Linux's /proc")
+def test_converting_hands_back_the_checkpoint_pages_it_read(tiny_model_dir):
+    """Loaded as stored, the weights are the mapped file's pages; once a matrix is converted its
+    pages leave the process (read, they would stay until the whole file is let go)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype="auto")
+    embedding = model.get_input_embeddings().weight
+    float(embedding.data.sum())  # its pages are resident now
+    before = resident_file_bytes()
+    store_matrices_in(model, torch.bfloat16)
+    assert before - resident_file_bytes() >= 0.8 * embedding.numel() * 4
 
 
 def test_generating_first_leaves_training_gradients_intact(tiny_model_dir):

@@ -30,7 +30,7 @@ from lmtune.durable import write_file
 from lmtune.errors import ConfigError, ModelError
 from lmtune.hub import model_snapshot
 from lmtune.models.lineage import EXPORT_RECORD
-from lmtune.models.precision import half_dtype
+from lmtune.models.precision import half_dtype, store_matrices_in
 
 log = logging.getLogger(__name__)
 
@@ -380,8 +380,14 @@ def load_model(name: str, trust_remote_code: bool = False, dtype: torch.dtype = 
     if from_scratch:  # the architecture only, with freshly initialised weights (seeded by the run)
         return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code,
                                                 **extra)
-    return from_pretrained_or_error(AutoModelForCausalLM, name, "weights", config=config, dtype=dtype,
-                            trust_remote_code=trust_remote_code, use_safetensors=True, **extra)
+    # A half-precision base loads as its config records it (as stored) and is converted afterwards,
+    # matrix by matrix: converting while loading holds the whole checkpoint and its copy at once.
+    model = from_pretrained_or_error(AutoModelForCausalLM, name, "weights", config=config,
+                                     dtype="auto" if half_precision else dtype,
+                                     trust_remote_code=trust_remote_code, use_safetensors=True, **extra)
+    if half_precision:
+        store_matrices_in(model, dtype)
+    return model
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None) -> list[int]:
