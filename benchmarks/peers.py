@@ -14,8 +14,9 @@ its own process, alternated over the repeats (medians reported):
 - `lmtune train` on the very same YAML.
 
 Each keeps its own defaults for what the YAML does not say: both peers turn gradient checkpointing
-on, lmtune leaves it off unless asked, so lmtune runs three times: as is, with the one key more,
-and recomputing every 2nd layer only. Tokens are counted the same way for all:
+on, lmtune leaves it off unless asked, so lmtune runs four times: as is, with the one key more,
+recomputing every 2nd layer only, and with its frozen base stored in bf16 while it computes in fp32
+(the fp32 checkpoint's weights rounded once at load; the LoRA weights and all arithmetic fp32). Tokens are counted the same way for all:
 the rows one run trains (steps x 8) times the mean tokens per row of the data under the model's chat
 template (prompt and reply; the target tokens are the replies'), over the run's own train_runtime.
 Wall time and peak RSS are the whole process's (imports, data, model, training, saving).
@@ -23,6 +24,7 @@ Wall time and peak RSS are the whole process's (imports, data, model, training, 
     python benchmarks/peers.py            # ~15 min on 2 cores: writes benchmarks/results/peers.json
     python benchmarks/peers.py --smoke    # the tiny model, 2 steps, 1 repeat: checks the script
     python benchmarks/peers.py --scale-only  # the scale curve alone: peers_scale.json
+    python benchmarks/peers.py --table-only  # the side-by-side table alone: peers.json
 """
 
 from __future__ import annotations
@@ -49,12 +51,14 @@ CONTENDERS = {
     "lmtune+checkpointing": "lmtune, the YAML + `gradient_checkpointing: true`",
     "lmtune+checkpointing-every-2": "lmtune, the YAML + `gradient_checkpointing: true`, "
                               "`checkpoint_every_n_layers: 2`",
+    "lmtune+bf16-base": "lmtune, the YAML + `frozen_dtype: bfloat16`",
 }
 # What each lmtune contender adds to the YAML, and which layers it recomputes.
 LMTUNE_KEYS = {"lmtune": ({}, "off"),
                "lmtune+checkpointing": ({"gradient_checkpointing": True}, "every layer"),
                "lmtune+checkpointing-every-2": ({"gradient_checkpointing": True,
-                                           "checkpoint_every_n_layers": 2}, "every other layer")}
+                                           "checkpoint_every_n_layers": 2}, "every other layer"),
+               "lmtune+bf16-base": ({"frozen_dtype": "bfloat16"}, "off")}
 # Run in the peer's venv: write this process's peak RSS (its own, from VmHWM) where the parent
 # asks, then start LLaMA-Factory's command line as `llamafactory-cli` would.
 PEAK_LAUNCHER = r"""
@@ -353,19 +357,26 @@ def render_scale(data: dict) -> str:
             + table(header, "lrrrr", rows) + "\n\n" + source_line("peers_scale") + "\n")
 
 
+def configure(parser) -> None:
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--scale-only", action="store_true",
+                      help="measure the scale curve only; the side-by-side table keeps its JSON")
+    only.add_argument("--table-only", action="store_true",
+                      help="measure the side-by-side table only; the scale curve keeps its JSON")
+
+
 def main() -> None:
     child_main(trl_child)
     bench = Bench("peers", __doc__, settings={"steps": ("optimizer steps per run", 12, 2),
                                               "repeats": ("alternated runs per contender", 3, 1),
                                               "scale_steps": ("steps per run of the scale curve", 6, 2)},
-                  configure=lambda parser: parser.add_argument(
-                      "--scale-only", action="store_true",
-                      help="measure the scale curve only; the side-by-side table keeps its JSON"))
+                  configure=configure)
     if not bench.args.render_only:
         model = model_folder(bench)
         if not bench.args.scale_only:
             bench.write_json(measure(bench, model))
-        bench.write_json(measure_scale(bench, model), "peers_scale")
+        if not bench.args.table_only:
+            bench.write_json(measure_scale(bench, model), "peers_scale")
     bench.rewrite("BENCHMARKS.md", "peers", render(bench.read_json()))
     scale = bench.read_json("peers_scale")
     plot_scale(scale, bench.results / "peers_scale.png")
