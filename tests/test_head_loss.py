@@ -30,7 +30,7 @@ def small_chunks(monkeypatch):
     stored in another dtype than it computes in is cast 10 vocabulary rows at a time (ten slices,
     the last one short)."""
     monkeypatch.setitem(head_loss.CHUNK_BYTES, "cpu", 7 * 4 * VOCAB)
-    monkeypatch.setattr(head_loss, "CAST_ROWS", 10)
+    monkeypatch.setattr(head_loss, "SLICE_ROWS", 10)
 
 
 def inputs(bias: bool = True, seed: int = 0):
@@ -139,6 +139,40 @@ def test_a_bf16_stored_frozen_head_gives_token_logps_in_fp32():
     torch.testing.assert_close(chunked, plain, rtol=1e-6, atol=1e-6)
     for got, want in zip(grads(hidden, head.bias), expected):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16 autocast"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_frozen_head_in_one_pass_matches_the_plain_path(precision, bias):
+    """The adapter methods' case: neither weight nor bias trains, so one pass over the vocabulary
+    slices gives the loss, the hits and the hidden states' gradient."""
+    hidden, head, labels = inputs(bias)
+    head.requires_grad_(False)
+    autocast = precision == "bf16 autocast"
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = head(hidden).float()
+        plain = F.cross_entropy(logits, labels, reduction="sum")
+    plain.backward()
+    (expected,) = grads(hidden)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        total, hits = head_loss.summed_loss(head_loss.linear_head(head, hidden), hidden, labels)
+    total.backward()
+    assert hits.item() == int((logits.argmax(-1) == labels).sum())
+    if autocast:  # bf16 products summed in another order: within bf16 rounding
+        assert total.item() == pytest.approx(plain.item(), rel=1e-4)
+        assert (hidden.grad - expected).norm() <= 5e-3 * expected.norm()
+    else:
+        assert total.item() == pytest.approx(plain.item(), rel=1e-6)
+        torch.testing.assert_close(hidden.grad, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_one_pass_ranks_ties_as_argmax_does():
+    """Equal logits in different slices: the first one counts as the model's top choice."""
+    head = torch.nn.Linear(HIDDEN, VOCAB, bias=False).requires_grad_(False)
+    hidden = torch.zeros(3, HIDDEN)  # every logit 0
+    labels = torch.tensor([0, 15, 0])
+    _, hits = head_loss.summed_loss(head_loss.linear_head(head, hidden), hidden, labels)
+    assert hits.item() == 2
 
 
 def test_without_grad_nothing_is_formed_and_the_value_holds():

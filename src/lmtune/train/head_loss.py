@@ -7,7 +7,11 @@ the chunk is computed:
 
 - summed loss (sft, pt): the gradient of a sum is known in forward up to the scalar that backward
   brings, so each chunk's gradients (hidden states, and the head's weight when it trains) are formed
-  right after its loss and the logits dropped; backward only scales them. No extra FLOPs.
+  right after its loss and the logits dropped; backward only scales them. No extra FLOPs. A head that
+  does not train (the adapter methods') goes further: one pass over the vocabulary a slice at a
+  time keeps a running maximum and sum of exponentials per position (rescaled as the maximum grows)
+  and the matching running sum for the hidden states' gradient, so not even one chunk's whole
+  logits are held.
 - per-token log-probabilities (dpo, kto, rm's preference data): each token's incoming gradient is
   known only in backward, so backward recomputes each chunk's logits from the saved hidden states
   and log-sum-exp (one more head matmul per chunk).
@@ -28,8 +32,9 @@ import torch.nn.functional as F
 # Bytes of fp32 logits one chunk may hold: large enough that each chunk's matmul runs at full speed
 # (on a GPU, whole 128-row tiles), small next to what the logits of a batch take.
 CHUNK_BYTES = {"cpu": 64 * 2**20, "cuda": 256 * 2**20}
-# Vocabulary rows of a head stored in another dtype than it computes in, cast at a time.
-CAST_ROWS = 8192
+# Vocabulary rows the head computes (and, stored in another dtype, casts) at a time where it does
+# not hold whole logits.
+SLICE_ROWS = 8192
 
 
 def chunk_rows(vocab: int, device_type: str) -> int:
@@ -74,16 +79,17 @@ def _bias_in(bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | No
     return bias.to(dtype) if bias is not None else None
 
 
-def _weight_slices(weight: torch.Tensor, dtype: torch.dtype) -> Iterator[tuple[slice, torch.Tensor]]:
-    """The head's weight in the compute dtype, as (vocabulary rows, their weight). A weight stored in
-    another dtype (a bf16 frozen base under fp32 compute) is cast a slice at a time: a whole cast copy
-    would be vocabulary x hidden in fp32, held at the step's peak (the forward's activations are all
-    alive when the head runs)."""
-    if weight.dtype == dtype:
+def _weight_slices(weight: torch.Tensor, dtype: torch.dtype,
+                   always: bool = False) -> Iterator[tuple[slice, torch.Tensor]]:
+    """The head's weight in the compute dtype, as (vocabulary rows, their weight): in slices when
+    `always` asks, or when it is stored in another dtype (a bf16 frozen base under fp32 compute),
+    as a whole cast copy would be vocabulary x hidden in fp32, held at the step's peak (the
+    forward's activations are all alive when the head runs)."""
+    if weight.dtype == dtype and not always:
         yield slice(0, weight.shape[0]), weight
         return
-    for start in range(0, weight.shape[0], CAST_ROWS):
-        rows = slice(start, min(start + CAST_ROWS, weight.shape[0]))
+    for start in range(0, weight.shape[0], SLICE_ROWS):
+        rows = slice(start, min(start + SLICE_ROWS, weight.shape[0]))
         yield rows, weight[rows].to(dtype)
 
 
@@ -97,6 +103,49 @@ def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     for rows, w in _weight_slices(weight, dtype):
         logits[:, rows] = F.linear(hidden, w, _bias_in(bias[rows] if bias is not None else None, dtype))
     return logits
+
+
+def _exp_in_place(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(exp(logits - each row's max), each row's sum of those, the max), the first made in place
+    of the logits: one exp pass, and no temporary of the chunk's size beside them. The row's
+    log-sum-exp is max + log(sum)."""
+    top = logits.amax(-1, keepdim=True)
+    exp = logits.sub_(top).exp_()
+    sums = exp.sum(-1, keepdim=True)
+    return exp, sums, top
+
+
+def _frozen_head_pass(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+                      bias: torch.Tensor | None, dtype: torch.dtype, want_grad: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(sum of -log p(y), how many rows rank y first, the sum's gradient for h when `want_grad`)
+    for a head whose weight and bias do not train, in one pass over its vocabulary slices. The
+    gradient is softmax @ W - W[y]; softmax @ W is summed slice by slice as exp(z - running max) @ W,
+    rescaled whenever a row's maximum grows, and divided by the sum of exponentials at the end."""
+    n = len(h)
+    top = torch.full((n,), float("-inf"), device=h.device)
+    sums = torch.zeros(n, device=h.device)
+    target = torch.zeros(n, device=h.device)
+    best = torch.zeros(n, dtype=torch.long, device=h.device)
+    grad = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if want_grad else None
+    for cols, w in _weight_slices(weight, dtype, always=True):
+        z = F.linear(h, w, _bias_in(bias[cols] if bias is not None else None, dtype)).float()
+        slice_top, slice_best = z.max(-1)
+        best = torch.where(slice_top > top, slice_best + cols.start, best)  # the first maximum wins
+        inside = (y >= cols.start) & (y < cols.stop)
+        at = (y - cols.start).clamp(0, z.shape[1] - 1)[:, None]
+        target = torch.where(inside, z.gather(1, at).squeeze(1), target)
+        new_top = torch.maximum(top, slice_top)
+        rescale = (top - new_top).exp()  # 0 on the first slice (top is -inf)
+        exp = z.sub_(new_top[:, None]).exp_()
+        sums = sums.mul_(rescale).add_(exp.sum(-1))
+        if grad is not None:
+            grad = grad.mul_(rescale[:, None]).add_((exp.to(dtype) @ w).float())
+        top = new_top
+    loss = (top + sums.log() - target).sum()
+    if grad is not None:
+        grad = grad.div_(sums[:, None]).sub_(weight[y].to(dtype).float())
+    return loss, (best == y).sum(), grad
 
 
 class _Grads:
@@ -134,19 +183,30 @@ class _SummedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, dtype, want_grad):
-        grads = _Grads(hidden, weight, bias, tuple(want_grad and n for n in ctx.needs_input_grad[:3]))
+        need = tuple(want_grad and n for n in ctx.needs_input_grad[:3])
+        grads = _Grads(hidden, weight, bias, need)
+        head_trains = need[1] or need[2]
         with torch.autocast(hidden.device.type, enabled=False):
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             correct = torch.zeros((), dtype=torch.long, device=hidden.device)
-            for rows in _chunks(hidden, weight.shape[0]):
+            for rows in _chunks(hidden, weight.shape[0] if head_trains else SLICE_ROWS):
                 h, y = hidden[rows].to(dtype), labels[rows]
+                if not head_trains:
+                    loss, hits, grad_h = _frozen_head_pass(h, y, weight, bias, dtype, need[0])
+                    total += loss
+                    correct += hits
+                    if grad_h is not None:
+                        grads.hidden[rows] = grad_h.to(grads.hidden.dtype)
+                    continue
+                # The head trains: its gradient needs every logit's final probability.
                 logits = _logits(h, weight, bias, dtype)
                 correct += (logits.argmax(-1) == y).sum()
-                lse = logits.logsumexp(-1)
-                total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+                target = logits.gather(1, y[:, None])
+                exp, sums, top = _exp_in_place(logits)
+                total += (top + sums.log() - target).sum()
                 if grads.any():
                     # d(sum of -log p)/d logits = softmax - one_hot, made in place of the logits
-                    grad = logits.sub_(lse[:, None]).exp_()
+                    grad = exp.div_(sums)
                     grad[torch.arange(len(y), device=y.device), y] -= 1
                     grads.add(rows, grad.to(dtype), h, weight, dtype)
         ctx.save_for_backward(grads.hidden, grads.weight, grads.bias)
@@ -171,8 +231,10 @@ class _TokenLogps(torch.autograd.Function):
             lse = torch.empty_like(logps)
             for rows in _chunks(hidden, weight.shape[0]):
                 logits = _logits(hidden[rows].to(dtype), weight, bias, dtype)
-                lse[rows] = logits.logsumexp(-1)
-                logps[rows] = logits.gather(1, labels[rows][:, None]).squeeze(1) - lse[rows]
+                target = logits.gather(1, labels[rows][:, None]).squeeze(1)
+                _, sums, top = _exp_in_place(logits)
+                lse[rows] = (top + sums.log()).squeeze(1)
+                logps[rows] = target - lse[rows]
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.dtype = dtype
         return logps
