@@ -59,6 +59,18 @@ def test_the_preload_is_not_passed_on(monkeypatch):
     assert "LD_PRELOAD" not in os.environ
 
 
+def test_the_restart_commits_arena_memory_on_use_unless_the_user_says(monkeypatch):
+    started = []
+    monkeypatch.setattr(allocator, "active_allocator", lambda: "system")
+    monkeypatch.setattr(allocator.os, "execve", lambda path, argv, env: started.append(env))
+    monkeypatch.delenv("MIMALLOC_ARENA_EAGER_COMMIT", raising=False)
+    allocator.restart_with("mimalloc")
+    monkeypatch.setenv("MIMALLOC_ARENA_EAGER_COMMIT", "1")
+    allocator.restart_with("mimalloc")
+    assert [env["MIMALLOC_ARENA_EAGER_COMMIT"] for env in started] == ["0", "1"]
+    assert all("libmimalloc.so" in env["LD_PRELOAD"] for env in started)
+
+
 def test_a_rank_of_a_multi_process_job_keeps_the_c_library(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(allocator.os, "execve", lambda *a: pytest.fail("a rank restarted"))

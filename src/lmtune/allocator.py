@@ -12,6 +12,11 @@ a third more step time on that job.
 An allocator has to be chosen before the process starts (LD_PRELOAD), so `lmtune train` starts
 itself again with mimalloc preloaded, as torch's own CPU launcher (torch.backends.xeon.run_cpu)
 does with jemalloc or tcmalloc. `allocator: system` keeps the C library's.
+
+mimalloc's own settings (its environment variables) are its defaults but one: its arenas commit
+memory as pages are used instead of all at once (MIMALLOC_ARENA_EAGER_COMMIT=0), which also lets it
+decommit the pages it frees. On that job this lowered the peak by 0.04-0.06 GiB at the same step
+time. A value the user set is kept.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from pathlib import Path
 
 PRELOAD = "LD_PRELOAD"
 LIBRARY = "libmimalloc.so"
+MIMALLOC_SETTINGS = {"MIMALLOC_ARENA_EAGER_COMMIT": "0"}
 
 
 def mimalloc_library() -> Path | None:
@@ -64,7 +70,7 @@ def restart_with(allocator: str) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     # The interpreter's own command line, its flags (-u, -X, -W) and script or -m module included.
-    os.execve(sys.executable, sys.orig_argv, os.environ | {PRELOAD: preload})
+    os.execve(sys.executable, sys.orig_argv, MIMALLOC_SETTINGS | os.environ | {PRELOAD: preload})
 
 
 def _is_rank() -> bool:
