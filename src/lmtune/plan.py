@@ -35,7 +35,8 @@ from lmtune.models.load import add_new_tokens, from_pretrained_or_error, load_to
 from lmtune.models.methods import apply_method, count_parameters
 from lmtune.models.precision import half_frozen_base
 from lmtune.train.engine import schedule
-from lmtune.train.head_loss import chunk_rows
+from lmtune.models.gated_mlp import is_silu_gated_mlp
+from lmtune.train.head_loss import SLICE_ROWS, chunk_rows
 from lmtune.train.optim import state_bytes
 
 GIB = 2**30
@@ -143,7 +144,10 @@ def memory_estimate(model: torch.nn.Module, cfg: RunConfig, micro_batch_tokens: 
     h, i = c.hidden_size, getattr(c, "intermediate_size", 4 * c.hidden_size)
     heads = c.num_attention_heads
     kv = getattr(c, "num_key_value_heads", heads) * getattr(c, "head_dim", h // heads)
-    per_token_layer = 8 * h + width * (10 * h + 4 * kv + 4 * i)
+    # a Llama-style silu MLP keeps its gate's and up projection's outputs and the product; others
+    # their activation's output too (models/gated_mlp.py)
+    mlp_kept = 3 if any(is_silu_gated_mlp(m) for m in model.modules()) else 4
+    per_token_layer = 8 * h + width * (10 * h + 4 * kv + mlp_kept * i)
     kept = layers_in_backward(model, c.num_hidden_layers)
     if cfg.gradient_checkpointing:
         # A checkpointed layer keeps its input and is recomputed, one at a time, in backward; every
@@ -154,12 +158,16 @@ def memory_estimate(model: torch.nn.Module, cfg: RunConfig, micro_batch_tokens: 
     else:
         layers = kept * per_token_layer * micro_batch_tokens
     # logits, their fp32 copy and its gradient: of every target position at once, or with
-    # chunked_cross_entropy of one chunk's, plus the hidden states' gradient made in the same pass
-    # (ppo's head keeps the whole logits: its entropy needs them)
-    rows = micro_batch_targets
+    # chunked_cross_entropy of one chunk's (of a vocabulary slice's, for a head that does not
+    # train), plus the hidden states' gradient made in the same pass (ppo's head keeps the whole
+    # logits: its entropy needs them)
+    rows, columns = micro_batch_targets, c.vocab_size
     if cfg.chunked_cross_entropy and cfg.stage != "ppo":
-        rows = min(rows, chunk_rows(c.vocab_size, "cuda" if torch.cuda.is_available() else "cpu"))
-    head = rows * c.vocab_size * (width + 8)
+        output = model.get_output_embeddings()
+        if output is not None and not output.weight.requires_grad:
+            columns = min(columns, SLICE_ROWS)
+        rows = min(rows, chunk_rows(columns, "cuda" if torch.cuda.is_available() else "cpu"))
+    head = rows * columns * (width + 8)
     if rows < micro_batch_targets:
         head += micro_batch_targets * h * 4
     activations = layers + head

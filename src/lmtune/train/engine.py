@@ -49,6 +49,7 @@ from lmtune.config import RunConfig
 from lmtune.data.batching import collate, group_by_length, micro_batches, steps_per_epoch
 from lmtune.data.streaming import RowStream
 from lmtune.errors import ConfigError, RunInterrupted, TrainingError
+from lmtune.models.gated_mlp import keep_less_in_gated_mlps
 from lmtune.models.methods import (TrainingHooks, check_untouched_4bit, count_parameters,
                                    evaluation, training_hooks)
 from lmtune.allocator import active_allocator
@@ -568,6 +569,7 @@ def prepare_trainer(cfg: RunConfig, model: torch.nn.Module, tokenizer: PreTraine
     if not any(p.requires_grad for p in model.parameters()):
         raise TrainingError("no parameter is trainable.", "check finetuning_type and its keys.")
     check_untouched_4bit(model)
+    keep_less_in_gated_mlps(model)
     hooks = training_hooks(getattr(model, "lm", model), optimizer_steps, output_dir)
     if cfg.gradient_checkpointing or (engine == "fsdp2"
                                       and dist.fsdp_settings(cfg)["activation_checkpointing"]):
