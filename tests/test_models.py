@@ -156,3 +156,28 @@ def test_adapters_load_in_order_and_refuse_another_base(tiny_model_dir, tmp_path
     with pytest.raises(ModelError) as info:
         load_adapters(other, [first], trainable_last=False)
     assert "does not fit" in info.value.message
+
+
+def test_a_cpu_run_hands_sdpa_grouped_keys_and_values_unrepeated(tiny_model_dir, monkeypatch):
+    """With a padding mask too: sdpa gets the model's key and value heads as they are (nothing
+    repeated for it to keep for backward), and the loss is the same."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, *args, **kwargs):
+        seen.append((key.shape[1], kwargs.get("enable_gqa", False)))
+        return sdpa(query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    monkeypatch.setenv(load.FORCE_GROUPED_KV, "0")
+    monkeypatch.delenv(load.FORCE_GROUPED_KV)
+    repeated = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+    load.grouped_kv_on_cpu()
+    grouped = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+    assert seen[0] == (model.config.num_attention_heads, False)
+    assert seen[-1] == (model.config.num_key_value_heads, True)
+    assert grouped.item() == pytest.approx(repeated.item(), rel=1e-5)

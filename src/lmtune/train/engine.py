@@ -50,6 +50,7 @@ from lmtune.data.batching import collate, group_by_length, micro_batches, steps_
 from lmtune.data.streaming import RowStream
 from lmtune.errors import ConfigError, RunInterrupted, TrainingError
 from lmtune.models.gated_mlp import keep_less_in_gated_mlps
+from lmtune.models.load import grouped_kv_on_cpu
 from lmtune.models.methods import (TrainingHooks, check_untouched_4bit, count_parameters,
                                    evaluation, training_hooks)
 from lmtune.allocator import active_allocator
@@ -564,6 +565,8 @@ def prepare_trainer(cfg: RunConfig, model: torch.nn.Module, tokenizer: PreTraine
                                   dataloader_config=DataLoaderConfiguration(split_batches=True))
     if cfg.fp16 and accelerator.device.type == "cpu":
         raise ConfigError("fp16 needs a GPU; this run is on the CPU.", "use bf16: true (or neither).")
+    if accelerator.device.type == "cpu":
+        grouped_kv_on_cpu()
     if cfg.pure_bf16:
         model.to(torch.bfloat16)  # the adapter too: peft keeps adapters in fp32 otherwise
     if not any(p.requires_grad for p in model.parameters()):
