@@ -11,13 +11,24 @@ default model's tokenizer, nothing more: the floor under every run, and `lmtune 
 RUNTIME_GIB. Each training row also carries `lmtune plan`'s estimate of its peak for the same
 config.
 
+Three levers have no key, as they change no number a run computes: the Llama-style MLP that keeps
+gate and up only (models/gated_mlp.py), grouped-query keys and values handed to sdpa unrepeated on
+the CPU, and mimalloc's arenas committing memory as pages are used. The second table takes the
+fp32-compute row with the bf16 frozen base (the configuration that meets issue #13's goal on the
+peers job) and runs it as lmtune ships and once without each of the three, alternated over the
+repeats (medians): without the MLP through a child that leaves its forward as transformers wrote
+it, the other two through their settings (TRANSFORMERS_SDPA_FORCE_GQA=0, and mimalloc's default
+MIMALLOC_ARENA_EAGER_COMMIT=2).
+
     python benchmarks/memory_levers.py     # writes benchmarks/results/memory_levers.json and its
-                                           # table in BENCHMARKS.md
+                                           # table in BENCHMARKS.md, and the always-on table
+    python benchmarks/memory_levers.py --always-on-only   # the second table alone
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 
@@ -37,6 +48,24 @@ LEVERS = [
     ("+ bf16 autocast", "matmuls in bf16 on the bf16 base (the quickstart as shipped)", ["bf16=true"]),
     ("+ gradient checkpointing", "recompute each layer's activations in backward",
      ["bf16=true", "gradient_checkpointing=true"]),
+]
+
+
+ALWAYS_ON_BASE = ["bf16=false", "frozen_dtype=bfloat16"]
+# The training command with transformers' own MLP forward: the gated-MLP lever left out (patched in
+# its own module, which imports nothing heavy, before the command imports the training loop).
+PLAIN_MLP = ("import sys; import lmtune.models.gated_mlp as gated; "
+             "gated.keep_less_in_gated_mlps = lambda model: 0; "
+             "from lmtune.cli import main; sys.exit(main())")
+# (name, what is left out, command prefix, environment)
+ALWAYS_ON = [
+    ("as shipped", "nothing", None, {}),
+    ("without the lighter MLP", "silu's output kept for backward (transformers' forward)",
+     [sys.executable, "-c", PLAIN_MLP], {}),
+    ("without unrepeated keys and values", "keys and values repeated to every head for sdpa",
+     None, {"TRANSFORMERS_SDPA_FORCE_GQA": "0"}),
+    ("without on-use arena commit", "mimalloc's default arena commit",
+     None, {"MIMALLOC_ARENA_EAGER_COMMIT": "2"}),
 ]
 
 
@@ -86,6 +115,49 @@ def measure(bench: Bench, steps: int) -> list[dict]:
     return rows
 
 
+def measure_always_on(bench: Bench, steps: int, repeats: int) -> dict:
+    runs: dict[str, list[dict]] = {name: [] for name, *_ in ALWAYS_ON}
+    for repeat in range(repeats):
+        for name, _, prefix, env in ALWAYS_ON:
+            out = bench.scratch / f"always-on-{len(runs[name])}-{repeat}-{name.replace(' ', '-')}"
+            args = [*ALWAYS_ON_BASE, f"output_dir={out}", f"max_steps={steps}", "logging_steps=1000",
+                    "plot_loss=false", "save_steps=100000", "overwrite_output_dir=true",
+                    *bench.model_overrides()]
+            command = (prefix or lmtune()) + ["train", QUICKSTART, *args]
+            run = run_child(command, out.with_suffix(".log"), env=env)
+            results = json.loads((out / "all_results.json").read_text())
+            runs[name].append({"tokens_per_second": results["train_tokens_per_second"],
+                               "peak_rss_gib": run.peak_rss_gib,
+                               "mean_train_loss": round(results["train_loss"], 4)})
+            print(f"{name} #{repeat}: {run.peak_rss_gib:.2f} GiB, "
+                  f"{results['train_tokens_per_second']:.1f} tokens/s", flush=True)
+    rows = []
+    for name, left_out, *_ in ALWAYS_ON:
+        done = runs[name]
+        rows.append({"variant": name, "left_out": left_out, "repeats": len(done),
+                     "tokens_per_second": statistics.median(r["tokens_per_second"] for r in done),
+                     "peak_rss_gib": statistics.median(r["peak_rss_gib"] for r in done),
+                     "mean_train_loss": done[0]["mean_train_loss"]})
+    shipped = rows[0]
+    for row in rows:
+        row["speed_vs_shipped"] = round(row["tokens_per_second"] / shipped["tokens_per_second"], 3)
+        row["memory_vs_shipped"] = round(row["peak_rss_gib"] / shipped["peak_rss_gib"], 3)
+    return {"steps": steps, "overrides": ALWAYS_ON_BASE, "variants": rows, "runs": runs}
+
+
+def render_always_on(data: dict) -> str:
+    body = [[r["variant"] if r["variant"] == "as shipped" else f"{r['variant']}: {r['left_out']}",
+             f"{r['tokens_per_second']:,.1f}", f"{r['speed_vs_shipped']:.2f}",
+             f"{r['peak_rss_gib']:.2f}", f"{r['memory_vs_shipped']:.2f}",
+             f"{r['mean_train_loss']:.4f}"] for r in data["variants"]]
+    repeats = data["variants"][0]["repeats"]
+    return (f"`{' '.join(data['overrides'])}`, {data['steps']} steps, median of {repeats} "
+            "alternated runs each:\n\n"
+            + table(["variant", "tokens/s", "x as shipped", "peak RSS GiB", "x as shipped",
+                     "mean train loss"], "lrrrrr", body)
+            + "\n\n" + source_line("memory_levers_always_on") + "\n")
+
+
 def render(rows: list[dict]) -> str:
     runtime, runs = rows[0], rows[1:]
     steps = runs[0]["steps"]
@@ -105,11 +177,21 @@ def main() -> None:
     if sys.argv[1:2] == ["--runtime-child"]:
         runtime_child(sys.argv[2])
         return
-    bench = Bench("memory_levers", __doc__, settings={"steps": ("optimizer steps per row", 20, 2)})
+    bench = Bench("memory_levers", __doc__,
+                  settings={"steps": ("optimizer steps per row", 20, 2),
+                            "repeats": ("alternated runs of each always-on variant", 3, 1)},
+                  configure=lambda parser: parser.add_argument(
+                      "--always-on-only", action="store_true",
+                      help="measure the always-on levers only; the lever table keeps its JSON"))
     if not bench.args.render_only:
         steps = bench.settings["steps"]
-        bench.write_json(measure(bench, steps))
+        if not bench.args.always_on_only:
+            bench.write_json(measure(bench, steps))
+        bench.write_json(measure_always_on(bench, steps, bench.settings["repeats"]),
+                         "memory_levers_always_on")
     bench.rewrite("BENCHMARKS.md", "memory_levers", render(bench.read_json()))
+    bench.rewrite("BENCHMARKS.md", "memory_levers_always_on",
+                  render_always_on(bench.read_json("memory_levers_always_on")))
 
 
 if __name__ == "__main__":
