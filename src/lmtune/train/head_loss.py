@@ -75,22 +75,17 @@ def _chunks(hidden: torch.Tensor, vocab: int) -> Iterator[slice]:
         yield slice(start, min(start + rows, n))
 
 
-def _bias_in(bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return bias.to(dtype) if bias is not None else None
-
-
-def _weight_slices(weight: torch.Tensor, dtype: torch.dtype,
-                   always: bool = False) -> Iterator[tuple[slice, torch.Tensor]]:
-    """The head's weight in the compute dtype, as (vocabulary rows, their weight): in slices when
-    `always` asks, or when it is stored in another dtype (a bf16 frozen base under fp32 compute),
-    as a whole cast copy would be vocabulary x hidden in fp32, held at the step's peak (the
-    forward's activations are all alive when the head runs)."""
-    if weight.dtype == dtype and not always:
-        yield slice(0, weight.shape[0]), weight
-        return
-    for start in range(0, weight.shape[0], SLICE_ROWS):
-        rows = slice(start, min(start + SLICE_ROWS, weight.shape[0]))
-        yield rows, weight[rows].to(dtype)
+def _weight_slices(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                   always: bool = False
+                   ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor | None]]:
+    """The head's weight and bias in the compute dtype, as (vocabulary rows, their weight, their
+    bias): in slices when `always` asks, or when the weight is stored in another dtype (a bf16
+    frozen base under fp32 compute), as a whole cast copy would be vocabulary x hidden in fp32,
+    held at the step's peak (the forward's activations are all alive when the head runs)."""
+    step = SLICE_ROWS if always or weight.dtype != dtype else weight.shape[0]
+    for start in range(0, weight.shape[0], step):
+        rows = slice(start, min(start + step, weight.shape[0]))
+        yield rows, weight[rows].to(dtype), bias[rows].to(dtype) if bias is not None else None
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -98,10 +93,10 @@ def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     """fp32 logits of `hidden` (already in the compute dtype), each rounded once to the compute
     dtype, as the head's own matmul would."""
     if weight.dtype == dtype:
-        return F.linear(hidden, weight, _bias_in(bias, dtype)).float()
+        return F.linear(hidden, weight, bias.to(dtype) if bias is not None else None).float()
     logits = torch.empty(len(hidden), weight.shape[0], dtype=torch.float32, device=hidden.device)
-    for rows, w in _weight_slices(weight, dtype):
-        logits[:, rows] = F.linear(hidden, w, _bias_in(bias[rows] if bias is not None else None, dtype))
+    for rows, w, b in _weight_slices(weight, bias, dtype):
+        logits[:, rows] = F.linear(hidden, w, b)
     return logits
 
 
@@ -128,8 +123,8 @@ def _frozen_head_pass(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
     target = torch.zeros(n, device=h.device)
     best = torch.zeros(n, dtype=torch.long, device=h.device)
     grad = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if want_grad else None
-    for cols, w in _weight_slices(weight, dtype, always=True):
-        z = F.linear(h, w, _bias_in(bias[cols] if bias is not None else None, dtype)).float()
+    for cols, w, b in _weight_slices(weight, bias, dtype, always=True):
+        z = F.linear(h, w, b).float()
         slice_top, slice_best = z.max(-1)
         best = torch.where(slice_top > top, slice_best + cols.start, best)  # the first maximum wins
         inside = (y >= cols.start) & (y < cols.stop)
@@ -165,7 +160,7 @@ class _Grads:
             dtype: torch.dtype) -> None:
         """One chunk's share, from the gradient of its logits and its inputs (compute dtype)."""
         grad_hidden = None
-        for cols, w in _weight_slices(weight, dtype):
+        for cols, w, _ in _weight_slices(weight, None, dtype):
             if self.hidden is not None:
                 part = (grad_logits[:, cols] @ w).float()  # slices summed in fp32
                 grad_hidden = part if grad_hidden is None else grad_hidden.add_(part)
