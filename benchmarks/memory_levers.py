@@ -11,14 +11,15 @@ default model's tokenizer, nothing more: the floor under every run, and `lmtune 
 RUNTIME_GIB. Each training row also carries `lmtune plan`'s estimate of its peak for the same
 config.
 
-Three levers have no key, as they change no number a run computes: the Llama-style MLP that keeps
-gate and up only (models/gated_mlp.py), grouped-query keys and values handed to sdpa unrepeated on
-the CPU, and mimalloc's arenas committing memory as pages are used. The second table takes the
-fp32-compute row with the bf16 frozen base (the configuration that meets issue #13's goal on the
-peers job) and runs it as lmtune ships and once without each of the three, alternated over the
-repeats (medians): without the MLP through a child that leaves its forward as transformers wrote
-it, the other two through their settings (TRANSFORMERS_SDPA_FORCE_GQA=0, and mimalloc's default
-MIMALLOC_ARENA_EAGER_COMMIT=2).
+Four levers have no key, as they change no number a run computes: the Llama-style MLP that keeps
+gate and up only (models/gated_mlp.py), the norms' outputs and the MLP's product made again in
+backward where no autocast casts them (models/recompute.py), grouped-query keys and values handed to
+sdpa unrepeated on the CPU, and mimalloc's arenas committing memory as pages are used. The second
+table takes the fp32-compute row with the bf16 frozen base (the configuration that meets issue
+#13's goal on the peers job) and runs it as lmtune ships and once without each of the four,
+alternated over the repeats (medians): without the MLP or the recomputation through a child that
+patches its module before the command imports the training loop, the other two through their
+settings (TRANSFORMERS_SDPA_FORCE_GQA=0, and mimalloc's default MIMALLOC_ARENA_EAGER_COMMIT=2).
 
     python benchmarks/memory_levers.py     # writes benchmarks/results/memory_levers.json and its
                                            # table in BENCHMARKS.md, and the always-on table
@@ -57,11 +58,18 @@ ALWAYS_ON_BASE = ["bf16=false", "frozen_dtype=bfloat16"]
 PLAIN_MLP = ("import sys; import lmtune.models.gated_mlp as gated; "
              "gated.keep_less_in_gated_mlps = lambda model: 0; "
              "from lmtune.cli import main; sys.exit(main())")
+# The training command keeping every norm output and MLP product (the recomputation left out the
+# same way).
+KEPT_OUTPUTS = ("import contextlib, sys; import lmtune.models.recompute as recompute; "
+                "recompute.recomputing_cheap_outputs = contextlib.nullcontext; "
+                "from lmtune.cli import main; sys.exit(main())")
 # (name, what is left out, command prefix, environment)
 ALWAYS_ON = [
     ("as shipped", "nothing", None, {}),
     ("without the lighter MLP", "silu's output kept for backward (transformers' forward)",
      [sys.executable, "-c", PLAIN_MLP], {}),
+    ("without recomputed norm outputs and product", "norm outputs and silu(gate) * up kept for "
+     "backward", [sys.executable, "-c", KEPT_OUTPUTS], {}),
     ("without unrepeated keys and values", "keys and values repeated to every head for sdpa",
      None, {"TRANSFORMERS_SDPA_FORCE_GQA": "0"}),
     ("without on-use arena commit", "mimalloc's default arena commit",

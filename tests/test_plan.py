@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from lmtune.cli import main
 from lmtune.config import build_config
@@ -104,6 +104,23 @@ def test_memory_estimate_parts(tiny_model_dir):
     lora = build_config({"lora_rank": 4})
     adapter = memory_estimate(apply_method(meta_model(tiny_model_dir, lora), lora), lora, 1024, 256)
     assert adapter["optimizer"] < m["optimizer"] / 10
+
+
+def test_full_precision_keeps_no_norm_output_or_mlp_product(tiny_model_dir):
+    # models/recompute.py: in fp32 compute (one process or DDP) the two norms' outputs and the
+    # silu MLP's product are made again in backward; FSDP2 keeps them
+    gib, tokens = 2**30, 200_000
+
+    def per_token_layer(keys: dict) -> float:
+        cfg = build_config({"finetuning_type": "full"} | keys)
+        model = apply_method(meta_model(tiny_model_dir, cfg), cfg)
+        grown = memory_estimate(model, cfg, tokens, 0)["activations"] - \
+            memory_estimate(model, cfg, 0, 0)["activations"]
+        return grown * gib / tokens / model.config.num_hidden_layers
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    kept = per_token_layer({"fsdp": "full_shard"}) - per_token_layer({})
+    assert kept == pytest.approx(4 * (2 * config.hidden_size + config.intermediate_size), rel=0.02)
 
 
 def test_activations_are_kept_from_the_lowest_trained_layer_up(tiny_model_dir):

@@ -16,6 +16,12 @@ import types
 import torch
 import torch.nn.functional as F
 
+from lmtune.models.recompute import tag
+
+
+def _silu_times_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
 
 class SiluTimesUp(torch.autograd.Function):
     """silu(gate) * up, keeping gate and up only."""
@@ -23,7 +29,7 @@ class SiluTimesUp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
+        return _silu_times_up(gate, up)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -34,7 +40,10 @@ class SiluTimesUp(torch.autograd.Function):
 
 
 def _forward(self, x: torch.Tensor) -> torch.Tensor:
-    return self.down_proj(SiluTimesUp.apply(self.gate_proj(x), self.up_proj(x)))
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    product = SiluTimesUp.apply(gate, up)
+    tag(product, _silu_times_up, gate, up)  # made again in backward where the down projection keeps it
+    return self.down_proj(product)
 
 
 def is_silu_gated_mlp(module: torch.nn.Module) -> bool:

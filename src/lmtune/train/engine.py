@@ -50,6 +50,7 @@ from lmtune.data.batching import collate, group_by_length, micro_batches, steps_
 from lmtune.data.streaming import RowStream
 from lmtune.errors import ConfigError, RunInterrupted, TrainingError
 from lmtune.models.gated_mlp import keep_less_in_gated_mlps
+from lmtune.models.recompute import recomputing_cheap_outputs, tag_norm_outputs
 from lmtune.models.load import grouped_kv_on_cpu
 from lmtune.models.methods import (TrainingHooks, check_untouched_4bit, count_parameters,
                                    evaluation, training_hooks)
@@ -236,12 +237,16 @@ class LossModule(torch.nn.Module):
     there), while the stages' losses call into the model's parts (decoder, head); running the whole
     loss inside one forward keeps every such call inside the engine's."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, recompute_cheap_outputs: bool):
         super().__init__()
         self.model = model
+        self.recompute_cheap_outputs = recompute_cheap_outputs
 
     def forward(self, loss_fn: Callable[[torch.nn.Module, Batch], Any], batch: Batch) -> Any:
-        return loss_fn(self.model, batch)
+        if not self.recompute_cheap_outputs:
+            return loss_fn(self.model, batch)
+        with recomputing_cheap_outputs():
+            return loss_fn(self.model, batch)
 
 
 @dataclass
@@ -579,7 +584,12 @@ def prepare_trainer(cfg: RunConfig, model: torch.nn.Module, tokenizer: PreTraine
         enable_gradient_checkpointing(model, cfg.checkpoint_every_n_layers)
     if cfg.neftune_noise_alpha is not None:
         add_neftune_noise(getattr(model, "lm", model), cfg.neftune_noise_alpha)
-    root = LossModule(model)
+    # The engines that gather a layer's weights for its forward only would leave the norms' recipes
+    # pointing at released weights.
+    recompute = engine in ("single", "ddp")
+    if recompute:
+        tag_norm_outputs(model)
+    root = LossModule(model, recompute)
     if engine == "fsdp2":
         # Sharding replaces the parameters with DTensors: the optimizer is built on those.
         root.to(accelerator.device)

@@ -1,0 +1,117 @@
+"""Norm outputs and the MLP's silu(gate) * up made again in backward instead of kept: the same
+loss and gradients as autograd keeping them, bit for bit, on a real model, and less kept."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lmtune.config import RunConfig
+from lmtune.models import recompute
+from lmtune.models.gated_mlp import keep_less_in_gated_mlps
+from lmtune.models.methods import apply_method
+from lmtune.models.recompute import recomputing_cheap_outputs, tag, tag_norm_outputs
+
+
+def kept_and_recipes(model: torch.nn.Module, batch: dict, recomputing: bool):
+    """The loss, the bytes autograd keeps for backward, and how many saves became recipes."""
+    sizes: dict[int, int] = {}
+    recipes = []
+
+    def pack(t: torch.Tensor):
+        packed = recompute._pack(t) if recomputing else t
+        if isinstance(packed, torch.Tensor):
+            sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        else:
+            recipes.append(packed)
+        return packed
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, recompute._unpack):
+        loss = model(**batch).loss
+    return loss, sum(sizes.values()), len(recipes)
+
+
+def build(model_dir: str, method: str) -> torch.nn.Module:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    torch.manual_seed(1)
+    model = apply_method(model, RunConfig(model_name_or_path=model_dir, finetuning_type=method,
+                                          lora_rank=4, lora_target="all"))
+    torch.manual_seed(2)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    keep_less_in_gated_mlps(model)
+    return model
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_the_same_loss_and_gradients_with_less_kept(tiny_model_dir, method):
+    ids = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(3))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    plain, lean = build(tiny_model_dir, method), build(tiny_model_dir, method)
+    config = plain.config
+    assert tag_norm_outputs(lean) == 2 * config.num_hidden_layers + 1
+    results = []
+    for model, recomputing in ((plain, False), (lean, True)):
+        loss, kept, recipes = kept_and_recipes(model, batch, recomputing)
+        loss.backward()
+        results.append((loss, kept, recipes,
+                        {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (loss_a, kept_a, _, grads_a), (loss_b, kept_b, recipes, grads_b) = results
+    assert torch.equal(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys()
+    assert all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
+    # per token and layer, two norm outputs of the hidden width and one product of the MLP's
+    # width are no longer kept (the last norm's output feeds a head the loss keeps no input of
+    # when it does not train; full fine-tuning trains it)
+    per_layer = (2 * config.hidden_size + config.intermediate_size) * 4 * ids.numel()
+    last_norm = config.hidden_size * 4 * ids.numel() if method == "full" else 0
+    assert kept_a - kept_b == config.num_hidden_layers * per_layer + last_norm
+    assert recipes > 0
+
+
+def test_an_input_changed_in_place_is_refused():
+    x = torch.randn(4, 8, requires_grad=True)
+    w = torch.randn(8, 8, requires_grad=True)
+    with recomputing_cheap_outputs():
+        inner = x * 2
+        doubled = inner * 3
+        tag(doubled, lambda t: t * 3, inner)
+        out = doubled @ w
+    with torch.no_grad():
+        inner.add_(1)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        out.sum().backward()
+
+
+def test_an_output_changed_in_place_before_it_is_saved_is_kept_as_it_is():
+    x = torch.randn(4, 8, requires_grad=True)
+    w = torch.randn(8, 8, requires_grad=True)
+    expected = None
+    for recomputing in (False, True):
+        x.grad = w.grad = None
+        with recomputing_cheap_outputs() if recomputing else contextlib.nullcontext():
+            doubled = x * 2
+            tag(doubled, lambda t: t * 2, x)
+            doubled.add_(1)
+            (doubled @ w).sum().backward()
+        if expected is None:
+            expected = w.grad.clone()
+    assert torch.equal(w.grad, expected)
+
+
+def test_under_autocast_the_values_are_the_same(tiny_model_dir):
+    ids = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(4))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    plain, lean = build(tiny_model_dir, "lora"), build(tiny_model_dir, "lora")
+    tag_norm_outputs(lean)
+    grads = []
+    for model, recomputing in ((plain, False), (lean, True)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _, _ = kept_and_recipes(model, batch, recomputing)
+        loss.backward()
+        grads.append([p.grad for p in model.parameters() if p.requires_grad])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
