@@ -20,7 +20,7 @@ from lmtune.infer.chat import ChatSession
 from lmtune.models.load import load_model, quantization_config
 from lmtune.models.methods import (AdaLoraHooks, TrainingHooks, apply_method,
                                    check_untouched_4bit, count_parameters, evaluation,
-                                   load_adapters)
+                                   load_adapters, quantized_base)
 from lmtune.train.engine import build_optimizer
 from tests.conftest import write_yaml
 
@@ -415,6 +415,20 @@ def test_training_refuses_a_4bit_model_that_generated(tiny_model_dir, train_conf
     assert main(["train", str(write_yaml(tmp_path / "q.yaml", config))]) == 2
     assert "repacked for CPU inference" in capsys.readouterr().err
     assert not (Path(config["output_dir"]) / "adapter_model.safetensors").exists()
+
+
+def test_the_quantized_reload_keeps_the_attention_the_first_load_chose(tiny_model_dir, monkeypatch,
+                                                                         capsys):
+    import lmtune.models.load as load
+
+    # On a CUDA GPU packed rows train with flex_attention, chosen (and said) when the stage loads
+    # the base; here sdpa stands in for it.
+    monkeypatch.setattr(load, "packed_attention", lambda config: "sdpa")
+    cfg = _cfg(tiny_model_dir, quantization_bit=4, lora_rank=2, packing=True)
+    model = load_model(tiny_model_dir, **load.model_options(cfg, training=True))
+    quantized = quantized_base(model, cfg)
+    assert quantized.config._attn_implementation == "sdpa"
+    assert capsys.readouterr().out.count("attention: sdpa for packed rows") == 1
 
 
 # --- keys of other methods ----------------------------------------------------------------------------

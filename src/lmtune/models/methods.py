@@ -352,9 +352,11 @@ def quantized_base(model: PreTrainedModel, cfg: RunConfig) -> PreTrainedModel:
     A base handed over in full precision (as the stages load it before the method is applied) is
     reloaded quantized from its folder: one extra load, and the full-precision copy is freed."""
     if not is_quantized(model):
+        # the attention the first load chose (and announced), not a second choice
+        options = model_options(cfg, training=True) | {
+            "attn_implementation": model.config._attn_implementation}
         model = load_model(model.name_or_path, cfg.trust_remote_code,
-                           quantization=quantization_config(cfg),
-                           **model_options(cfg, training=True))
+                           quantization=quantization_config(cfg), **options)
     # peft's default would also turn on gradient checkpointing, ~30% slower on a CPU; the loop turns
     # it on when gradient_checkpointing says so. Norms and other small weights stay in fp32.
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
