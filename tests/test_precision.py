@@ -16,7 +16,7 @@ from safetensors import safe_open
 from lmtune.config import RunConfig
 from lmtune.models.load import load_model
 from lmtune.models.methods import apply_method
-from lmtune.models.precision import half_frozen_base, store_matrices_in
+from lmtune.models.precision import checkpoint_half_dtype, half_frozen_base, store_matrices_in
 from lmtune.train.forward import token_loss_sum
 from tests.conftest import PAIRS, train, write_json
 
@@ -24,7 +24,7 @@ from tests.conftest import PAIRS, train, write_json
 def build(model_dir: str, method: str, frozen_dtype: str, bf16: bool = True) -> torch.nn.Module:
     cfg = RunConfig(model_name_or_path=model_dir, finetuning_type=method, lora_rank=4, bf16=bf16,
                     frozen_dtype=frozen_dtype)
-    model = load_model(model_dir, half_precision=half_frozen_base(cfg))
+    model = load_model(model_dir, half_precision=half_frozen_base(cfg, checkpoint_half_dtype(model_dir)))
     torch.manual_seed(1)
     model = apply_method(model, cfg)
     torch.manual_seed(2)
@@ -144,6 +144,80 @@ def test_frozen_dtype_bfloat16_is_refused_where_it_cannot_apply(update):
     ({"bf16": False, "frozen_dtype": "bfloat16"}, True)])
 def test_which_runs_store_the_base_in_half_precision(update, expect_half):
     assert half_frozen_base(RunConfig(**{"finetuning_type": "lora", "bf16": True} | update)) is expect_half
+
+
+@pytest.fixture(scope="module")
+def bf16_checkpoint_dir(tiny_model_dir, tokenizer, tmp_path_factory) -> str:
+    """The tiny model saved in bf16, as most published checkpoints are."""
+    folder = tmp_path_factory.mktemp("bf16-checkpoint")
+    load_model(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_the_checkpoint_dtype_is_read_from_the_weights(bf16_checkpoint_dir, tiny_model_dir, tmp_path):
+    assert checkpoint_half_dtype(bf16_checkpoint_dir) == torch.bfloat16
+    assert checkpoint_half_dtype(tiny_model_dir) is None  # fp32
+    mixed = tmp_path / "mixed"
+    model = load_model(bf16_checkpoint_dir, dtype=torch.bfloat16)
+    model.model.norm.float()
+    model.save_pretrained(mixed)
+    assert checkpoint_half_dtype(mixed) is None
+
+
+@pytest.mark.parametrize("update,expect_half", [
+    ({}, True), ({"frozen_dtype": "float32"}, False), ({"finetuning_type": "prompt"}, True),
+    ({"finetuning_type": "prefix"}, False), ({"finetuning_type": "full"}, False),
+    ({"quantization_bit": 4}, False), ({"deepspeed": "ds.json"}, False), ({"bf16": True}, True)])
+def test_fp32_compute_keeps_a_half_precision_checkpoint_so(update, expect_half):
+    cfg = RunConfig(**{"finetuning_type": "lora"} | update)
+    assert half_frozen_base(cfg, torch.bfloat16) is expect_half
+    assert half_frozen_base(cfg, None) is bool(update.get("bf16"))
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt", "ia3"])
+def test_a_bf16_checkpoint_in_fp32_compute_is_stored_as_it_is_with_the_same_numbers(
+        bf16_checkpoint_dir, method):
+    reference = build(bf16_checkpoint_dir, method, "float32", bf16=False)
+    kept = build(bf16_checkpoint_dir, method, "auto", bf16=False)
+    assert all(p.dtype == torch.float32 for p in reference.parameters())
+    assert {p.dtype for p in kept.parameters() if not p.requires_grad and p.ndim >= 2} == {torch.bfloat16}
+    trained = dict(reference.named_parameters())
+    with torch.no_grad():  # peft initialises an adapter in its base's dtype: start both the same
+        for name, param in kept.named_parameters():
+            if param.requires_grad:
+                param.copy_(trained[name])
+    data = batch()
+    loss, grads = loss_and_grads(reference, data, autocast=False)
+    kept_loss, kept_grads = loss_and_grads(kept, data, autocast=False)
+    assert kept_loss == pytest.approx(loss, rel=1e-6)
+    for name, grad in grads.items():
+        assert kept_grads[name].dtype == torch.float32
+        assert (kept_grads[name] - grad).norm() <= 1e-5 * grad.norm(), name
+
+
+def test_a_run_and_its_plan_keep_a_bf16_checkpoint_in_bf16(bf16_checkpoint_dir, tmp_path, train_config):
+    from lmtune.config.io import build_config
+    from lmtune.plan import build_plan
+    from lmtune.train.setup import start_run
+
+    keys = train_config | {"model_name_or_path": bf16_checkpoint_dir, "bf16": False}
+    inputs = start_run(build_config(keys))
+    assert {p.dtype for p in inputs.model.parameters() if p.ndim >= 2} == {torch.bfloat16}
+    planned = {dtype: build_plan(build_config(keys | {"frozen_dtype": dtype}))[0]["model"]["memory_gib"]
+               for dtype in ("auto", "float32")}
+    assert planned["auto"]["weights"] < 0.6 * planned["float32"]["weights"]
+
+
+def test_a_half_precision_weight_no_layer_casts_is_widened_once(tiny_model_dir):
+    from lmtune.models.precision import UpcastLinear, settle_dtypes
+
+    model = load_model(tiny_model_dir, half_precision=True).requires_grad_(False)
+    model.model.extra = torch.nn.Conv1d(2, 2, 1).bfloat16().requires_grad_(False)
+    settle_dtypes(model, fp32_compute=True)
+    assert model.model.extra.weight.dtype == torch.float32
+    assert type(model.model.layers[0].mlp.up_proj) is UpcastLinear
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
 
 
 def test_half_precision_follows_a_float16_checkpoint(tiny_model_dir, tmp_path):

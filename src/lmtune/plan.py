@@ -33,7 +33,7 @@ from lmtune.durable import write_with
 from lmtune.errors import ConfigError, ModelError
 from lmtune.models.load import add_new_tokens, from_pretrained_or_error, load_tokenizer, resolve_for, stop_token_ids
 from lmtune.models.methods import apply_method, count_parameters
-from lmtune.models.precision import half_frozen_base
+from lmtune.models.precision import checkpoint_half_dtype, half_dtype, half_frozen_base, stored_half
 from lmtune.train.engine import schedule
 from lmtune.models.gated_mlp import is_silu_gated_mlp
 from lmtune.train.head_loss import SLICE_ROWS, chunk_rows
@@ -50,12 +50,14 @@ RUNTIME_GIB = 0.45
 
 def meta_model(model_path: str, cfg: RunConfig) -> torch.nn.Module:
     """The model's modules and parameter shapes without its weights (nothing is read or allocated),
-    carrying its generation config for the stop tokens."""
+    in the dtype the run stores them in, carrying its generation config for the stop tokens."""
     config = from_pretrained_or_error(AutoConfig, model_path, "config",
                                       trust_remote_code=cfg.trust_remote_code)
+    stored = None if cfg.train_from_scratch else checkpoint_half_dtype(model_path)
+    dtype = half_dtype(config, stored) if half_frozen_base(cfg, stored) else torch.float32
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype,
                                                      trust_remote_code=cfg.trust_remote_code)
     except (ValueError, KeyError, TypeError) as exc:
         raise ModelError(f"{model_path}/config.json does not describe a causal language model "
@@ -114,15 +116,15 @@ def memory_estimate(model: torch.nn.Module, cfg: RunConfig, micro_batch_tokens: 
     AdamW states of what trains, the compute-dtype copies autocast makes of fp32 matmul weights,
     activations.
 
-    Weights count as stored: an adapter method's frozen base in half precision under bf16
-    (frozen_dtype: auto), else fp32. Under autocast every fp32 weight a linear layer uses is cast
+    Weights count as stored: an adapter method's frozen base in half precision where the run
+    stores it so (models/precision.py; `model` is built in the dtype a run stores it in), else fp32. Under autocast every fp32 weight a linear layer uses is cast
     to the compute dtype in each forward and kept for backward; a half-precision base is used as
     it is. Activations are a rough estimate per token and decoder layer (what autograd keeps of a
     Llama-style block: the norm inputs in fp32, the matmul inputs and outputs in the compute dtype),
     plus the output head on the trained positions only (lmtune computes logits there alone, a chunk
     of them at a time with chunked_cross_entropy)."""
     c = model.config
-    half = half_frozen_base(cfg)
+    half = half_frozen_base(cfg, stored_half(model))
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     def stored(p: torch.nn.Parameter) -> int:

@@ -30,7 +30,7 @@ from lmtune.durable import write_file
 from lmtune.errors import ConfigError, ModelError
 from lmtune.hub import model_snapshot
 from lmtune.models.lineage import EXPORT_RECORD
-from lmtune.models.precision import half_dtype, store_matrices_in
+from lmtune.models.precision import checkpoint_half_dtype, half_dtype, store_matrices_in
 
 log = logging.getLogger(__name__)
 
@@ -377,7 +377,7 @@ def load_model(name: str, trust_remote_code: bool = False, dtype: torch.dtype = 
     if rope_scaling is not None:
         scale_rope(config, rope_scaling, max_length or config.max_position_embeddings)
     if half_precision:
-        dtype = half_dtype(config)
+        dtype = half_dtype(config, None if from_scratch else checkpoint_half_dtype(name))
     extra = {}
     if quantization is not None:
         # bitsandbytes quantizes while loading, on the device the weights land on; a quantized

@@ -31,7 +31,7 @@ from lmtune.errors import ConfigError, ModelError
 from lmtune.models.lineage import check_adapter, note_merged, record_base
 from lmtune.models.load import (fit_vocab, is_quantized, load_model, model_options,
                                 quantization_config, resolve_adapter, trains_vocab)
-from lmtune.models.precision import computes_in_fp32, half_frozen_base, settle_dtypes
+from lmtune.models.precision import computes_in_fp32, half_frozen_base, settle_dtypes, stored_half
 
 log = logging.getLogger(__name__)
 
@@ -414,7 +414,7 @@ def apply_method(model: PreTrainedModel, cfg: RunConfig):
         model = _continue_adapters(model, cfg)
     else:
         model = get_peft_model(model, adapter_config(model, cfg))
-    if half_frozen_base(cfg):
+    if half_frozen_base(cfg, stored_half(model)):
         settle_dtypes(model, computes_in_fp32(cfg))
     trainable, total = count_parameters(model)
     if distributed.is_main():  # every rank holds the same model: one line, not one per rank

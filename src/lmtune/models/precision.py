@@ -8,12 +8,14 @@ trains are fp32. Left out: full fine-tuning (fp32 master weights), freeze (its o
 model, whose frozen layers would be saved rounded), a quantized base (bitsandbytes stores it), and
 FSDP2 (one dtype per sharded unit).
 
-In full precision (no bf16 or fp16), `frozen_dtype: bfloat16` asks for the same storage: each frozen
-linear layer then casts its weight up to fp32 inside its own forward and again in backward, keeping
-only the half-precision weight, so the arithmetic is fp32 on the stored values. A checkpoint whose
-weights are bf16 (most published ones) computes exactly as if loaded in fp32; an fp32 checkpoint is
-rounded to bf16 once, at load. Prefix tuning's keys and values are rounded too: peft hands them to
-the model in its base's dtype. The casts cost a few percent of a step on the CPU (BENCHMARKS.md).
+In full precision (no bf16 or fp16), a checkpoint whose weights are stored in bf16 or fp16 (most
+published ones) keeps them so under frozen_dtype: auto: each frozen linear layer casts its weight up
+to fp32 inside its own forward and again in backward, keeping only the stored weight, so the run
+computes in fp32 on the very values it would have loaded in fp32, at half the weights' memory.
+`frozen_dtype: bfloat16` asks for the same storage of an fp32 checkpoint, rounded to bf16 once, at
+load. Prefix tuning's keys and values are rounded too (peft hands them to the model in its base's
+dtype), so auto leaves prefix tuning's base in fp32. The casts cost a few percent of a step on the
+CPU (BENCHMARKS.md); `frozen_dtype: float32` keeps the base in fp32.
 
 Loading: a checkpoint stored wider than the half precision (an fp32 folder) is loaded as stored,
 which leaves its weights in the memory-mapped file, and each matrix is then converted on its own,
@@ -26,6 +28,7 @@ file and the half copy together: 1.19 GiB at load for the default model's 0.25 G
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import sys
 from pathlib import Path
@@ -40,12 +43,18 @@ from lmtune.errors import ConfigError
 HALF = (torch.bfloat16, torch.float16)
 
 
-def half_frozen_base(cfg: RunConfig) -> bool:
-    """Whether this run stores its frozen base in half precision: frozen_dtype auto under bf16,
-    or bfloat16 asked for."""
+def half_frozen_base(cfg: RunConfig, checkpoint_dtype: torch.dtype | None = None) -> bool:
+    """Whether this run stores its frozen base in half precision: frozen_dtype auto under bf16, or
+    in fp32 compute when the checkpoint stores its weights in half precision (`checkpoint_dtype`,
+    see `checkpoint_half_dtype`: each layer then computes in fp32 on the very values stored, as
+    if they were loaded in fp32), or bfloat16 asked for."""
     from lmtune.distributed import fsdp_settings
 
-    asked = cfg.frozen_dtype == "bfloat16" or (cfg.frozen_dtype == "auto" and cfg.bf16)
+    # Not for prefix tuning, whose keys and values reach the model in its base's dtype (rounded),
+    # nor under DeepSpeed, where (as for frozen_dtype: bfloat16) the fp32-compute path is not built.
+    auto = cfg.bf16 or (computes_in_fp32(cfg) and checkpoint_dtype in HALF
+                        and cfg.finetuning_type != "prefix" and not cfg.deepspeed)
+    asked = cfg.frozen_dtype == "bfloat16" or (cfg.frozen_dtype == "auto" and auto)
     return (asked and cfg.finetuning_type in HALF_BASE_METHODS and cfg.quantization_bit is None
             and not fsdp_settings(cfg))
 
@@ -54,13 +63,36 @@ def computes_in_fp32(cfg: RunConfig) -> bool:
     return not (cfg.bf16 or cfg.fp16 or cfg.pure_bf16)
 
 
-def half_dtype(config) -> torch.dtype:
-    """The half precision to store a frozen base in: the checkpoint's own when it records float16
-    or bfloat16 (no rounding of float16 weights to bf16's shorter mantissa), else bf16."""
+def half_dtype(config, stored: torch.dtype | None = None) -> torch.dtype:
+    """The half precision to store a frozen base in: the one its weights are `stored` in, else the
+    one its config records (no rounding of float16 weights to bf16's shorter mantissa), else
+    bf16."""
     own = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(own, str):
         own = getattr(torch, own, None)
-    return own if own in HALF else torch.bfloat16
+    return stored if stored in HALF else own if own in HALF else torch.bfloat16
+
+
+SAFETENSORS_HALF = {"BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def checkpoint_half_dtype(folder: str | Path) -> torch.dtype | None:
+    """The half precision (bf16 or fp16) in which a checkpoint folder's safetensors store every
+    floating-point weight; None when they store wider or mixed ones, or there are none. Read from
+    the files' headers (what the config says can differ from what is stored)."""
+    from safetensors import safe_open
+
+    codes = set()
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(file, framework="pt") as weights:
+            codes |= {weights.get_slice(name).get_dtype() for name in weights.keys()}
+    floats = {code for code in codes if code.startswith(("F", "BF"))}
+    return SAFETENSORS_HALF.get(floats.pop()) if len(floats) == 1 else None
+
+
+def stored_half(model: torch.nn.Module) -> torch.dtype | None:
+    """The half precision the model's matrices are stored in, if any is."""
+    return next((p.dtype for p in model.parameters() if p.ndim >= 2 and p.dtype in HALF), None)
 
 
 def store_matrices_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -112,8 +144,12 @@ def _release_file_pages(tensor: torch.Tensor, files: list[tuple[int, int]]) -> N
     first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
     last = end // mmap.PAGESIZE * mmap.PAGESIZE
     if last > first:
-        libc = ctypes.CDLL(None)
-        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), ctypes.c_int(MADV_DONTNEED))
+        _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), ctypes.c_int(MADV_DONTNEED))
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None)
 
 
 def _fp32_output(module: torch.nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
@@ -136,12 +172,12 @@ def settle_dtypes(model: torch.nn.Module, fp32_compute: bool) -> None:
     for module in model.modules():
         if type(module) is torch.nn.Linear and module.weight.dtype in HALF:
             module.__class__ = UpcastLinear
+    # Any other half-precision weight (a convolution, an untied module of its own) computes in
+    # fp32 from its stored values, widened once.
     owners = {id(m.weight) for m in model.modules() if isinstance(m, UpcastLinear)} | {id(embedding.weight)}
-    unhandled = [name for name, p in model.named_parameters() if p.dtype in HALF and id(p) not in owners]
-    if unhandled:
-        raise ConfigError(f"frozen_dtype: bfloat16 in fp32 compute handles linear layers and the "
-                          f"input embedding; this model also stores {unhandled[0]} in half precision.",
-                          "use frozen_dtype: float32 for this model, or bf16: true.")
+    for param in model.parameters():
+        if param.dtype in HALF and id(param) not in owners:
+            param.data = param.data.float()
 
 
 class _UpcastMatmul(torch.autograd.Function):

@@ -15,7 +15,7 @@ from lmtune.data.pipeline import prepare_data, training_rows
 from lmtune.data.streaming import RowStream
 from lmtune.models.load import (add_new_tokens, fit_vocab, load_model, load_tokenizer, model_options,
                                 resolve_for, stop_token_ids, trains_vocab)
-from lmtune.models.precision import half_frozen_base
+from lmtune.models.precision import checkpoint_half_dtype, half_frozen_base
 from lmtune.train.checkpoint import prepare_run
 from lmtune.train.trackers import tracker_names
 
@@ -46,7 +46,7 @@ def start_run(cfg: RunConfig) -> RunInputs:
     model_path = resolve_for(cfg)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     added = add_new_tokens(tokenizer, cfg)
-    half = half_frozen_base(cfg)
+    half = half_frozen_base(cfg, None if cfg.train_from_scratch else checkpoint_half_dtype(model_path))
     model = load_model(model_path, cfg.trust_remote_code, **model_options(cfg, training=True),
                        from_scratch=cfg.train_from_scratch, half_precision=half)
     if trains_vocab(cfg):
