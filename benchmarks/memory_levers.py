@@ -21,9 +21,16 @@ alternated over the repeats (medians): without the MLP or the recomputation thro
 patches its module before the command imports the training loop, the other two through their
 settings (TRANSFORMERS_SDPA_FORCE_GQA=0, and mimalloc's default MIMALLOC_ARENA_EAGER_COMMIT=2).
 
-    python benchmarks/memory_levers.py     # writes benchmarks/results/memory_levers.json and its
-                                           # table in BENCHMARKS.md, and the always-on table
-    python benchmarks/memory_levers.py --always-on-only   # the second table alone
+A third table trains the same job on the default model saved in bf16 (as most published checkpoints
+are) in fp32 compute: `frozen_dtype: auto` keeps the frozen base in the checkpoint's bf16, each layer
+casting its weight up as it computes, against `frozen_dtype: float32`, which widens it at load as
+LLaMA-Factory does without bf16; fp32 arithmetic on the same values either way (the losses agree to
+rounding), alternated over the repeats.
+
+    python benchmarks/memory_levers.py     # writes benchmarks/results/memory_levers*.json and
+                                           # their tables in BENCHMARKS.md
+    python benchmarks/memory_levers.py --only always-on   # one table (levers, always-on,
+                                                          # checkpoint-dtype); the others are kept
 """
 
 from __future__ import annotations
@@ -65,15 +72,22 @@ KEPT_OUTPUTS = ("import contextlib, sys; import lmtune.models.recompute as recom
                 "from lmtune.cli import main; sys.exit(main())")
 # (name, what is left out, command prefix, environment)
 ALWAYS_ON = [
-    ("as shipped", "nothing", None, {}),
+    ("as shipped", "nothing", None, {}, []),
     ("without the lighter MLP", "silu's output kept for backward (transformers' forward)",
-     [sys.executable, "-c", PLAIN_MLP], {}),
+     [sys.executable, "-c", PLAIN_MLP], {}, []),
     ("without recomputed norm outputs and product", "norm outputs and silu(gate) * up kept for "
-     "backward", [sys.executable, "-c", KEPT_OUTPUTS], {}),
+     "backward", [sys.executable, "-c", KEPT_OUTPUTS], {}, []),
     ("without unrepeated keys and values", "keys and values repeated to every head for sdpa",
-     None, {"TRANSFORMERS_SDPA_FORCE_GQA": "0"}),
+     None, {"TRANSFORMERS_SDPA_FORCE_GQA": "0"}, []),
     ("without on-use arena commit", "mimalloc's default arena commit",
-     None, {"MIMALLOC_ARENA_EAGER_COMMIT": "2"}),
+     None, {"MIMALLOC_ARENA_EAGER_COMMIT": "2"}, []),
+]
+# A bf16 checkpoint trained in fp32 compute (same entries)
+CHECKPOINT_DTYPE = [
+    ("frozen_dtype: auto", "the frozen base kept in the checkpoint's bf16, each layer computing in "
+     "fp32", None, {}, ["frozen_dtype=auto"]),
+    ("frozen_dtype: float32", "the base widened to fp32 at load (as LLaMA-Factory loads it without "
+     "bf16)", None, {}, ["frozen_dtype=float32"]),
 ]
 
 
@@ -123,14 +137,18 @@ def measure(bench: Bench, steps: int) -> list[dict]:
     return rows
 
 
-def measure_always_on(bench: Bench, steps: int, repeats: int) -> dict:
-    runs: dict[str, list[dict]] = {name: [] for name, *_ in ALWAYS_ON}
+def measure_variants(bench: Bench, steps: int, repeats: int, base: list[str],
+                     variants: list[tuple[str, str, list[str] | None, dict, list[str]]]) -> dict:
+    """Each variant (name, what it differs in, command prefix, environment, overrides) of the
+    quickstart job with `base` overrides, alternated over the repeats; medians, each against the
+    first variant."""
+    runs: dict[str, list[dict]] = {name: [] for name, *_ in variants}
     for repeat in range(repeats):
-        for name, _, prefix, env in ALWAYS_ON:
-            out = bench.scratch / f"always-on-{len(runs[name])}-{repeat}-{name.replace(' ', '-')}"
-            args = [*ALWAYS_ON_BASE, f"output_dir={out}", f"max_steps={steps}", "logging_steps=1000",
-                    "plot_loss=false", "save_steps=100000", "overwrite_output_dir=true",
-                    *bench.model_overrides()]
+        for name, _, prefix, env, overrides in variants:
+            out = bench.scratch / f"variant-{repeat}-{name.replace(' ', '-').replace(':', '')}"
+            args = [*base, *overrides, f"output_dir={out}", f"max_steps={steps}",
+                    "logging_steps=1000", "plot_loss=false", "save_steps=100000",
+                    "overwrite_output_dir=true", *bench.model_overrides()]
             command = (prefix or lmtune()) + ["train", QUICKSTART, *args]
             run = run_child(command, out.with_suffix(".log"), env=env)
             results = json.loads((out / "all_results.json").read_text())
@@ -140,30 +158,42 @@ def measure_always_on(bench: Bench, steps: int, repeats: int) -> dict:
             print(f"{name} #{repeat}: {run.peak_rss_gib:.2f} GiB, "
                   f"{results['train_tokens_per_second']:.1f} tokens/s", flush=True)
     rows = []
-    for name, left_out, *_ in ALWAYS_ON:
+    for name, differs, *_ in variants:
         done = runs[name]
-        rows.append({"variant": name, "left_out": left_out, "repeats": len(done),
+        rows.append({"variant": name, "differs": differs, "repeats": len(done),
                      "tokens_per_second": statistics.median(r["tokens_per_second"] for r in done),
                      "peak_rss_gib": statistics.median(r["peak_rss_gib"] for r in done),
                      "mean_train_loss": done[0]["mean_train_loss"]})
-    shipped = rows[0]
+    first = rows[0]
     for row in rows:
-        row["speed_vs_shipped"] = round(row["tokens_per_second"] / shipped["tokens_per_second"], 3)
-        row["memory_vs_shipped"] = round(row["peak_rss_gib"] / shipped["peak_rss_gib"], 3)
-    return {"steps": steps, "overrides": ALWAYS_ON_BASE, "variants": rows, "runs": runs}
+        row["speed_vs_first"] = round(row["tokens_per_second"] / first["tokens_per_second"], 3)
+        row["memory_vs_first"] = round(row["peak_rss_gib"] / first["peak_rss_gib"], 3)
+    return {"steps": steps, "overrides": base, "variants": rows, "runs": runs}
 
 
-def render_always_on(data: dict) -> str:
-    body = [[r["variant"] if r["variant"] == "as shipped" else f"{r['variant']}: {r['left_out']}",
-             f"{r['tokens_per_second']:,.1f}", f"{r['speed_vs_shipped']:.2f}",
-             f"{r['peak_rss_gib']:.2f}", f"{r['memory_vs_shipped']:.2f}",
+def bf16_checkpoint(bench: Bench) -> str:
+    """The measured model saved in bf16, as most published checkpoints are (rounded once)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lmtune.models.load import resolve_model
+
+    source, folder = resolve_model(bench.model), bench.scratch / "bf16-checkpoint"
+    AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(source).save_pretrained(folder)
+    return str(folder)
+
+
+def render_variants(data: dict, stem: str, setting: str) -> str:
+    body = [[r["variant"] if r["differs"] == "nothing" else f"{r['variant']}: {r['differs']}",
+             f"{r['tokens_per_second']:,.1f}", f"{r['speed_vs_first']:.2f}",
+             f"{r['peak_rss_gib']:.2f}", f"{r['memory_vs_first']:.2f}",
              f"{r['mean_train_loss']:.4f}"] for r in data["variants"]]
-    repeats = data["variants"][0]["repeats"]
-    return (f"`{' '.join(data['overrides'])}`, {data['steps']} steps, median of {repeats} "
-            "alternated runs each:\n\n"
-            + table(["variant", "tokens/s", "x as shipped", "peak RSS GiB", "x as shipped",
-                     "mean train loss"], "lrrrrr", body)
-            + "\n\n" + source_line("memory_levers_always_on") + "\n")
+    first = data["variants"][0]
+    return (f"{setting}, {data['steps']} steps, median of {first['repeats']} alternated runs each:\n\n"
+            + table(["variant", "tokens/s", f"x {first['variant']}", "peak RSS GiB",
+                     f"x {first['variant']}", "mean train loss"], "lrrrrr", body)
+            + "\n\n" + source_line(stem) + "\n")
 
 
 def render(rows: list[dict]) -> str:
@@ -181,25 +211,38 @@ def render(rows: list[dict]) -> str:
             + "\n\n" + source_line("memory_levers") + "\n")
 
 
+TABLES = ("levers", "always-on", "checkpoint-dtype")
+
+
 def main() -> None:
     if sys.argv[1:2] == ["--runtime-child"]:
         runtime_child(sys.argv[2])
         return
     bench = Bench("memory_levers", __doc__,
                   settings={"steps": ("optimizer steps per row", 20, 2),
-                            "repeats": ("alternated runs of each always-on variant", 3, 1)},
+                            "repeats": ("alternated runs of each variant", 3, 1)},
                   configure=lambda parser: parser.add_argument(
-                      "--always-on-only", action="store_true",
-                      help="measure the always-on levers only; the lever table keeps its JSON"))
+                      "--only", default=",".join(TABLES),
+                      help=f"the tables to measure, of {', '.join(TABLES)} (the others keep their JSON)"))
+    steps, repeats = bench.settings["steps"], bench.settings["repeats"]
+    tables = bench.args.only.split(",")
     if not bench.args.render_only:
-        steps = bench.settings["steps"]
-        if not bench.args.always_on_only:
+        if "levers" in tables:
             bench.write_json(measure(bench, steps))
-        bench.write_json(measure_always_on(bench, steps, bench.settings["repeats"]),
-                         "memory_levers_always_on")
+        if "always-on" in tables:
+            bench.write_json(measure_variants(bench, steps, repeats, ALWAYS_ON_BASE, ALWAYS_ON),
+                             "memory_levers_always_on")
+        if "checkpoint-dtype" in tables:
+            base = ["bf16=false", f"model_name_or_path={bf16_checkpoint(bench)}"]
+            bench.write_json(measure_variants(bench, steps, repeats, base, CHECKPOINT_DTYPE),
+                             "memory_levers_checkpoint_dtype")
     bench.rewrite("BENCHMARKS.md", "memory_levers", render(bench.read_json()))
-    bench.rewrite("BENCHMARKS.md", "memory_levers_always_on",
-                  render_always_on(bench.read_json("memory_levers_always_on")))
+    bench.rewrite("BENCHMARKS.md", "memory_levers_always_on", render_variants(
+        bench.read_json("memory_levers_always_on"), "memory_levers_always_on",
+        f"`{' '.join(ALWAYS_ON_BASE)}`"))
+    bench.rewrite("BENCHMARKS.md", "memory_levers_checkpoint_dtype", render_variants(
+        bench.read_json("memory_levers_checkpoint_dtype"), "memory_levers_checkpoint_dtype",
+        "The quickstart job on the default model saved in bf16, `bf16=false`"))
 
 
 if __name__ == "__main__":

@@ -675,8 +675,8 @@ class RunConfig(BaseModel):
         "auto", description="Adapter methods (lora, adalora, ia3, prefix, prompt, ptuning): auto "
         "stores the frozen base in bf16 (or the checkpoint's float16) under bf16, the precision bf16 "
         "computes in anyway, at half the memory; in fp32 compute it keeps a checkpoint stored in "
-        "bf16 or float16 so (each layer casts its weight up as it computes: the numbers of an fp32 "
-        "load of it; prefix tuning excepted) and an fp32 one in fp32; bfloat16 stores the base in "
+        "bf16 or float16 so (each layer casts its weight up as it computes: fp32 arithmetic on the "
+        "values an fp32 load holds; prefix tuning excepted) and an fp32 one in fp32; bfloat16 stores the base in "
         "bf16 in fp32 compute too (an fp32 checkpoint is rounded once); float32 keeps it in full "
         "precision. Trained weights and saved adapters are fp32 either way.")
     gradient_checkpointing: bool = Field(
