@@ -106,13 +106,14 @@ def test_memory_estimate_parts(tiny_model_dir):
     assert adapter["optimizer"] < m["optimizer"] / 10
 
 
-def test_full_precision_keeps_no_norm_output_or_mlp_product(tiny_model_dir):
-    # models/recompute.py: in fp32 compute (one process or DDP) the two norms' outputs and the
-    # silu MLP's product are made again in backward; FSDP2 keeps them
+@pytest.mark.parametrize("precision,width", [({}, 4), ({"bf16": True}, 2)])
+def test_no_norm_output_or_mlp_product_is_kept_but_under_fsdp(tiny_model_dir, precision, width):
+    # models/recompute.py: in one process or DDP the two norms' outputs and the silu MLP's product
+    # are made again in backward; FSDP2 keeps them
     gib, tokens = 2**30, 200_000
 
     def per_token_layer(keys: dict) -> float:
-        cfg = build_config({"finetuning_type": "full"} | keys)
+        cfg = build_config({"finetuning_type": "full"} | precision | keys)
         model = apply_method(meta_model(tiny_model_dir, cfg), cfg)
         grown = memory_estimate(model, cfg, tokens, 0)["activations"] - \
             memory_estimate(model, cfg, 0, 0)["activations"]
@@ -120,7 +121,7 @@ def test_full_precision_keeps_no_norm_output_or_mlp_product(tiny_model_dir):
 
     config = AutoConfig.from_pretrained(tiny_model_dir)
     kept = per_token_layer({"fsdp": "full_shard"}) - per_token_layer({})
-    assert kept == pytest.approx(4 * (2 * config.hidden_size + config.intermediate_size), rel=0.02)
+    assert kept == pytest.approx(width * (2 * config.hidden_size + config.intermediate_size), rel=0.02)
 
 
 def test_activations_are_kept_from_the_lowest_trained_layer_up(tiny_model_dir):

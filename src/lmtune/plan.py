@@ -147,13 +147,12 @@ def memory_estimate(model: torch.nn.Module, cfg: RunConfig, micro_batch_tokens: 
     heads = c.num_attention_heads
     kv = getattr(c, "num_key_value_heads", heads) * getattr(c, "head_dim", h // heads)
     # a Llama-style silu MLP keeps its gate's and up projection's outputs and the product; others
-    # their activation's output too (models/gated_mlp.py). Without autocast (fp32, pure_bf16), where
-    # the linear layers keep their inputs uncast, the product and the norms' outputs are made again
-    # in backward instead (models/recompute.py), but under FSDP2 and DeepSpeed.
+    # their activation's output too (models/gated_mlp.py). The product and the norms' outputs (or
+    # autocast's copies of them) are made again in backward instead (models/recompute.py), but
+    # under FSDP2 and DeepSpeed.
     silu_gated = any(is_silu_gated_mlp(m) for m in model.modules())
     mlp_kept, norm_outputs = (3 if silu_gated else 4), 2
-    if cfg.mixed_precision == "no" and not (distributed.fsdp_settings(cfg)
-                                            or distributed.deepspeed_settings(cfg)):
+    if not (distributed.fsdp_settings(cfg) or distributed.deepspeed_settings(cfg)):
         mlp_kept, norm_outputs = mlp_kept - silu_gated, 0
     per_token_layer = 8 * h + width * ((8 + norm_outputs) * h + 4 * kv + mlp_kept * i)
     kept = layers_in_backward(model, c.num_hidden_layers)

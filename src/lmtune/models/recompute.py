@@ -1,9 +1,9 @@
 """Outputs of cheap elementwise layers computed again in backward instead of kept.
 
-In a decoder block trained without autocast (fp32, or pure_bf16), autograd keeps, per token, the output of both norms
-(each is the input of the adapters or weights of the linear layers after it, needed for their
-gradients) and the MLP's silu(gate) * up (the input of its down projection), beside the norms'
-inputs and the MLP's gate and up, which it keeps anyway. Each of the three is one cheap elementwise
+In a decoder block, autograd keeps, per token, the output of both norms (each is the input of the
+adapters or weights of the linear layers after it, needed for their gradients) and the MLP's
+silu(gate) * up (the input of its down projection), beside the norms' inputs and the MLP's gate
+and up, which it keeps anyway. Each of the three is one cheap elementwise
 pass away from what is kept, so here it is not kept: a layer that produced one tags it with how to
 make it again, and while a loss runs `recomputing_cheap_outputs()` stores the recipe in its place
 (autograd's saved-tensor hooks). Backward makes it once, from the same inputs with the same kernels
@@ -12,19 +12,25 @@ last of them. About a third of what a decoder layer of the default model keeps p
 compute, for one more norm and one more silu-and-product per layer in backward
 (benchmarks/memory_levers.py measures the run without it).
 
-Where a tensor is saved cast to another dtype (bf16 autocast casts a linear layer's input), what is
-kept is the cast copy, not the tagged output, and nothing changes. Under FSDP2 or DeepSpeed the
-norms' weights are gathered for the forward only, so the engine leaves this off there.
+Under autocast a linear layer keeps the bf16 copy autocast makes of its input (one per layer that
+reads a norm's output: q, k and v, gate and up), not the tagged output; such a copy is recognised by
+its autograd node (a copy of the tagged output's node) and stored as the recipe plus the cast, made
+again once per dtype in backward. Under FSDP2 or DeepSpeed the norms' weights are gathered for the
+forward only, so the engine leaves this off there.
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator
 
 import torch
 
 _RECIPE = "_lmtune_recipe"
+# While a loss runs: the autograd node of each tagged output -> (that node, its recipe), to know
+# autocast's copies of it (the node is held so that its id stays its own until the forward ends).
+_made_by: list[dict[int, tuple[object, "Recipe"]]] = []
 
 
 class Recipe:
@@ -35,13 +41,24 @@ class Recipe:
                  made: torch.Tensor):
         self.make, self.inputs = make, inputs
         self.versions = [t._version for t in inputs]
-        self.made_version = made._version
+        self.made, self.made_version = weakref.ref(made), made._version
         self.layout = (made.shape, made.stride(), made.dtype)
         device = made.device.type
         self.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         self.value: torch.Tensor | None = None
+        self.casts: dict[torch.dtype, torch.Tensor] = {}
 
-    def tensor(self) -> torch.Tensor:
+    def unchanged(self) -> bool:
+        """Whether the tensor it made is alive and as made (not changed in place since)."""
+        made = self.made()
+        return made is not None and made._version == self.made_version
+
+    def tensor(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor made again, or its copy in `dtype` (as autocast made it: `.to(dtype)`)."""
+        if dtype is not None and dtype != self.layout[2]:
+            if dtype not in self.casts:
+                self.casts[dtype] = self.tensor().to(dtype)
+            return self.casts[dtype]
         if self.value is None:
             if [t._version for t in self.inputs] != self.versions:
                 raise RuntimeError("an input of a recomputed activation was modified in place after "
@@ -59,30 +76,49 @@ def tag(output: torch.Tensor, make: Callable[..., torch.Tensor], *inputs: torch.
     """Mark `output` as `make(*inputs)`, to be made again in backward rather than kept. Only when
     autograd records (no graph, nothing is saved) and `output` starts its own storage."""
     if torch.is_grad_enabled() and output.storage_offset() == 0 and output.is_contiguous():
-        setattr(output, _RECIPE, Recipe(make, inputs, output))
+        recipe = Recipe(make, inputs, output)
+        setattr(output, _RECIPE, recipe)
+        if _made_by and output.grad_fn is not None:
+            _made_by[-1][id(output.grad_fn)] = (output.grad_fn, recipe)
 
 
 class _Saved:
-    """A tagged tensor, or a view of one, as a recipe and the view's geometry."""
+    """A tagged tensor, or a copy of one in another dtype, or a view of either: a recipe, the
+    dtype and the view's geometry."""
 
-    __slots__ = ("recipe", "size", "stride", "offset")
+    __slots__ = ("recipe", "dtype", "size", "stride", "offset")
 
-    def __init__(self, recipe: Recipe, view: torch.Tensor):
-        self.recipe, self.size, self.stride = recipe, view.shape, view.stride()
+    def __init__(self, recipe: Recipe, dtype: torch.dtype, view: torch.Tensor):
+        self.recipe, self.dtype, self.size, self.stride = recipe, dtype, view.shape, view.stride()
         self.offset = view.storage_offset()
 
     def tensor(self) -> torch.Tensor:
-        return self.recipe.tensor().as_strided(self.size, self.stride, self.offset)
+        return self.recipe.tensor(self.dtype).as_strided(self.size, self.stride, self.offset)
+
+
+def _copied_from(copy: torch.Tensor) -> Recipe | None:
+    """The recipe of the tagged output `copy` is a dtype copy of (autocast's cast), if it is one."""
+    node = copy.grad_fn
+    if node is None or not _made_by or node.name() != "ToCopyBackward0":
+        return None
+    source = node.next_functions[0][0]
+    entry = _made_by[-1].get(id(source))
+    if entry is None or entry[0] is not source:
+        return None
+    recipe, made = entry[1], entry[1].made()
+    shape, stride, _ = recipe.layout
+    same_layout = copy.shape == shape and copy.stride() == stride and copy.storage_offset() == 0
+    return recipe if made is not None and same_layout and copy.device == made.device else None
 
 
 def _pack(saved: torch.Tensor):
     # A linear layer keeps its input flattened to 2-D: a view, whose base carries the tag.
     base = saved if saved._base is None else saved._base
-    recipe = getattr(base, _RECIPE, None)
+    recipe = getattr(base, _RECIPE, None) or _copied_from(base)
     # Changed in place since it was made, it no longer is what the recipe makes.
-    if recipe is None or saved.dtype != base.dtype or base._version != recipe.made_version:
+    if recipe is None or saved.dtype != base.dtype or not recipe.unchanged():
         return saved
-    return _Saved(recipe, saved)
+    return _Saved(recipe, base.dtype, saved)
 
 
 def _unpack(packed):
@@ -91,9 +127,14 @@ def _unpack(packed):
 
 @contextlib.contextmanager
 def recomputing_cheap_outputs() -> Iterator[None]:
-    """While this is active, tagged outputs are saved for backward as their recipes."""
-    with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
-        yield
+    """While this is active, tagged outputs (and autocast's copies of them) are saved for backward
+    as their recipes."""
+    _made_by.append({})
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+            yield
+    finally:
+        _made_by.pop()
 
 
 def _norm(module: torch.nn.Module) -> bool:
