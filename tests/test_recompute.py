@@ -90,6 +90,21 @@ def test_an_input_changed_in_place_is_refused():
         out.sum().backward()
 
 
+def test_what_a_forward_notes_keeps_no_input_alive():
+    """In a checkpointed layer nothing keeps a norm's input once the layer is done with it; noting
+    the tagged outputs for the forward must not keep it either."""
+    import weakref
+
+    x = torch.randn(4, 8, requires_grad=True)
+    with recomputing_cheap_outputs():
+        inner = x * 2
+        doubled = inner * 3
+        tag(doubled, lambda t: t * 3, inner)
+        gone = weakref.ref(inner)
+        del inner, doubled
+        assert gone() is None
+
+
 def test_an_output_changed_in_place_before_it_is_saved_is_kept_as_it_is():
     x = torch.randn(4, 8, requires_grad=True)
     w = torch.randn(8, 8, requires_grad=True)

@@ -29,8 +29,9 @@ import torch
 
 _RECIPE = "_lmtune_recipe"
 # While a loss runs: the autograd node of each tagged output -> (that node, its recipe), to know
-# autocast's copies of it (the node is held so that its id stays its own until the forward ends).
-_made_by: list[dict[int, tuple[object, "Recipe"]]] = []
+# autocast's copies of it. The node is held so that its id stays its own until the forward ends; the
+# recipe only weakly, as it holds its inputs: in a checkpointed layer nothing else keeps them.
+_made_by: list[dict[int, tuple[object, weakref.ref]]] = []
 
 
 class Recipe:
@@ -79,7 +80,7 @@ def tag(output: torch.Tensor, make: Callable[..., torch.Tensor], *inputs: torch.
         recipe = Recipe(make, inputs, output)
         setattr(output, _RECIPE, recipe)
         if _made_by and output.grad_fn is not None:
-            _made_by[-1][id(output.grad_fn)] = (output.grad_fn, recipe)
+            _made_by[-1][id(output.grad_fn)] = (output.grad_fn, weakref.ref(recipe))
 
 
 class _Saved:
@@ -105,10 +106,13 @@ def _copied_from(copy: torch.Tensor) -> Recipe | None:
     entry = _made_by[-1].get(id(source))
     if entry is None or entry[0] is not source:
         return None
-    recipe, made = entry[1], entry[1].made()
+    recipe = entry[1]()
+    made = recipe.made() if recipe is not None else None
+    if made is None:
+        return None
     shape, stride, _ = recipe.layout
     same_layout = copy.shape == shape and copy.stride() == stride and copy.storage_offset() == 0
-    return recipe if made is not None and same_layout and copy.device == made.device else None
+    return recipe if same_layout and copy.device == made.device else None
 
 
 def _pack(saved: torch.Tensor):
