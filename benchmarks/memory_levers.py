@@ -20,8 +20,11 @@ table takes the fp32-compute row with the bf16 frozen base (the configuration th
 alternated over the repeats (medians): without the MLP or the recomputation through a child that
 patches its module before the command imports the training loop, the other two through their
 settings (TRANSFORMERS_SDPA_FORCE_GQA=0, and mimalloc's default MIMALLOC_ARENA_EAGER_COMMIT=2).
+A third table does the same on the quickstart as shipped (bf16 autocast) for the levers that act
+there: the recomputation (of autocast's bf16 copies of the norms' outputs, and of the product) and
+plain LoRA layers taking a bf16 input as it is (models/lora_inputs.py).
 
-A third table trains the same job on the default model saved in bf16 (as most published checkpoints
+A fourth table trains the same job on the default model saved in bf16 (as most published checkpoints
 are) in fp32 compute: `frozen_dtype: auto` keeps the frozen base in the checkpoint's bf16, each layer
 casting its weight up as it computes, against `frozen_dtype: float32`, which widens it at load as
 LLaMA-Factory does without bf16; fp32 arithmetic on the same values either way (the losses agree to
@@ -30,7 +33,7 @@ rounding), alternated over the repeats.
     python benchmarks/memory_levers.py     # writes benchmarks/results/memory_levers*.json and
                                            # their tables in BENCHMARKS.md
     python benchmarks/memory_levers.py --only always-on   # one table (levers, always-on,
-                                                          # checkpoint-dtype); the others are kept
+                        # always-on-autocast, checkpoint-dtype); the others keep their JSON
 """
 
 from __future__ import annotations
@@ -81,6 +84,18 @@ ALWAYS_ON = [
      None, {"TRANSFORMERS_SDPA_FORCE_GQA": "0"}, []),
     ("without on-use arena commit", "mimalloc's default arena commit",
      None, {"MIMALLOC_ARENA_EAGER_COMMIT": "2"}, []),
+]
+# The training command with peft's own LoRA input handling (the as-is inputs left out the same way).
+WIDENED_INPUTS = ("import sys; import lmtune.models.lora_inputs as inputs; "
+                  "inputs.pass_half_inputs_as_they_are = lambda model: 0; "
+                  "from lmtune.cli import main; sys.exit(main())")
+# The quickstart as shipped (bf16 autocast): the levers that act there (same entries)
+ALWAYS_ON_AUTOCAST = [
+    ("as shipped", "nothing", None, {}, []),
+    ("without recomputed norm outputs and product", "autocast's copies of the norm outputs and "
+     "silu(gate) * up kept for backward", [sys.executable, "-c", KEPT_OUTPUTS], {}, []),
+    ("without LoRA inputs as they are", "peft widens a bf16 input to fp32 and autocast narrows "
+     "it again, a copy kept", [sys.executable, "-c", WIDENED_INPUTS], {}, []),
 ]
 # A bf16 checkpoint trained in fp32 compute (same entries)
 CHECKPOINT_DTYPE = [
@@ -211,7 +226,7 @@ def render(rows: list[dict]) -> str:
             + "\n\n" + source_line("memory_levers") + "\n")
 
 
-TABLES = ("levers", "always-on", "checkpoint-dtype")
+TABLES = ("levers", "always-on", "always-on-autocast", "checkpoint-dtype")
 
 
 def main() -> None:
@@ -232,6 +247,9 @@ def main() -> None:
         if "always-on" in tables:
             bench.write_json(measure_variants(bench, steps, repeats, ALWAYS_ON_BASE, ALWAYS_ON),
                              "memory_levers_always_on")
+        if "always-on-autocast" in tables:
+            bench.write_json(measure_variants(bench, steps, repeats, [], ALWAYS_ON_AUTOCAST),
+                             "memory_levers_always_on_autocast")
         if "checkpoint-dtype" in tables:
             base = ["bf16=false", f"model_name_or_path={bf16_checkpoint(bench)}"]
             bench.write_json(measure_variants(bench, steps, repeats, base, CHECKPOINT_DTYPE),
@@ -240,6 +258,9 @@ def main() -> None:
     bench.rewrite("BENCHMARKS.md", "memory_levers_always_on", render_variants(
         bench.read_json("memory_levers_always_on"), "memory_levers_always_on",
         f"`{' '.join(ALWAYS_ON_BASE)}`"))
+    bench.rewrite("BENCHMARKS.md", "memory_levers_always_on_autocast", render_variants(
+        bench.read_json("memory_levers_always_on_autocast"), "memory_levers_always_on_autocast",
+        "The quickstart as shipped (bf16 autocast)"))
     bench.rewrite("BENCHMARKS.md", "memory_levers_checkpoint_dtype", render_variants(
         bench.read_json("memory_levers_checkpoint_dtype"), "memory_levers_checkpoint_dtype",
         "The quickstart job on the default model saved in bf16, `bf16=false`"))
