@@ -52,6 +52,23 @@ def tiny_model_dir(default_model_dir, tokenizer, tmp_path_factory) -> str:
     return str(folder)
 
 
+def method_model(model_dir: str, method: str = "lora", **keys) -> torch.nn.Module:
+    """The model at `model_dir` in fp32 with `method` applied (LoRA: rank 4 on every linear layer),
+    seeded; LoRA's B matrices random instead of zero, so that A gets a gradient too."""
+    from lmtune.config import RunConfig
+    from lmtune.models.methods import apply_method
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    torch.manual_seed(1)
+    model = apply_method(model, RunConfig(model_name_or_path=model_dir, finetuning_type=method,
+                                          lora_rank=4, lora_target="all", **keys))
+    torch.manual_seed(2)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    return model
+
+
 def write_json(path: Path, data) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1))

@@ -7,9 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lmtune.config import RunConfig
 from lmtune.models.gated_mlp import SiluTimesUp, is_silu_gated_mlp, keep_less_in_gated_mlps
-from lmtune.models.methods import apply_method
+from tests.conftest import method_model
 
 
 def test_silu_times_up_matches_autograd_bit_for_bit():
@@ -39,22 +38,10 @@ def saved_bytes(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple
     return loss, sum(sizes.values())
 
 
-def lora_model(model_dir: str) -> torch.nn.Module:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    torch.manual_seed(1)
-    model = apply_method(model, RunConfig(model_name_or_path=model_dir, finetuning_type="lora",
-                                          lora_rank=4, lora_target="all"))
-    torch.manual_seed(2)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.05)
-    return model
-
-
 def test_a_lora_model_trains_the_same_numbers_and_keeps_less(tiny_model_dir):
     ids = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(3))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    plain, fused = lora_model(tiny_model_dir), lora_model(tiny_model_dir)
+    plain, fused = method_model(tiny_model_dir), method_model(tiny_model_dir)
     assert keep_less_in_gated_mlps(fused) == plain.config.num_hidden_layers
     results = []
     for model in (plain, fused):

@@ -5,29 +5,15 @@ own handling."""
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM
 
-from lmtune.config import RunConfig
 from lmtune.models.lora_inputs import pass_half_inputs_as_they_are, takes_input_as_is
-from lmtune.models.methods import apply_method
-
-
-def lora(model_dir: str, **keys) -> torch.nn.Module:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    torch.manual_seed(1)
-    model = apply_method(model, RunConfig(model_name_or_path=model_dir, finetuning_type="lora",
-                                          lora_rank=4, lora_target="all", **keys))
-    torch.manual_seed(2)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.05)
-    return model
+from tests.conftest import method_model
 
 
 def test_the_same_numbers_with_fewer_copies(tiny_model_dir):
     ids = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(5))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    plain, lean = lora(tiny_model_dir), lora(tiny_model_dir)
+    plain, lean = method_model(tiny_model_dir), method_model(tiny_model_dir)
     assert pass_half_inputs_as_they_are(lean) == 7 * plain.config.num_hidden_layers
     results = []
     for model in (plain, lean):
@@ -52,6 +38,7 @@ def test_the_same_numbers_with_fewer_copies(tiny_model_dir):
 
 
 def test_layers_whose_input_is_changed_first_keep_peft_handling(tiny_model_dir):
-    dropout, dora = lora(tiny_model_dir, lora_dropout=0.1), lora(tiny_model_dir, use_dora=True)
+    dropout, dora = (method_model(tiny_model_dir, lora_dropout=0.1),
+                     method_model(tiny_model_dir, use_dora=True))
     assert pass_half_inputs_as_they_are(dropout) == 0 and pass_half_inputs_as_they_are(dora) == 0
     assert not takes_input_as_is(torch.nn.Linear(2, 2))

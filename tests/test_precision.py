@@ -72,6 +72,24 @@ def test_bf16_stored_base_keeps_the_loss_and_gradients(tiny_model_dir, method):
         assert (half_grads[name] - grad).norm() <= 0.03 * grad.norm(), name
 
 
+def assert_fp32_arithmetic_on_the_same_values(reference: torch.nn.Module, half: torch.nn.Module):
+    """The fp32 run and the half-stored one give the same loss and gradients: fp32 arithmetic on the
+    same values, only the order of the sums inside a matmul may differ."""
+    # peft initialises an adapter in its base's dtype before upcasting it: start both from the same
+    trained = dict(reference.named_parameters())
+    with torch.no_grad():
+        for name, param in half.named_parameters():
+            if param.requires_grad:
+                param.copy_(trained[name])
+    data = batch()
+    loss, grads = loss_and_grads(reference, data, autocast=False)
+    half_loss, half_grads = loss_and_grads(half, data, autocast=False)
+    assert half_loss == pytest.approx(loss, rel=1e-6)
+    for name, grad in grads.items():
+        assert half_grads[name].dtype == torch.float32
+        assert (half_grads[name] - grad).norm() <= 1e-5 * grad.norm(), name
+
+
 @pytest.fixture(scope="module")
 def bf16_valued_model_dir(tiny_model_dir, tmp_path_factory) -> str:
     """The tiny model with every weight rounded to bf16, saved in fp32: a bf16 checkpoint's values."""
@@ -89,20 +107,7 @@ def test_bf16_stored_base_in_fp32_compute_is_exact_on_bf16_weights(bf16_valued_m
     reference = build(bf16_valued_model_dir, method, "float32", bf16=False)
     half = build(bf16_valued_model_dir, method, "bfloat16", bf16=False)
     assert {p.dtype for p in half.parameters() if not p.requires_grad and p.ndim >= 2} == {torch.bfloat16}
-    # peft initialises an adapter in its base's dtype before upcasting it: start both from the same
-    trained = dict(reference.named_parameters())
-    with torch.no_grad():
-        for name, param in half.named_parameters():
-            if param.requires_grad:
-                param.copy_(trained[name])
-    data = batch()
-    loss, grads = loss_and_grads(reference, data, autocast=False)
-    half_loss, half_grads = loss_and_grads(half, data, autocast=False)
-    assert half_loss == pytest.approx(loss, rel=1e-6)
-    for name, grad in grads.items():
-        assert half_grads[name].dtype == torch.float32
-        # fp32 arithmetic on the same values; only the order of the sums inside a matmul differs
-        assert (half_grads[name] - grad).norm() <= 1e-5 * grad.norm(), name
+    assert_fp32_arithmetic_on_the_same_values(reference, half)
 
 
 @pytest.mark.parametrize("method", ["lora", "prefix"])
@@ -182,18 +187,7 @@ def test_a_bf16_checkpoint_in_fp32_compute_is_stored_as_it_is_with_the_same_numb
     kept = build(bf16_checkpoint_dir, method, "auto", bf16=False)
     assert all(p.dtype == torch.float32 for p in reference.parameters())
     assert {p.dtype for p in kept.parameters() if not p.requires_grad and p.ndim >= 2} == {torch.bfloat16}
-    trained = dict(reference.named_parameters())
-    with torch.no_grad():  # peft initialises an adapter in its base's dtype: start both the same
-        for name, param in kept.named_parameters():
-            if param.requires_grad:
-                param.copy_(trained[name])
-    data = batch()
-    loss, grads = loss_and_grads(reference, data, autocast=False)
-    kept_loss, kept_grads = loss_and_grads(kept, data, autocast=False)
-    assert kept_loss == pytest.approx(loss, rel=1e-6)
-    for name, grad in grads.items():
-        assert kept_grads[name].dtype == torch.float32
-        assert (kept_grads[name] - grad).norm() <= 1e-5 * grad.norm(), name
+    assert_fp32_arithmetic_on_the_same_values(reference, kept)
 
 
 def test_a_run_and_its_plan_keep_a_bf16_checkpoint_in_bf16(bf16_checkpoint_dir, tmp_path, train_config):

@@ -7,14 +7,12 @@ import contextlib
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
-from lmtune.config import RunConfig
 from lmtune.models import recompute
 from lmtune.models.gated_mlp import keep_less_in_gated_mlps
 from lmtune.models.lora_inputs import pass_half_inputs_as_they_are
-from lmtune.models.methods import apply_method
 from lmtune.models.recompute import recomputing_cheap_outputs, tag, tag_norm_outputs
+from tests.conftest import method_model
 
 
 def kept_and_recipes(model: torch.nn.Module, batch: dict, recomputing: bool):
@@ -38,14 +36,7 @@ def kept_and_recipes(model: torch.nn.Module, batch: dict, recomputing: bool):
 
 
 def build(model_dir: str, method: str) -> torch.nn.Module:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    torch.manual_seed(1)
-    model = apply_method(model, RunConfig(model_name_or_path=model_dir, finetuning_type=method,
-                                          lora_rank=4, lora_target="all"))
-    torch.manual_seed(2)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.05)
+    model = method_model(model_dir, method)
     keep_less_in_gated_mlps(model)
     return model
 
