@@ -79,13 +79,17 @@ SAFETENSORS_HALF = {"BF16": torch.bfloat16, "F16": torch.float16}
 def checkpoint_half_dtype(folder: str | Path) -> torch.dtype | None:
     """The half precision (bf16 or fp16) in which a checkpoint folder's safetensors store every
     floating-point weight; None when they store wider or mixed ones, or there are none. Read from
-    the files' headers (what the config says can differ from what is stored)."""
-    from safetensors import safe_open
+    the files' headers (what the config says can differ from what is stored). A damaged file
+    counts as none: loading it reports it, with its name."""
+    from safetensors import SafetensorError, safe_open
 
     codes = set()
     for file in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(file, framework="pt") as weights:
-            codes |= {weights.get_slice(name).get_dtype() for name in weights.keys()}
+        try:
+            with safe_open(file, framework="pt") as weights:
+                codes |= {weights.get_slice(name).get_dtype() for name in weights.keys()}
+        except (SafetensorError, OSError):
+            return None
     floats = {code for code in codes if code.startswith(("F", "BF"))}
     return SAFETENSORS_HALF.get(floats.pop()) if len(floats) == 1 else None
 
