@@ -52,6 +52,7 @@ from lmtune.errors import ConfigError, RunInterrupted, TrainingError
 from lmtune.models.gated_mlp import keep_less_in_gated_mlps
 from lmtune.models.lora_inputs import pass_half_inputs_as_they_are
 from lmtune.models.recompute import recomputing_cheap_outputs, tag_norm_outputs
+from lmtune.models.shared_mask import share_attention_masks
 from lmtune.models.load import grouped_kv_on_cpu
 from lmtune.models.methods import (TrainingHooks, check_untouched_4bit, count_parameters,
                                    evaluation, training_hooks)
@@ -580,6 +581,7 @@ def prepare_trainer(cfg: RunConfig, model: torch.nn.Module, tokenizer: PreTraine
     check_untouched_4bit(model)
     keep_less_in_gated_mlps(model)
     pass_half_inputs_as_they_are(model)
+    share_attention_masks(model)
     hooks = training_hooks(getattr(model, "lm", model), optimizer_steps, output_dir)
     if cfg.gradient_checkpointing or (engine == "fsdp2"
                                       and dist.fsdp_settings(cfg)["activation_checkpointing"]):
