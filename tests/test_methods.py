@@ -431,6 +431,30 @@ def test_the_quantized_reload_keeps_the_attention_the_first_load_chose(tiny_mode
     assert capsys.readouterr().out.count("attention: sdpa for packed rows") == 1
 
 
+def test_qlora_frees_the_full_precision_base_it_replaced(train_config, tmp_path, monkeypatch):
+    import weakref
+
+    import lmtune.train.setup as setup
+
+    loaded, alive_in_training = [], []
+    real_load, real_fit = setup.load_model, sft.fit
+
+    def load_and_note(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        loaded.append(weakref.ref(model))
+        return model
+
+    def fit_and_look(*args, **kwargs):
+        alive_in_training.append(loaded[0]() is not None)
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(setup, "load_model", load_and_note)
+    monkeypatch.setattr(sft, "fit", fit_and_look)
+    config = train_config | {"quantization_bit": 4, "max_steps": 1}
+    assert main(["train", str(write_yaml(tmp_path / "q.yaml", config))]) == 0
+    assert alive_in_training == [False]
+
+
 # --- keys of other methods ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("keys, words", [

@@ -65,7 +65,7 @@ def dpo_objective(cfg: RunConfig) -> Objective:
 
 def run(cfg: RunConfig) -> dict[str, Any]:
     inputs = start_run(cfg)
-    model = apply_method(inputs.model, cfg)
+    model = apply_method(inputs.take_model(), cfg)
     pad_id = inputs.tokenizer.pad_token_id
     if cfg.pref_loss in REFERENCE_FREE:
         train = score_pairs(inputs.train_rows, None, cfg, pad_id, "train")

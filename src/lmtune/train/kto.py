@@ -97,7 +97,7 @@ def kto_objective(cfg: RunConfig) -> Objective:
 
 def run(cfg: RunConfig) -> dict[str, Any]:
     inputs = start_run(cfg)
-    model = apply_method(inputs.model, cfg)
+    model = apply_method(inputs.take_model(), cfg)
     pad_id = inputs.tokenizer.pad_token_id
     with reference_of(cfg, model, inputs.tokenizer) as reference:
         train = score_answers(inputs.train_rows, reference, cfg, pad_id, "train")

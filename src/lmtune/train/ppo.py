@@ -336,10 +336,12 @@ def train_on_rollouts(trainer: Trainer, rollouts: list[Rollout], iteration: int,
 def run(cfg: RunConfig) -> dict[str, Any]:
     inputs = start_run(cfg)
     tokenizer, output_dir = inputs.tokenizer, inputs.output_dir
-    stop_ids = stop_token_ids(tokenizer, inputs.model)
+    base = inputs.take_model()
+    stop_ids = stop_token_ids(tokenizer, base)
     prompts = [prompt_of(r) for r in inputs.train_rows]
     val_prompts = [prompt_of(r) for r in inputs.val_rows]
-    model = ScalarHeadModel(apply_method(inputs.model, cfg), init_std=0.0, head_file=VALUE_HEAD_FILE)
+    model = ScalarHeadModel(apply_method(base, cfg), init_std=0.0, head_file=VALUE_HEAD_FILE)
+    del base  # a QLoRA base reloaded quantized: the full-precision one goes
     if not cfg.do_train:
         print("do_train is false: data, model and method checked; nothing trained.")
         return {}

@@ -20,7 +20,7 @@ from lmtune.train.sft import token_objective
 
 def run(cfg: RunConfig) -> dict[str, Any]:
     inputs = start_run(cfg)
-    model = apply_method(inputs.model, cfg)
+    model = apply_method(inputs.take_model(), cfg)
     return fit(cfg, model, inputs.tokenizer, inputs.train_rows, inputs.val_rows,
                replace(token_objective(cfg), perplexity=True),
                inputs.output_dir, inputs.resume_dir, extra_results=inputs.row_counts(),

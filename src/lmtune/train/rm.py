@@ -62,7 +62,7 @@ def freeze_output_head(lm: torch.nn.Module) -> None:
 
 def run(cfg: RunConfig) -> dict[str, Any]:
     inputs = start_run(cfg)
-    lm = apply_method(inputs.model, cfg)
+    lm = apply_method(inputs.take_model(), cfg)
     freeze_output_head(lm)
     model = ScalarHeadModel(lm)
     train = (inputs.train_rows.map(ScoredPair) if isinstance(inputs.train_rows, RowStream)

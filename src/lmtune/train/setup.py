@@ -25,10 +25,17 @@ class RunInputs:
     output_dir: Path
     resume_dir: Path | None  # the checkpoint to continue from, if resuming
     tokenizer: PreTrainedTokenizerBase
-    model: PreTrainedModel  # as loaded (frozen_dtype: maybe half precision); the stage applies the method
+    model: PreTrainedModel | None  # as loaded (frozen_dtype: maybe half precision); see take_model
     train_rows: list[Any] | RowStream
     val_rows: list[Any]
     val_groups: list[tuple[str, int]]  # eval_on_each_dataset: (name, rows) in val_rows' order
+
+    def take_model(self) -> PreTrainedModel:
+        """The loaded model, handed to the stage, which applies the method: no reference stays
+        here, so a base the method replaces (QLoRA reloads it quantized) is freed at once instead
+        of being held, in full precision, for the whole run."""
+        model, self.model = self.model, None
+        return model
 
     def row_counts(self) -> dict[str, int]:
         if isinstance(self.train_rows, RowStream):  # not known up front; train_tokens still counts

@@ -74,7 +74,7 @@ def sft_objective(cfg: RunConfig, model: torch.nn.Module) -> Objective:
 
 def run(cfg: RunConfig) -> dict[str, Any]:
     inputs = start_run(cfg)
-    model = apply_method(inputs.model, cfg)
+    model = apply_method(inputs.take_model(), cfg)
     results = fit(cfg, model, inputs.tokenizer, inputs.train_rows, inputs.val_rows,
                   sft_objective(cfg, model), inputs.output_dir, inputs.resume_dir,
                   extra_results=inputs.row_counts(),
