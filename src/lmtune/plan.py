@@ -110,8 +110,36 @@ def layers_in_backward(model: torch.nn.Module, n_layers: int) -> int:
     return n_layers - lowest
 
 
+def kept_per_token_and_layer(model: torch.nn.Module, cfg: RunConfig) -> float:
+    """Bytes autograd keeps for backward per token in a decoder layer that trains, for a
+    Llama-style block (tests/test_plan.py counts them on a real forward): each norm's input in the
+    residual stream's dtype and its reciprocal root mean square (fp32); in the compute dtype the
+    attention's query, keys and values and its output (o_proj's input), the MLP's gate and up
+    outputs (a silu MLP; other MLPs their activation's output and the product too) and each LoRA
+    A's output; a norm whose weight trains keeps its normalised input (fp32); the log-sum-exp of
+    each head (fp32). The norms' outputs and the silu MLP's product are made again in backward
+    (models/recompute.py) but under FSDP2 and DeepSpeed, which keep them."""
+    c = model.config
+    width = 2 if cfg.bf16 or cfg.fp16 or cfg.pure_bf16 else 4
+    residual = 2 if cfg.pure_bf16 else 4
+    h, i = c.hidden_size, getattr(c, "intermediate_size", 4 * c.hidden_size)
+    heads = c.num_attention_heads
+    kv = getattr(c, "num_key_value_heads", heads) * getattr(c, "head_dim", h // heads)
+    silu_gated = any(is_silu_gated_mlp(m) for m in model.modules())
+    kept = 2 * (h * residual + 4) + width * (2 * h + 2 * kv + (2 if silu_gated else 4) * i) + 4 * heads
+    if distributed.fsdp_settings(cfg) or distributed.deepspeed_settings(cfg):
+        kept += width * (2 * h + (i if silu_gated else 0))
+    layers = max(c.num_hidden_layers, 1)
+    if any(p.requires_grad for n, p in model.named_parameters()
+           if "norm" in n and _LAYER_INDEX.search(n)):
+        kept += 2 * h * 4
+    adapter_rank = sum(m.weight.shape[0] for n, m in model.named_modules()
+                       if n.split(".")[-2:-1] == ["lora_A"] and hasattr(m, "weight"))
+    return kept + width * adapter_rank / layers
+
+
 def memory_estimate(model: torch.nn.Module, cfg: RunConfig, micro_batch_tokens: int,
-                    micro_batch_targets: int) -> dict[str, float]:
+                    micro_batch_targets: int, row_length: int = 0) -> dict[str, float]:
     """Peak training memory in GiB: the runtime (Python, torch, tokenizer), weights, gradients and
     AdamW states of what trains, the compute-dtype copies autocast makes of fp32 matmul weights,
     activations.
@@ -119,10 +147,10 @@ def memory_estimate(model: torch.nn.Module, cfg: RunConfig, micro_batch_tokens: 
     Weights count as stored: an adapter method's frozen base in half precision where the run
     stores it so (models/precision.py; `model` is built in the dtype a run stores it in), else fp32. Under autocast every fp32 weight a linear layer uses is cast
     to the compute dtype in each forward and kept for backward; a half-precision base is used as
-    it is. Activations are a rough estimate per token and decoder layer (what autograd keeps of a
-    Llama-style block: the norm inputs in fp32, the matmul inputs and outputs in the compute dtype),
-    plus the output head on the trained positions only (lmtune computes logits there alone, a chunk
-    of them at a time with chunked_cross_entropy)."""
+    it is. Activations: what each decoder layer keeps per token (`kept_per_token_and_layer`), the
+    attention mask of rows of `row_length` tokens (kept once, models/shared_mask.py), and the
+    output head on the trained positions only (lmtune computes logits there alone, a chunk of them
+    at a time with chunked_cross_entropy)."""
     c = model.config
     half = half_frozen_base(cfg, stored_half(model))
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -143,18 +171,8 @@ def memory_estimate(model: torch.nn.Module, cfg: RunConfig, micro_batch_tokens: 
                       if isinstance(m, torch.nn.Linear) and isinstance(m.weight, torch.nn.Parameter)}
     casts = sum(w.numel() * width for w in matmul_weights.values() if stored(w) == 4) \
         if width == 2 else 0
-    h, i = c.hidden_size, getattr(c, "intermediate_size", 4 * c.hidden_size)
-    heads = c.num_attention_heads
-    kv = getattr(c, "num_key_value_heads", heads) * getattr(c, "head_dim", h // heads)
-    # a Llama-style silu MLP keeps its gate's and up projection's outputs and the product; others
-    # their activation's output too (models/gated_mlp.py). The product and the norms' outputs (or
-    # autocast's copies of them) are made again in backward instead (models/recompute.py), but
-    # under FSDP2 and DeepSpeed.
-    silu_gated = any(is_silu_gated_mlp(m) for m in model.modules())
-    mlp_kept, norm_outputs = (3 if silu_gated else 4), 2
-    if not (distributed.fsdp_settings(cfg) or distributed.deepspeed_settings(cfg)):
-        mlp_kept, norm_outputs = mlp_kept - silu_gated, 0
-    per_token_layer = 8 * h + width * ((8 + norm_outputs) * h + 4 * kv + mlp_kept * i)
+    h = c.hidden_size
+    per_token_layer = kept_per_token_and_layer(model, cfg)
     kept = layers_in_backward(model, c.num_hidden_layers)
     if cfg.gradient_checkpointing:
         # A checkpointed layer keeps its input and is recomputed, one at a time, in backward; every
@@ -164,20 +182,25 @@ def memory_estimate(model: torch.nn.Module, cfg: RunConfig, micro_batch_tokens: 
                   + per_token_layer * (kept > 0)) * micro_batch_tokens
     else:
         layers = kept * per_token_layer * micro_batch_tokens
+    mask = micro_batch_tokens * row_length * width if kept else 0
     # logits, their fp32 copy and its gradient: of every target position at once, or with
     # chunked_cross_entropy of one chunk's (of a vocabulary slice's, for a head that does not
-    # train), plus the hidden states' gradient made in the same pass (ppo's head keeps the whole
-    # logits: its entropy needs them)
+    # train), plus the hidden states' gradient made in the same pass, and a head that trains keeps
+    # its weight's gradient from that pass (ppo's head keeps the whole logits: its entropy needs
+    # them)
     rows, columns = micro_batch_targets, c.vocab_size
+    output = model.get_output_embeddings()
+    head_trains = output is not None and output.weight.requires_grad
     if cfg.chunked_cross_entropy and cfg.stage != "ppo":
-        output = model.get_output_embeddings()
-        if output is not None and not output.weight.requires_grad:
+        if output is not None and not head_trains:
             columns = min(columns, SLICE_ROWS)
         rows = min(rows, chunk_rows(columns, "cuda" if torch.cuda.is_available() else "cpu"))
     head = rows * columns * (width + 8)
     if rows < micro_batch_targets:
         head += micro_batch_targets * h * 4
-    activations = layers + head
+        if head_trains:
+            head += output.weight.numel() * 4
+    activations = layers + mask + head
     parts = {"runtime": RUNTIME_GIB * GIB, "weights": weights, "gradients": gradients,
              "optimizer": optimizer, "autocast_copies": casts, "activations": activations}
     return {k: round(v / GIB, 3) for k, v in parts.items()} | {
@@ -232,7 +255,8 @@ def model_side(model: torch.nn.Module, cfg: RunConfig, train_rows: list[Row] | R
         targets = []  # a scalar head instead of the output head
     out |= {"total_params": total, "trainable_params": trainable,
             "trainable_percent": round(100 * trainable / total, 4),
-            "memory_gib": memory_estimate(model, cfg, tokens, sum(targets)),
+            "memory_gib": memory_estimate(model, cfg, tokens, sum(targets),
+                                          longest[0] if longest else 0),
             "micro_batch_tokens": tokens}
     out["memory_per_rank_gib"] = memory_per_rank(model, out["memory_gib"], world_size)
     return out
