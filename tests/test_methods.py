@@ -431,28 +431,31 @@ def test_the_quantized_reload_keeps_the_attention_the_first_load_chose(tiny_mode
     assert capsys.readouterr().out.count("attention: sdpa for packed rows") == 1
 
 
-def test_qlora_frees_the_full_precision_base_it_replaced(train_config, tmp_path, monkeypatch):
-    import weakref
-
+def test_qlora_loads_its_base_once_quantized(train_config, tmp_path, monkeypatch):
+    # quantized as it loads: a full-precision load first held every weight at full width, then
+    # the reload's while it quantized
+    import lmtune.models.methods as methods
     import lmtune.train.setup as setup
 
-    loaded, alive_in_training = [], []
-    real_load, real_fit = setup.load_model, sft.fit
+    loads = []
+    for module in (setup, methods):
+        def load_and_note(*args, real=module.load_model, **kwargs):
+            loads.append(kwargs.get("quantization") is not None)
+            return real(*args, **kwargs)
 
-    def load_and_note(*args, **kwargs):
-        model = real_load(*args, **kwargs)
-        loaded.append(weakref.ref(model))
-        return model
-
-    def fit_and_look(*args, **kwargs):
-        alive_in_training.append(loaded[0]() is not None)
-        return real_fit(*args, **kwargs)
-
-    monkeypatch.setattr(setup, "load_model", load_and_note)
-    monkeypatch.setattr(sft, "fit", fit_and_look)
+        monkeypatch.setattr(module, "load_model", load_and_note)
     config = train_config | {"quantization_bit": 4, "max_steps": 1}
     assert main(["train", str(write_yaml(tmp_path / "q.yaml", config))]) == 0
-    assert alive_in_training == [False]
+    assert loads == [True]
+
+
+def test_qlora_with_new_tokens_is_refused(train_config, tmp_path, capsys):
+    # a full-precision base grew, then its quantized reload (the vocabulary as stored) trained
+    # without the new rows
+    config = train_config | {"quantization_bit": 4, "max_steps": 1, "add_special_tokens": "<|tool|>"}
+    assert main(["train", str(write_yaml(tmp_path / "q.yaml", config))]) == 2
+    assert "embeddings of a quantized base cannot grow" in capsys.readouterr().err
+    assert not (Path(config["output_dir"]) / "adapter_model.safetensors").exists()
 
 
 # --- keys of other methods ----------------------------------------------------------------------------

@@ -254,6 +254,41 @@ def test_converting_hands_back_the_checkpoint_pages_it_read(tiny_model_dir):
     assert before - resident_file_bytes() >= 0.8 * embedding.numel() * 4
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads Linux's /proc")
+def test_a_quantized_load_hands_back_the_pages_it_quantized_from(tiny_model_dir, tmp_path,
+                                                                  monkeypatch):
+    """bitsandbytes reads every full-precision linear weight to quantize it; the embeddings, kept
+    as stored, keep the file mapped, and the read pages stayed resident with it."""
+    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+
+    import lmtune.models.load as load
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.update({"hidden_size": 256, "intermediate_size": 1024, "head_dim": 64})
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", framework="pt") as stored:
+        linear = sum(stored.get_slice(n).get_shape()[0] * stored.get_slice(n).get_shape()[1] * 4
+                     for n in stored.keys() if "layers" in n and n.endswith("proj.weight"))
+    released = []
+    real = load.release_quantized_sources
+    read_and_resident = []
+
+    def measured(model, folder):
+        read_and_resident.append(resident_file_bytes())
+        released.append(real(model, folder))
+        read_and_resident.append(resident_file_bytes())
+        return released[-1]
+
+    monkeypatch.setattr(load, "release_quantized_sources", measured)
+    model = load_model(str(tmp_path), quantization=BitsAndBytesConfig(load_in_4bit=True))
+    assert 0.95 * linear <= released[0] <= linear  # all but the pages a weight shares at its ends
+    assert read_and_resident[0] - read_and_resident[1] >= 0.9 * released[0]
+    # what is kept as stored is still read from the file, as it was
+    assert torch.equal(model.get_input_embeddings().weight,
+                       safe_open(tmp_path / "model.safetensors", framework="pt")
+                       .get_tensor("model.embed_tokens.weight"))
+
+
 def test_generating_first_leaves_training_gradients_intact(tiny_model_dir):
     """No eval-mode kernel repacks bf16 weights for inference (as bitsandbytes does with 4-bit
     weights on avx512_bf16 CPUs): after generate() the gradients are a fresh model's."""

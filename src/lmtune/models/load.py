@@ -30,7 +30,8 @@ from lmtune.durable import write_file
 from lmtune.errors import ConfigError, ModelError
 from lmtune.hub import model_snapshot
 from lmtune.models.lineage import EXPORT_RECORD
-from lmtune.models.precision import checkpoint_half_dtype, half_dtype, store_matrices_in
+from lmtune.models.precision import (checkpoint_half_dtype, half_dtype, release_quantized_sources,
+                                     store_matrices_in)
 
 log = logging.getLogger(__name__)
 
@@ -401,6 +402,8 @@ def load_model(name: str, trust_remote_code: bool = False, dtype: torch.dtype = 
                                      trust_remote_code=trust_remote_code, use_safetensors=True, **extra)
     if half_precision:
         store_matrices_in(model, dtype)
+    if quantization is not None:
+        release_quantized_sources(model, name)
     return model
 
 

@@ -14,7 +14,7 @@ from lmtune.config import RunConfig
 from lmtune.data.pipeline import prepare_data, training_rows
 from lmtune.data.streaming import RowStream
 from lmtune.models.load import (add_new_tokens, fit_vocab, load_model, load_tokenizer, model_options,
-                                resolve_for, stop_token_ids, trains_vocab)
+                                quantization_config, resolve_for, stop_token_ids, trains_vocab)
 from lmtune.models.precision import checkpoint_half_dtype, half_frozen_base
 from lmtune.train.checkpoint import prepare_run
 from lmtune.train.trackers import tracker_names
@@ -54,15 +54,18 @@ def start_run(cfg: RunConfig) -> RunInputs:
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     added = add_new_tokens(tokenizer, cfg)
     half = half_frozen_base(cfg, None if cfg.train_from_scratch else checkpoint_half_dtype(model_path))
+    # A QLoRA base is quantized as it loads: its full-precision weights are never all held at once.
+    quantization = quantization_config(cfg)
     model = load_model(model_path, cfg.trust_remote_code, **model_options(cfg, training=True),
-                       from_scratch=cfg.train_from_scratch, half_precision=half)
+                       quantization=quantization, from_scratch=cfg.train_from_scratch,
+                       half_precision=half)
     if trains_vocab(cfg):
         fit_vocab(model, len(tokenizer), tokenizer.convert_tokens_to_ids(added) if added else None)
     with dist.main_first():  # rank 0 fills the encoding cache, the others read it
         # Replay answers are cached per base whatever the run's precision, so they always come
         # from the full-precision base (loaded by replay itself when the cache misses).
         data = prepare_data(cfg, tokenizer, stop_token_ids(tokenizer, model),
-                            None if half else model)
+                            None if half or quantization else model)
         train_rows, val_rows = training_rows(data, cfg, model.config)
     data.report.show()
     dist.on_main(data.report.save, output_dir / "data_report.json")
