@@ -20,7 +20,7 @@ from lmtune.infer.chat import ChatSession
 from lmtune.models.load import load_model, quantization_config
 from lmtune.models.methods import (AdaLoraHooks, TrainingHooks, apply_method,
                                    check_untouched_4bit, count_parameters, evaluation,
-                                   load_adapters, quantized_base)
+                                   load_adapters)
 from lmtune.train.engine import build_optimizer
 from tests.conftest import write_yaml
 
@@ -111,10 +111,17 @@ def logits(model) -> torch.Tensor:
 @pytest.mark.parametrize("method", list(METHODS))
 def test_trainable_count_is_what_the_method_promises(tiny_model_dir, method):
     keys, expected = METHODS[method]
-    model = apply_method(_fresh(tiny_model_dir), _cfg(tiny_model_dir, **keys))
+    cfg = _cfg(tiny_model_dir, **keys)
+    model = apply_method(load_model(tiny_model_dir, quantization=quantization_config(cfg)), cfg)
     trainable, total = count_parameters(model)
     assert trainable == expected
     assert total >= FULL  # a 4-bit base counts its unpacked size, not its bytes
+
+
+def test_a_quantized_method_on_a_full_precision_base_is_refused(tiny_model_dir):
+    with pytest.raises(ModelError) as info:
+        apply_method(_fresh(tiny_model_dir), _cfg(tiny_model_dir, lora_rank=2, quantization_bit=4))
+    assert "loaded in full precision" in info.value.message and "quantization=" in info.value.fix
 
 
 def test_ia3_all_targets_scale_ffn_inputs_and_attention_outputs(tiny_model_dir):
@@ -417,33 +424,19 @@ def test_training_refuses_a_4bit_model_that_generated(tiny_model_dir, train_conf
     assert not (Path(config["output_dir"]) / "adapter_model.safetensors").exists()
 
 
-def test_the_quantized_reload_keeps_the_attention_the_first_load_chose(tiny_model_dir, monkeypatch,
-                                                                         capsys):
-    import lmtune.models.load as load
-
-    # On a CUDA GPU packed rows train with flex_attention, chosen (and said) when the stage loads
-    # the base; here sdpa stands in for it.
-    monkeypatch.setattr(load, "packed_attention", lambda config: "sdpa")
-    cfg = _cfg(tiny_model_dir, quantization_bit=4, lora_rank=2, packing=True)
-    model = load_model(tiny_model_dir, **load.model_options(cfg, training=True))
-    quantized = quantized_base(model, cfg)
-    assert quantized.config._attn_implementation == "sdpa"
-    assert capsys.readouterr().out.count("attention: sdpa for packed rows") == 1
-
-
 def test_qlora_loads_its_base_once_quantized(train_config, tmp_path, monkeypatch):
     # quantized as it loads: a full-precision load first held every weight at full width, then
     # the reload's while it quantized
-    import lmtune.models.methods as methods
     import lmtune.train.setup as setup
 
     loads = []
-    for module in (setup, methods):
-        def load_and_note(*args, real=module.load_model, **kwargs):
-            loads.append(kwargs.get("quantization") is not None)
-            return real(*args, **kwargs)
+    real = setup.load_model
 
-        monkeypatch.setattr(module, "load_model", load_and_note)
+    def load_and_note(*args, **kwargs):
+        loads.append(kwargs.get("quantization") is not None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(setup, "load_model", load_and_note)
     config = train_config | {"quantization_bit": 4, "max_steps": 1}
     assert main(["train", str(write_yaml(tmp_path / "q.yaml", config))]) == 0
     assert loads == [True]

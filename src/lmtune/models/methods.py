@@ -29,8 +29,7 @@ from lmtune import distributed
 from lmtune.config import RunConfig, split_list
 from lmtune.errors import ConfigError, ModelError
 from lmtune.models.lineage import check_adapter, note_merged, record_base
-from lmtune.models.load import (fit_vocab, is_quantized, load_model, model_options,
-                                quantization_config, resolve_adapter, trains_vocab)
+from lmtune.models.load import fit_vocab, is_quantized, resolve_adapter, trains_vocab
 from lmtune.models.precision import computes_in_fp32, half_frozen_base, settle_dtypes, stored_half
 
 log = logging.getLogger(__name__)
@@ -346,17 +345,9 @@ def _continue_adapters(model: PreTrainedModel, cfg: RunConfig):
 
 # --- quantized base -------------------------------------------------------------------------------
 
-def quantized_base(model: PreTrainedModel, cfg: RunConfig) -> PreTrainedModel:
-    """The base frozen in cfg.quantization_bit bits, ready for adapter training.
-
-    A base handed over in full precision (as the stages load it before the method is applied) is
-    reloaded quantized from its folder: one extra load, and the full-precision copy is freed."""
-    if not is_quantized(model):
-        # the attention the first load chose (and announced), not a second choice
-        options = model_options(cfg, training=True) | {
-            "attn_implementation": model.config._attn_implementation}
-        model = load_model(model.name_or_path, cfg.trust_remote_code,
-                           quantization=quantization_config(cfg), **options)
+def quantized_base(model: PreTrainedModel) -> PreTrainedModel:
+    """The base bitsandbytes quantized as it loaded (load_model's `quantization`), ready for
+    adapter training."""
     # peft's default would also turn on gradient checkpointing, ~30% slower on a CPU; the loop turns
     # it on when gradient_checkpointing says so. Norms and other small weights stay in fp32.
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -405,7 +396,11 @@ def evaluation(model: torch.nn.Module) -> Iterator[None]:
 def apply_method(model: PreTrainedModel, cfg: RunConfig):
     """Mark what trains for cfg.finetuning_type; returns the (possibly PEFT-wrapped) model."""
     if cfg.quantization_bit is not None:
-        model = quantized_base(model, cfg)
+        if not is_quantized(model):
+            raise ModelError(f"quantization_bit: {cfg.quantization_bit}, but the base was loaded in "
+                             "full precision.", "load it with load_model(..., quantization="
+                             "quantization_config(cfg)): bitsandbytes quantizes as it loads.")
+        model = quantized_base(model)
     if cfg.finetuning_type == "full":
         model.requires_grad_(True)
     elif cfg.finetuning_type == "freeze":

@@ -341,7 +341,6 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     prompts = [prompt_of(r) for r in inputs.train_rows]
     val_prompts = [prompt_of(r) for r in inputs.val_rows]
     model = ScalarHeadModel(apply_method(base, cfg), init_std=0.0, head_file=VALUE_HEAD_FILE)
-    del base  # a QLoRA base reloaded quantized: the full-precision one goes
     if not cfg.do_train:
         print("do_train is false: data, model and method checked; nothing trained.")
         return {}
