@@ -241,6 +241,33 @@ def test_memory_estimate_counts_runtime_storage_and_autocast_copies(tiny_model_d
     assert no_autocast["autocast_copies"] == 0 and no_autocast["weights"] == fp32["weights"]
 
 
+@pytest.mark.parametrize("double", [False, True])
+def test_a_qlora_plan_reads_no_weight_and_counts_them_at_4_bits(tmp_path, train_config, capsys,
+                                                                double):
+    # a folder with the config and tokenizer only, of a model large enough for the 4-bit scales
+    # to show in MiB: a plan that loaded weights (to quantize them) would fail on it
+    folder = tmp_path / "no-weights"
+    folder.mkdir()
+    for file in Path(train_config["model_name_or_path"]).iterdir():
+        if not file.name.endswith(".safetensors"):
+            (folder / file.name).write_bytes(file.read_bytes())
+    config = AutoConfig.from_pretrained(folder)
+    config.update({"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 4,
+                   "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 64})
+    config.save_pretrained(folder)
+    plan = plan_json(tmp_path, train_config | {"model_name_or_path": str(folder), "quantization_bit": 4,
+                                               "lora_target": "all", "double_quantization": double},
+                     capsys=capsys)
+    h, i, kv = 1024, 4096, 4 * 64
+    linear = 4 * (2 * h * h + 2 * h * kv + 3 * h * i)  # q, o; k, v; gate, up, down
+    with torch.device("meta"):
+        everything = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    everything += plan["model"]["trainable_params"]
+    per_weight = 0.5 + (1 if double else 4) / 64  # 4 bits and a scale per block of 64
+    expected = linear * per_weight + 4 * (everything - linear)
+    assert plan["model"]["memory_gib"]["weights"] == pytest.approx(expected / 2**30, abs=0.001)
+
+
 def test_plan_warnings_in_plain_words(tmp_path, tiny_model_dir, capsys):
     data = tmp_path / "data"
     write_json(data / "big.json", [{"instruction": f"question {i}", "output": "answer " * (1 + i % 40)}

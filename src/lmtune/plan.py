@@ -145,7 +145,8 @@ def memory_estimate(model: torch.nn.Module, cfg: RunConfig, micro_batch_tokens: 
     activations.
 
     Weights count as stored: an adapter method's frozen base in half precision where the run
-    stores it so (models/precision.py; `model` is built in the dtype a run stores it in), else fp32. Under autocast every fp32 weight a linear layer uses is cast
+    stores it so (models/precision.py; `model` is built in the dtype a run stores it in), a
+    quantized base's linear layers at the bits bitsandbytes stores, else fp32. Under autocast every fp32 weight a linear layer uses is cast
     to the compute dtype in each forward and kept for backward; a half-precision base is used as
     it is. Activations: what each decoder layer keeps per token (`kept_per_token_and_layer`), the
     attention mask of rows of `row_length` tokens (kept once, models/shared_mask.py), and the
@@ -154,8 +155,19 @@ def memory_estimate(model: torch.nn.Module, cfg: RunConfig, micro_batch_tokens: 
     c = model.config
     half = half_frozen_base(cfg, stored_half(model))
     trainable = [p for p in model.parameters() if p.requires_grad]
+    output = model.get_output_embeddings()
+    matmul_weights = {id(m.weight): m.weight for m in model.modules()
+                      if isinstance(m, torch.nn.Linear) and isinstance(m.weight, torch.nn.Parameter)}
+    # bitsandbytes quantizes every frozen linear layer but the output head: 4 bits and a scale per
+    # block of 64 (fp32, or 8 bits with double_quantization), or 8 bits
+    quantized = {id(w) for w in matmul_weights.values() if not w.requires_grad} - \
+        {id(output.weight) if output is not None else None} if cfg.quantization_bit else set()
+    quantized_bytes = (0.5 + (1 if cfg.double_quantization else 4) / 64
+                       if cfg.quantization_bit == 4 else 1.0)
 
-    def stored(p: torch.nn.Parameter) -> int:
+    def stored(p: torch.nn.Parameter) -> float:
+        if id(p) in quantized:
+            return quantized_bytes
         if cfg.pure_bf16:
             return 2
         return 2 if half and not p.requires_grad and p.ndim >= 2 else 4
@@ -167,8 +179,6 @@ def memory_estimate(model: torch.nn.Module, cfg: RunConfig, micro_batch_tokens: 
                  else sum(gradient_sizes))
     optimizer = state_bytes(model, cfg)
     width = 2 if cfg.bf16 or cfg.fp16 or cfg.pure_bf16 else 4
-    matmul_weights = {id(m.weight): m.weight for m in model.modules()
-                      if isinstance(m, torch.nn.Linear) and isinstance(m.weight, torch.nn.Parameter)}
     casts = sum(w.numel() * width for w in matmul_weights.values() if stored(w) == 4) \
         if width == 2 else 0
     h = c.hidden_size
@@ -189,7 +199,6 @@ def memory_estimate(model: torch.nn.Module, cfg: RunConfig, micro_batch_tokens: 
     # its weight's gradient from that pass (ppo's head keeps the whole logits: its entropy needs
     # them)
     rows, columns = micro_batch_targets, c.vocab_size
-    output = model.get_output_embeddings()
     head_trains = output is not None and output.weight.requires_grad
     if cfg.chunked_cross_entropy and cfg.stage != "ppo":
         if output is not None and not head_trains:
@@ -235,8 +244,11 @@ def model_side(model: torch.nn.Module, cfg: RunConfig, train_rows: list[Row] | R
     """Total and trainable parameters for cfg's method, and the memory estimate."""
     out: dict[str, Any] = {"architecture": type(model).__name__}
     # PiSSA initialises its factors from an SVD of real weights, which a meta model has not; it
-    # trains exactly the matrices of a plain LoRA adapter of the same rank, so count those.
-    model = apply_method(model, cfg.model_copy(update={"pissa_init": False}))
+    # trains exactly the matrices of a plain LoRA adapter of the same rank, so count those. A
+    # quantized base would be loaded for real to be quantized: its adapter has the same shapes on
+    # the meta model's linear layers, and memory_estimate counts their weights at the bits stored.
+    model = apply_method(model, cfg.model_copy(update={"pissa_init": False, "quantization_bit": None,
+                                                       "frozen_dtype": "float32"}))
     trainable, total = count_parameters(model)
     # The largest micro-batch: packed rows fill cutoff_len; else the longest rows pad together.
     # A preference pair is two rows (chosen, rejected), a KTO answer two (with its mismatched pair);
