@@ -96,6 +96,8 @@ ALWAYS_ON_AUTOCAST = [
      "silu(gate) * up kept for backward", [sys.executable, "-c", KEPT_OUTPUTS], {}, []),
     ("without LoRA inputs as they are", "peft widens a bf16 input to fp32 and autocast narrows "
      "it again, a copy kept", [sys.executable, "-c", WIDENED_INPUTS], {}, []),
+    ("without the bounded oneDNN cache", "oneDNN's default of 1,024 compiled matmuls kept",
+     None, {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"}, []),
 ]
 # A bf16 checkpoint trained in fp32 compute (same entries)
 CHECKPOINT_DTYPE = [

@@ -58,3 +58,15 @@ def test_bitsandbytes_stays_where_a_run_may_need_it(tmp_path, tiny_model_dir, mo
     cfg = build_config({"model_name_or_path": tiny_model_dir} | keys)
     assert runtime.leave_out_bitsandbytes(cfg) is (not kept)
     assert modules == ({} if kept else {"bitsandbytes": None})
+
+
+@pytest.mark.parametrize("user_value", [None, "512"])
+def test_onednn_keeps_a_bounded_cache_of_compiled_matmuls(monkeypatch, user_value):
+    # oneDNN (torch's CPU bf16 matmuls) reads the bound from the environment when it first
+    # compiles; configure() sets it unless the user did (what it saves: memory_levers.py)
+    if user_value is None:
+        monkeypatch.delenv(runtime.ONEDNN_CACHE, raising=False)
+    else:
+        monkeypatch.setenv(runtime.ONEDNN_CACHE, user_value)
+    runtime.configure()
+    assert os.environ[runtime.ONEDNN_CACHE] == (user_value or "64")

@@ -17,6 +17,8 @@ from lmtune.hub import AUTO_MARKER
 if TYPE_CHECKING:
     from lmtune.config import RunConfig
 
+ONEDNN_CACHE = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+
 
 def configure() -> None:
     """Offline hub defaults, quiet libraries, plain log lines. Safe to call more than once."""
@@ -27,6 +29,11 @@ def configure() -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     # The tokenizers library's own threads fight the data workers and torch for the same cores.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # oneDNN (torch's bf16 matmuls on the CPU) keeps up to 1,024 matmuls it compiled, with their
+    # scratch memory, and every new row count of a batch compiles new ones. One micro-batch's
+    # forward and backward reuse a few dozen: 64 keeps the speed and drops the rest
+    # (benchmarks/memory_levers.py). Read when oneDNN first compiles, so set before any work.
+    os.environ.setdefault(ONEDNN_CACHE, "64")
     # peft calls a transformers API that transformers 5 deprecated; the message means nothing to users.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     # bitsandbytes on CPU: at import it advises installing an optional kernel package (its fallback
