@@ -265,8 +265,12 @@ def test_a_quantized_load_hands_back_the_pages_it_quantized_from(tiny_model_dir,
 
     config = AutoConfig.from_pretrained(tiny_model_dir)
     config.update({"hidden_size": 256, "intermediate_size": 1024, "head_dim": 64})
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
-    with safe_open(tmp_path / "model.safetensors", framework="pt") as stored:
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshot"
+    AutoModelForCausalLM.from_config(config).save_pretrained(blobs)
+    snapshot.mkdir()  # laid out as the hub cache lays a snapshot out: links to the files
+    for file in blobs.iterdir():
+        (snapshot / file.name).symlink_to(file)
+    with safe_open(blobs / "model.safetensors", framework="pt") as stored:
         linear = sum(stored.get_slice(n).get_shape()[0] * stored.get_slice(n).get_shape()[1] * 4
                      for n in stored.keys() if "layers" in n and n.endswith("proj.weight"))
     released = []
@@ -280,12 +284,12 @@ def test_a_quantized_load_hands_back_the_pages_it_quantized_from(tiny_model_dir,
         return released[-1]
 
     monkeypatch.setattr(load, "release_quantized_sources", measured)
-    model = load_model(str(tmp_path), quantization=BitsAndBytesConfig(load_in_4bit=True))
+    model = load_model(str(snapshot), quantization=BitsAndBytesConfig(load_in_4bit=True))
     assert 0.95 * linear <= released[0] <= linear  # all but the pages a weight shares at its ends
     assert read_and_resident[0] - read_and_resident[1] >= 0.9 * released[0]
     # what is kept as stored is still read from the file, as it was
     assert torch.equal(model.get_input_embeddings().weight,
-                       safe_open(tmp_path / "model.safetensors", framework="pt")
+                       safe_open(blobs / "model.safetensors", framework="pt")
                        .get_tensor("model.embed_tokens.weight"))
 
 

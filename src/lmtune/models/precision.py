@@ -137,15 +137,15 @@ def _mapped_checkpoint_files(folder: Path | None = None) -> list[tuple[int, int,
     maps = Path("/proc/self/maps")
     if not sys.platform.startswith("linux") or not maps.is_file():
         return []
+    # a hub snapshot's files are links to blobs elsewhere: the maps name the blobs
+    wanted = None if folder is None else {f.resolve() for f in folder.glob("*.safetensors")}
     mapped = []
     for line in maps.read_text().splitlines():
         fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[5].endswith(".safetensors"):
-            path = Path(fields[5])
-            if folder is not None and path.parent != folder.resolve():
-                continue
+        if len(fields) == 6 and (wanted is None and fields[5].endswith(".safetensors")
+                                 or wanted is not None and Path(fields[5]) in wanted):
             start, end = (int(x, 16) for x in fields[0].split("-"))
-            mapped.append((start, end, int(fields[2], 16), path))
+            mapped.append((start, end, int(fields[2], 16), Path(fields[5])))
     return mapped
 
 

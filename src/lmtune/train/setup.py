@@ -32,8 +32,8 @@ class RunInputs:
 
     def take_model(self) -> PreTrainedModel:
         """The loaded model, handed to the stage, which applies the method: no reference stays
-        here, so a base the method replaces (QLoRA reloads it quantized) is freed at once instead
-        of being held, in full precision, for the whole run."""
+        here, so the run holds the base only through what it trains (a base the method replaced
+        was once held here, in full precision, for the whole run)."""
         model, self.model = self.model, None
         return model
 
