@@ -63,6 +63,13 @@ def half_frozen_base(cfg: RunConfig, checkpoint_dtype: torch.dtype | None = None
             and not fsdp_settings(cfg))
 
 
+def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on `tensor` computes in here: autocast's where it is on for the
+    tensor's device, else the tensor's own."""
+    device = tensor.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype
+
+
 def computes_in_fp32(cfg: RunConfig) -> bool:
     return not (cfg.bf16 or cfg.fp16 or cfg.pure_bf16)
 

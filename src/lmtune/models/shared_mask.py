@@ -13,6 +13,8 @@ import weakref
 
 import torch
 
+from lmtune.models.precision import compute_dtype
+
 # (boolean mask, dtype, additive mask), both masks held weakly: the additive one lives as long as
 # a layer's backward keeps it (under no_grad it is made again for each layer, as torch would).
 _last: tuple[weakref.ref, torch.dtype, weakref.ref] | None = None
@@ -30,21 +32,14 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return made
 
 
-def _query_dtype(hidden_states: torch.Tensor) -> torch.dtype:
-    # The projections keep the residual stream's dtype, but autocast computes them in its own.
-    device = hidden_states.device.type
-    if torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return hidden_states.dtype
-
-
 def _share_mask(module: torch.nn.Module, args: tuple, kwargs: dict):
     mask = kwargs.get("attention_mask")
     hidden_states = kwargs.get("hidden_states", args[0] if args else None)
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool \
             or not isinstance(hidden_states, torch.Tensor) or not hidden_states.is_floating_point():
         return None
-    return args, kwargs | {"attention_mask": additive_mask(mask, _query_dtype(hidden_states))}
+    # the projections keep the residual stream's dtype, or autocast's
+    return args, kwargs | {"attention_mask": additive_mask(mask, compute_dtype(hidden_states))}
 
 
 def share_attention_masks(model: torch.nn.Module) -> int:

@@ -57,16 +57,14 @@ def linear_head(module: torch.nn.Module, hidden: torch.Tensor) -> Head | None:
     or FSDP holds in pieces), which then runs as a module."""
     from torch.distributed.tensor import DTensor
 
-    from lmtune.models.precision import UpcastLinear
+    from lmtune.models.precision import UpcastLinear, compute_dtype
 
     if type(module) not in (torch.nn.Linear, UpcastLinear):
         return None
     weight = module.weight
     if isinstance(weight, DTensor) or weight.numel() == 0 or hasattr(weight, "ds_id"):
         return None
-    device = hidden.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-    return Head(weight, module.bias, dtype)
+    return Head(weight, module.bias, compute_dtype(hidden))
 
 
 def _chunks(hidden: torch.Tensor, vocab: int) -> Iterator[slice]:
